@@ -1,0 +1,37 @@
+"""Engine configuration: every knob of `LLM(...)` and of the server's engine flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    """What to load and how to run it. Defaults follow SGLang where it has the same knob."""
+
+    model: str | None = None  # local dir, .gguf file or HF repo id; None = the embedded default model
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    device: str | None = None  # cuda when available, else cpu
+    page_size: int = 1
+    max_total_tokens: int | None = None  # KV pool size in tokens; None = mem_fraction_static of free memory
+    mem_fraction_static: float = 0.85
+    chunked_prefill_size: int = 2048
+    max_running_requests: int = 256
+    max_model_len: int | None = None  # default: the model's context length
+    disable_radix_cache: bool = False
+    attention_backend: str | None = None  # torch | triton | flashinfer; None = best for the device
+    load_format: str = "auto"  # auto | dummy
+    quantization: str | None = None
+    seed: int = 0
+    tp_size: int = 1
+    cuda_graph_max_bs: int = 256
+    disable_overlap_schedule: bool = False
+    trust_remote_code: bool = False
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

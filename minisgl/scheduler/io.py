@@ -1,0 +1,38 @@
+"""What goes into and comes out of the scheduler. Plain data so it can cross a process boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenOutput:
+    """Tokens one sample of one request produced in one scheduler step.
+
+    `index` tells the n samples of a request apart (0..n-1). `finished` is set on the last output of a
+    sample, with `finish_reason` "stop" (EOS / stop token), "length" (max_tokens or context) or "abort".
+    `logprobs[i]` is the log-probability of `token_ids[i]`; `top_logprobs[i]` the alternatives as
+    (token_id, logprob) pairs, best first. Both are None unless the request asked for them.
+    """
+
+    rid: str
+    index: int
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class SchedulerStats:
+    num_running_reqs: int = 0
+    num_queue_reqs: int = 0
+    token_usage: float = 0.0  # fraction of KV pages in use by requests or cache
+    cache_hit_rate: float = 0.0  # cached prompt tokens / prompt tokens, since start
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    extra: dict = field(default_factory=dict)

@@ -43,6 +43,7 @@ class ForwardBatch:
     prefix_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     page_size: int
+    attn_backend: Any = None  # the AttentionBackend that runs this step
     attn_metadata: Any = None  # filled by the attention backend's prepare()
 
     @property

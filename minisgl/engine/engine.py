@@ -1,0 +1,91 @@
+"""The model runner: loads a checkpoint onto a device, sizes the KV pool, runs one forward per step."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psutil
+import torch
+
+from minisgl.attention import create_backend, default_backend
+from minisgl.distributed.info import TPInfo
+from minisgl.engine.config import EngineConfig
+from minisgl.engine.forward import ForwardBatch
+from minisgl.kvcache.pool import KVPool
+from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
+from minisgl.models.hub import resolve_model_path
+from minisgl.models.registry import model_class
+from minisgl.models.weights import fill_dummy_weights, iter_weights
+
+logger = logging.getLogger(__name__)
+
+# Without --max-total-tokens the CPU pool takes this much at most: host memory is shared with everything else.
+_CPU_KV_CAP_BYTES = 4 << 30
+
+
+class Engine:
+    """Owns the model, the KV pool and the attention backend of one rank. Knows nothing about requests."""
+
+    def __init__(self, config: EngineConfig, tp: TPInfo = TPInfo()):
+        self.config = config
+        self.tp = tp
+        self.device = config.resolved_device()
+        self.model_path = resolve_model_path(config.model)
+        self.model_config: ModelConfig = load_model_config(self.model_path)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        cfg = self.model_config
+        self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
+
+        start = time.perf_counter()
+        self.model = self._load_model()
+        self.load_seconds = time.perf_counter() - start
+        logger.info("loaded %s (%s, %s) in %.2fs", self.model_path, cfg.architecture, self.dtype, self.load_seconds)
+
+        num_kv_heads = max(1, cfg.num_kv_heads // tp.size)
+        num_q_heads = cfg.num_q_heads // tp.size
+        self.page_size = config.page_size
+        num_pages = self._num_pages(num_kv_heads)
+        self.pool = KVPool(cfg.num_layers, num_pages, self.page_size, num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        name = config.attention_backend or default_backend(self.device)
+        self.attn_backend = create_backend(name, self.pool, num_q_heads, num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+        logger.info("KV pool: %d pages of %d tokens, attention backend %s", num_pages, self.page_size, name)
+
+    def _load_model(self) -> torch.nn.Module:
+        cls = model_class(self.model_config.architecture)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(self.model_config, self.tp, self.device)
+        finally:
+            torch.set_default_dtype(prev)
+        if self.config.load_format == "dummy":
+            fill_dummy_weights(model, self.config.seed)
+        elif self.config.load_format in ("auto", "safetensors", "gguf"):
+            model.load_weights(iter_weights(self.model_path, self.dtype))
+        else:
+            raise ValueError(f"unknown load_format {self.config.load_format!r}; choose auto or dummy")
+        return model.eval()
+
+    def _num_pages(self, num_kv_heads: int) -> int:
+        cfg, ps = self.model_config, self.page_size
+        per_page = KVPool.bytes_per_page(cfg.num_layers, ps, num_kv_heads, cfg.head_dim, self.dtype)
+        if self.config.max_total_tokens:
+            return -(-self.config.max_total_tokens // ps) + 1  # +1: page 0 is scratch
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.mem_fraction_static
+        else:
+            budget = min(psutil.virtual_memory().available * self.config.mem_fraction_static, _CPU_KV_CAP_BYTES)
+        pages = int(budget // per_page)
+        if pages < 2:
+            raise RuntimeError("not enough memory left for even one KV page; lower the model size or free memory")
+        return pages
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the model on one batch; returns float32 logits [len(batch.logits_index), vocab]."""
+        batch.attn_backend = self.attn_backend
+        self.attn_backend.prepare(batch)
+        return self.model(batch)

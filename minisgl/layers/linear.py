@@ -1,0 +1,113 @@
+"""Linear layers that know how to load (and, under tensor parallelism, slice) HuggingFace weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisgl.distributed.info import TPInfo
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). With `parallel="column"` each rank holds a slice of the outputs; with "row" a slice
+    of the inputs and the partial sums are all-reduced. `shards` lists the output sizes of weights that
+    HF stores separately but we fuse (q/k/v, gate/up); `load(tensor, shard_index)` copies one of them in.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int | list[int],
+        bias: bool = False,
+        parallel: str | None = None,
+        tp: TPInfo = TPInfo(),
+    ):
+        super().__init__()
+        self.tp = tp
+        self.parallel = parallel
+        full_shards = out_features if isinstance(out_features, list) else [out_features]
+        if parallel == "column":
+            self.shards = [tp.shard(n, "output size") for n in full_shards]
+            self.in_features = in_features
+        elif parallel == "row":
+            self.shards = full_shards
+            self.in_features = tp.shard(in_features, "input size")
+        else:
+            self.shards = full_shards
+            self.in_features = in_features
+        self.out_features = sum(self.shards)
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features), requires_grad=False)
+        # Under row parallelism only rank 0 adds the bias, so the all-reduce adds it once.
+        has_bias = bias and not (parallel == "row" and tp.rank != 0)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if has_bias else None
+
+    def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        """Copy one HF tensor (weight or bias, possibly one of the fused shards) into place."""
+        param = self.weight if name.endswith("weight") else self.bias
+        if param is None:  # bias of a row-parallel layer on rank > 0
+            return
+        tp = self.tp
+        if self.parallel == "column":
+            size = self.shards[shard]
+            tensor = tensor.narrow(0, tp.rank * size, size)
+        elif self.parallel == "row" and param is self.weight:
+            tensor = tensor.narrow(1, tp.rank * self.in_features, self.in_features)
+        start = sum(self.shards[:shard])
+        param.data.narrow(0, start, tensor.shape[0]).copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.parallel == "row":
+            y = self.tp.all_reduce(y)
+        return y
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding, split over ranks by vocabulary range; out-of-range rows contribute zeros."""
+
+    def __init__(self, vocab_size: int, dim: int, tp: TPInfo = TPInfo()):
+        super().__init__()
+        self.tp = tp
+        self.per_rank = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.per_rank
+        self.rows = max(0, min(self.per_rank, vocab_size - self.start))
+        self.weight = nn.Parameter(torch.empty(self.per_rank, dim), requires_grad=False)
+
+    def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        self.weight.data[: self.rows].copy_(tensor[self.start : self.start + self.rows])
+        self.weight.data[self.rows :].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mask = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(mask, 0), self.weight)
+        out.masked_fill_(mask.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)
+
+
+class LMHead(nn.Module):
+    """Logits over the vocabulary. Each rank computes its vocabulary slice; slices are gathered on all ranks."""
+
+    def __init__(self, vocab_size: int, dim: int, tp: TPInfo = TPInfo(), tied: VocabEmbedding | None = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.tp = tp
+        self.tied = tied
+        if tied is None:
+            self.embed = VocabEmbedding(vocab_size, dim, tp)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return (self.tied if self.tied is not None else self.embed).weight
+
+    def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        if self.tied is None:
+            self.embed.load(name, tensor)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.weight)
+        logits = self.tp.all_gather_last_dim(logits)
+        return logits[..., : self.vocab_size]

@@ -1,0 +1,61 @@
+"""Per-request state inside the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from minisgl.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Req:
+    """One sample of one request.
+
+    KV bookkeeping invariants:
+    - `num_computed` tokens of `all_ids` have KV in the pool; their pages are `cached_pages + own_pages`
+      in position order (page j covers positions [j*page_size, (j+1)*page_size)).
+    - `cached_pages` belong to the prefix cache and stay valid because `handle` is locked; `own_pages`
+      belong to this request until it hands them to the cache or frees them.
+    - `row` is this request's page-table row while it holds pages, else -1.
+    - While decoding, `num_computed == len(all_ids) - 1`: the newest token's KV is written by the next step.
+    """
+
+    rid: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_len: int  # prompt + output may not exceed this many tokens
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    row: int = -1
+    handle: Any = None
+    cached_pages: list[int] = field(default_factory=list)
+    own_pages: list[int] = field(default_factory=list)
+    num_cached_prompt: int = 0  # prompt tokens served by the prefix cache on first admission
+    admitted: bool = False
+    finish_reason: str | None = None
+    wait_for: "Req | None" = None  # a sibling sample whose prefill must finish first (n > 1 sharing)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def pages(self) -> list[int]:
+        return self.cached_pages + self.own_pages
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed >= self.seq_len - 1 and bool(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

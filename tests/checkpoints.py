@@ -83,6 +83,7 @@ ARCH_CONFIGS: dict[str, dict] = {
         attention_bias=True,
     ),
 }
+ARCH_CONFIGS["gpt_neox_serial"] = {**ARCH_CONFIGS["gpt_neox"], "use_parallel_residual": False}
 
 
 @lru_cache(maxsize=1)
@@ -123,7 +124,7 @@ def write_tokenizer(path: str) -> None:
 
 def arch_config(arch: str, **overrides) -> dict:
     cfg = {**BASE, **ARCH_CONFIGS[arch], **overrides}
-    if arch == "gpt_neox":  # GPT-NeoX names a few things differently and has no GQA
+    if arch.startswith("gpt_neox"):  # GPT-NeoX names a few things differently and has no GQA
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
         cfg.pop("rms_norm_eps", None)
         cfg.pop("head_dim", None)

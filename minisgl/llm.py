@@ -52,11 +52,13 @@ class LLM:
     """Loads a model once and generates for batches of prompts, continuously batched.
 
     `model` is a local checkpoint directory, a .gguf file, a Hugging Face repo id, or None for the
-    embedded default model. Keyword arguments are EngineConfig fields.
+    embedded default model. Keyword arguments are EngineConfig fields. With `skip_tokenizer_init=True`
+    (as in vLLM) prompts must be token ids and outputs carry no text: for benchmarks on a bare config.json.
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any):
+    def __init__(self, model: str | None = None, skip_tokenizer_init: bool = False, **kwargs: Any):
         self.config = EngineConfig(model=model, **kwargs)
+        self.skip_tokenizer_init = skip_tokenizer_init
         self.scheduler = Scheduler(self.config)
         self._tokenizer = None
         self._next_id = 0
@@ -119,7 +121,7 @@ class LLM:
         bar.close()
         for rid in order:
             for comp in results[rid].outputs:
-                if not comp.text:
+                if not comp.text and not self.skip_tokenizer_init:
                     comp.text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
         return [results[rid] for rid in order]
 

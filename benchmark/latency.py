@@ -1,0 +1,56 @@
+"""Batch-1 latency: time to first token for a 1024-token prompt, then decode tokens per second.
+
+    python benchmark/latency.py --model benchmark/configs/qwen3-0.6b --load-format dummy
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from minisgl import LLM, SamplingParams
+
+
+def measure(llm: LLM, prompt_len: int, decode_tokens: int, vocab: int, seed: int = 0) -> tuple[float, float]:
+    """(TTFT seconds, decode tok/s). Fresh random prompts each time so the prefix cache cannot help."""
+    rng = random.Random(seed)
+
+    def prompt() -> list[int]:
+        return [rng.randrange(10, min(vocab, 10000)) for _ in range(prompt_len)]
+
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0, max_tokens=decode_tokens + 1, ignore_eos=True)
+    llm.generate([prompt()], many)  # warm-up (and CUDA-graph capture, compilation)
+    start = time.perf_counter()
+    llm.generate([prompt()], one)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    llm.generate([prompt()], many)
+    total = time.perf_counter() - start
+    return ttft, decode_tokens / (total - ttft)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="benchmark/configs/qwen3-0.6b")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--quantization", default=None)
+    args = ap.parse_args()
+    llm = LLM(
+        args.model, skip_tokenizer_init=True, load_format=args.load_format, attention_backend=args.attention_backend,
+        dtype=args.dtype, device=args.device, max_total_tokens=8 * (args.prompt_len + args.decode_tokens + 64),
+        quantization=args.quantization,
+    )
+    ttft, tps = measure(llm, args.prompt_len, args.decode_tokens, llm.scheduler.vocab_size)
+    print(f"model={args.model} dtype={llm.scheduler.engine.dtype} device={llm.scheduler.engine.device}")
+    print(f"TTFT ({args.prompt_len}-token prompt): {ttft * 1000:.1f} ms   batch-1 decode: {tps:.1f} tok/s")
+
+
+if __name__ == "__main__":
+    main()

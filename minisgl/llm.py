@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from minisgl.engine.config import EngineConfig
 from minisgl.sampling_params import SamplingParams
-from minisgl.scheduler.scheduler import Scheduler
+from minisgl.distributed.replicated import make_scheduler
 
 
 @dataclass
@@ -59,9 +59,14 @@ class LLM:
     def __init__(self, model: str | None = None, skip_tokenizer_init: bool = False, **kwargs: Any):
         self.config = EngineConfig(model=model, **kwargs)
         self.skip_tokenizer_init = skip_tokenizer_init
-        self.scheduler = Scheduler(self.config)
+        self.scheduler = make_scheduler(self.config)
         self._tokenizer = None
         self._next_id = 0
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes (nothing to do with tp_size == 1)."""
+        if hasattr(self.scheduler, "shutdown"):
+            self.scheduler.shutdown()
 
     @property
     def tokenizer(self):

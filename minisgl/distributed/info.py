@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ class TPInfo:
 
     rank: int = 0
     size: int = 1
+    cpu_group: Any = field(default=None, compare=False, repr=False)  # gloo group for control messages
 
     def shard(self, n: int, what: str = "dimension") -> int:
         if n % self.size:

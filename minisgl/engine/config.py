@@ -27,6 +27,9 @@ class EngineConfig:
     quantization: str | None = None
     seed: int = 0
     tp_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # host:port of rank 0; default a free local port
     cuda_graph_max_bs: int = 256
     disable_overlap_schedule: bool = False
     trust_remote_code: bool = False

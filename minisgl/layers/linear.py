@@ -13,6 +13,8 @@ class Linear(nn.Module):
     """y = x W^T (+ b). With `parallel="column"` each rank holds a slice of the outputs; with "row" a slice
     of the inputs and the partial sums are all-reduced. `shards` lists the output sizes of weights that
     HF stores separately but we fuse (q/k/v, gate/up); `load(tensor, shard_index)` copies one of them in.
+    `slices[i]` (column parallel) is how many distinct slices shard i is cut into, tp.size by default; fewer
+    means ranks share a slice, as GQA's kv heads are replicated when there are fewer of them than ranks.
     """
 
     def __init__(
@@ -22,13 +24,18 @@ class Linear(nn.Module):
         bias: bool = False,
         parallel: str | None = None,
         tp: TPInfo = TPInfo(),
+        slices: list[int] | None = None,
     ):
         super().__init__()
         self.tp = tp
         self.parallel = parallel
         full_shards = out_features if isinstance(out_features, list) else [out_features]
+        self.slices = slices or [tp.size] * len(full_shards)
         if parallel == "column":
-            self.shards = [tp.shard(n, "output size") for n in full_shards]
+            for n, k in zip(full_shards, self.slices):
+                if n % k:
+                    raise ValueError(f"output size {n} does not split into {k} tensor-parallel slices")
+            self.shards = [n // k for n, k in zip(full_shards, self.slices)]
             self.in_features = in_features
         elif parallel == "row":
             self.shards = full_shards
@@ -50,7 +57,8 @@ class Linear(nn.Module):
         tp = self.tp
         if self.parallel == "column":
             size = self.shards[shard]
-            tensor = tensor.narrow(0, tp.rank * size, size)
+            index = tp.rank * self.slices[shard] // tp.size
+            tensor = tensor.narrow(0, index * size, size)
         elif self.parallel == "row" and param is self.weight:
             tensor = tensor.narrow(1, tp.rank * self.in_features, self.in_features)
         start = sum(self.shards[:shard])

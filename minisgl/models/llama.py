@@ -29,8 +29,16 @@ class LlamaAttention(nn.Module):
         d = cfg.head_dim
         qkv_bias = hf.get("attention_bias", hf.get("model_type") == "qwen2")
         o_bias = hf.get("attention_bias", False) and hf.get("model_type") != "qwen2"
+        kv_slices = min(tp.size, cfg.num_kv_heads)  # fewer kv heads than ranks: ranks share (replicate) one
+        if tp.size % kv_slices:
+            raise ValueError(f"{cfg.num_kv_heads} kv heads cannot be spread over {tp.size} ranks")
         self.qkv_proj = Linear(
-            cfg.hidden_size, [cfg.num_q_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d], qkv_bias, "column", tp
+            cfg.hidden_size,
+            [cfg.num_q_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d],
+            qkv_bias,
+            "column",
+            tp,
+            slices=[tp.size, kv_slices, kv_slices],
         )
         self.o_proj = Linear(cfg.num_q_heads * d, cfg.hidden_size, o_bias, "row", tp)
         self.qk_norm = hf.get("model_type", "").startswith("qwen3")

@@ -7,6 +7,7 @@ import random
 from collections import deque
 
 import torch
+import torch.distributed as dist
 
 from minisgl.distributed.info import TPInfo
 from minisgl.engine.config import EngineConfig
@@ -35,6 +36,7 @@ class Scheduler:
 
     def __init__(self, config: EngineConfig, tp: TPInfo = TPInfo()):
         self.config = config
+        self.tp = tp
         self.engine = Engine(config, tp)
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
@@ -194,7 +196,10 @@ class Scheduler:
             self.vocab_size,
             logits.device,
         )
-        return sample(logits, sb)
+        result = sample(logits, sb)
+        if self.tp.size > 1:  # every rank continues with rank 0's tokens, whatever rounding did elsewhere
+            dist.broadcast(result.token_ids, src=0)
+        return result
 
     def _append_tokens(self, reqs: list[Req], result) -> list[TokenOutput]:
         tokens = result.token_ids.tolist()

@@ -1,0 +1,145 @@
+"""Tensor-parallel scheduling: rank 0 decides, every rank runs the same batches.
+
+Rank 0 owns the request queue. Before each step it broadcasts the commands it received since the last step
+(new requests with their seeds fixed, aborts) over a gloo group; every rank applies them to its own
+identical Scheduler and steps. Identical inputs make identical scheduling decisions, so no batch ever
+crosses the wire, only requests. Sampled tokens are taken from rank 0 (see Scheduler) so floating-point
+differences between ranks can never make their states diverge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from minisgl.distributed.group import free_port, init_tp, local_device
+from minisgl.engine.config import EngineConfig
+from minisgl.sampling_params import SamplingParams
+from minisgl.scheduler.io import SchedulerStats, TokenOutput
+from minisgl.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
+    return dataclasses.replace(config, device=str(local_device(config.resolved_device(), rank)))
+
+
+def _broadcast(obj: Any, tp) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=tp.cpu_group)
+    return box[0]
+
+
+def worker_main(config: EngineConfig, rank: int, init_addr: str) -> None:
+    """Entry point of ranks 1..N-1: mirror rank 0's commands and step until told to stop."""
+    logging.basicConfig(level=logging.WARNING, format=f"[tp{rank}] %(levelname)s %(message)s")
+    config = _rank_config(config, rank)
+    tp = init_tp(rank, config.tp_size, init_addr, config.resolved_device())
+    scheduler = Scheduler(config, tp)
+    _broadcast(None, tp)  # ready
+    while True:
+        commands = _broadcast(None, tp)
+        if commands == "shutdown":
+            break
+        _apply(scheduler, commands)
+        scheduler.step()
+    dist.destroy_process_group()
+
+
+def _apply(scheduler: Scheduler, commands: list[tuple]) -> None:
+    for cmd in commands:
+        if cmd[0] == "add":
+            scheduler.add_request(cmd[1], cmd[2], cmd[3])
+        elif cmd[0] == "abort":
+            scheduler.abort(cmd[1], cmd[2])
+
+
+class TPScheduler:
+    """Rank 0's Scheduler for a tensor-parallel group on this host: same interface as `Scheduler`.
+
+    It starts ranks 1..N-1 as child processes and watches them: if one dies, this process exits non-zero
+    at once (a peer stuck in a collective would otherwise hang forever).
+    """
+
+    def __init__(self, config: EngineConfig):
+        init_addr = config.dist_init_addr or f"127.0.0.1:{free_port()}"
+        per_node = config.tp_size // config.nnodes
+        first = config.node_rank * per_node
+        ctx = mp.get_context("spawn")
+        self.workers = [
+            ctx.Process(target=worker_main, args=(config, r, init_addr), name=f"minisgl-tp{r}", daemon=True)
+            for r in range(max(1, first), first + per_node)
+        ]
+        for w in self.workers:
+            w.start()
+        threading.Thread(target=self._watchdog, daemon=True).start()
+        if config.node_rank != 0:
+            raise RuntimeError("TPScheduler runs on node 0; other nodes run worker_main only")
+        config0 = _rank_config(config, 0)
+        self.tp = init_tp(0, config.tp_size, init_addr, config0.resolved_device())
+        self.scheduler = Scheduler(config0, self.tp)
+        self.model_config = self.scheduler.model_config
+        self.max_model_len = self.scheduler.max_model_len
+        self.engine = self.scheduler.engine
+        self._pending: list[tuple] = []
+        _broadcast(None, self.tp)  # every rank has loaded
+
+    def _watchdog(self) -> None:
+        while True:
+            for w in self.workers:
+                if w.exitcode is not None and w.exitcode != 0:
+                    logger.error("tensor-parallel rank %s died (exit code %s); shutting down", w.name, w.exitcode)
+                    os._exit(1)
+            time.sleep(0.5)
+
+    def add_request(self, rid: str, input_ids: list[int], params: SamplingParams) -> None:
+        if params.seed is None:  # fix the seed here so every rank samples alike
+            params = dataclasses.replace(params, seed=self.scheduler._rng.getrandbits(63))
+        self.scheduler.add_request(rid, input_ids, params)  # raises before anything is sent
+        self._pending.append(("add", rid, list(input_ids), params))
+
+    def abort(self, rid: str, index: int | None = None) -> None:
+        self.scheduler.abort(rid, index)
+        self._pending.append(("abort", rid, index))
+
+    def step(self) -> list[TokenOutput]:
+        commands, self._pending = self._pending, []
+        _broadcast(commands, self.tp)
+        return self.scheduler.step()
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.scheduler.vocab_size
+
+    @property
+    def kv(self):
+        return self.scheduler.kv
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            _broadcast("shutdown", self.tp)
+            for w in self.workers:
+                w.join(timeout=30)
+            dist.destroy_process_group()
+
+
+def make_scheduler(config: EngineConfig) -> Scheduler | TPScheduler:
+    """The scheduler for this config: a plain one, or rank 0 of a tensor-parallel group."""
+    if config.tp_size > 1:
+        return TPScheduler(config)
+    return Scheduler(config)

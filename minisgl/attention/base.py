@@ -21,7 +21,11 @@ class AttentionBackend(ABC):
     `prefix_lens[b] + i`) sees every cached position <= its own, read through `batch.page_table`.
     q is [T, num_q_heads, head_dim]; k and v are [T, num_kv_heads, head_dim]; the result is shaped like q.
     Query heads map to kv heads in groups (GQA): q head h reads kv head h // (num_q_heads // num_kv_heads).
+    A backend sets `supports_cuda_graph` when its DECODE path reads nothing but the batch's tensors (no
+    host-side metadata from `prepare`), so a captured decode step stays valid for any batch.
     """
+
+    supports_cuda_graph: bool = False
 
     def __init__(self, pool: "KVPool", num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         self.pool = pool

@@ -50,6 +50,23 @@ class Engine:
         name = config.attention_backend or default_backend(self.device)
         self.attn_backend = create_backend(name, self.pool, num_q_heads, num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         logger.info("KV pool: %d pages of %d tokens, attention backend %s", num_pages, self.page_size, name)
+        self.graph_runner = self._maybe_capture_graphs(config)
+
+    def _maybe_capture_graphs(self, config: EngineConfig):
+        """Decode CUDA graphs need a backend whose decode reads only batch tensors (no host metadata), and a
+        model with no host syncs in its forward (the MoE's per-expert loop has one)."""
+        if self.device.type != "cuda" or config.cuda_graph_max_bs <= 0:
+            return None
+        if not getattr(self.attn_backend, "supports_cuda_graph", False) or any(
+            type(m).__name__ == "MoE" for m in self.model.modules()
+        ):
+            logger.info("decode CUDA graphs disabled for this backend/model")
+            return None
+        from minisgl.engine.graph import CudaGraphRunner
+
+        max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
+        max_pages = -(-self.max_model_len // self.page_size)
+        return CudaGraphRunner(self.model, self.attn_backend, max_bs, max_pages, self.page_size, self.device)
 
     def _load_model(self) -> torch.nn.Module:
         cls = model_class(self.model_config.architecture)
@@ -86,6 +103,8 @@ class Engine:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run the model on one batch; returns float32 logits [len(batch.logits_index), vocab]."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.run(batch)
         batch.attn_backend = self.attn_backend
         self.attn_backend.prepare(batch)
         return self.model(batch)

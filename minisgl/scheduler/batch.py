@@ -15,10 +15,13 @@ def make_forward_batch(
     needs_logits: list[bool],
     page_table: torch.Tensor,
     page_size: int,
+    token_buf: torch.Tensor | None = None,
 ) -> ForwardBatch:
     """Flatten `extend_lens[b]` new tokens of each request (starting at its `num_computed`) into one batch.
 
-    Called before the requests' `num_computed` is advanced. One host-to-device copy per tensor.
+    Called before the requests' `num_computed` is advanced. One host-to-device copy per tensor. In DECODE
+    mode with `token_buf`, input ids are gathered on the device from each request's row of `token_buf`
+    (the host may not know the last sampled token yet).
     """
     device = page_table.device
     ids: list[int] = []
@@ -26,16 +29,17 @@ def make_forward_batch(
     out_loc: list[int] = []
     logits_index: list[int] = []
     prefix_lens = [r.num_computed for r in reqs]
+    from_device = mode is ForwardMode.DECODE and token_buf is not None
     for r, n, want in zip(reqs, extend_lens, needs_logits):
         start = r.num_computed
-        all_ids = r.all_ids
-        ids.extend(all_ids[start : start + n])
+        if not from_device:
+            ids.extend(r.all_ids[start : start + n])
         pages = r.pages
         for p in range(start, start + n):
             positions.append(p)
             out_loc.append(pages[p // page_size] * page_size + p % page_size)
         if want:
-            logits_index.append(len(ids) - 1)
+            logits_index.append(len(positions) - 1)
     seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens)]
     cu = [0]
     for n in extend_lens:
@@ -48,7 +52,7 @@ def make_forward_batch(
 
     return ForwardBatch(
         mode=mode,
-        input_ids=t(ids),
+        input_ids=token_buf[rows] if from_device else t(ids),
         positions=t(positions),
         out_loc=t(out_loc),
         page_table=page_table[rows, :max_pages],

@@ -18,7 +18,8 @@ class Req:
     - `cached_pages` belong to the prefix cache and stay valid because `handle` is locked; `own_pages`
       belong to this request until it hands them to the cache or frees them.
     - `row` is this request's page-table row while it holds pages, else -1.
-    - While decoding, `num_computed == len(all_ids) - 1`: the newest token's KV is written by the next step.
+    - While decoding, `num_computed == len(all_ids) + pending - 1`: the newest token's KV is written by the
+      next step, which reads that token from the device (`Scheduler.token_buf`), not from `all_ids`.
     """
 
     rid: str
@@ -29,6 +30,7 @@ class Req:
     max_len: int  # prompt + output may not exceed this many tokens
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
+    pending: int = 0  # tokens sampled on the device that the host has not read yet (overlap scheduling)
     row: int = -1
     handle: Any = None
     cached_pages: list[int] = field(default_factory=list)

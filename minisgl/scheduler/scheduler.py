@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -13,7 +15,7 @@ from minisgl.distributed.info import TPInfo
 from minisgl.engine.config import EngineConfig
 from minisgl.engine.engine import Engine
 from minisgl.engine.forward import ForwardMode
-from minisgl.engine.sampling import SamplingBatch, sample
+from minisgl.engine.sampling import SampleResult, SamplingBatch, sample
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import make_forward_batch
 from minisgl.scheduler.io import SchedulerStats, TokenOutput
@@ -24,6 +26,18 @@ logger = logging.getLogger(__name__)
 _MASK63 = (1 << 63) - 1
 
 
+@dataclass
+class _Launched:
+    """A step whose tokens are sampled on the device but not yet read by the host."""
+
+    reqs: list[Req]
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    top_logprobs: torch.Tensor | None
+    event: torch.cuda.Event | None
+
+
 class Scheduler:
     """Runs requests to completion on one Engine, one `step()` at a time.
 
@@ -32,6 +46,13 @@ class Scheduler:
     When pages run out, unlocked cache entries are evicted first; then the newest running requests are
     retracted to the front of the queue and later recomputed from their tokens (output is unchanged,
     since sampling depends only on (seed, step)).
+
+    Overlap scheduling: a step launches its batch (forward and sampling are queued on the device) and only
+    then reads the previous step's tokens, so the host's bookkeeping runs while the device computes. This
+    works because a decode step takes its input tokens from `token_buf` (the last sampled token of each
+    page-table row, on the device), never from the host. A request therefore may have one `pending` token
+    the host has not seen; one found finished late has that extra token discarded. Anything that needs the
+    host's view to be exact (retraction, penalties, aborts) first drains the step in flight.
     """
 
     def __init__(self, config: EngineConfig, tp: TPInfo = TPInfo()):
@@ -56,6 +77,10 @@ class Scheduler:
         self._aborted: list[Req] = []
         self._rng = random.Random(config.seed)
         self._stats = SchedulerStats()
+        self.token_buf = torch.zeros(config.max_running_requests + 1, dtype=torch.int64, device=self.engine.device)
+        self.overlap = not (config.disable_overlap_schedule or os.environ.get("MINISGL_DISABLE_OVERLAP_SCHEDULING") == "1")
+        self._inflight: _Launched | None = None
+        self._ready: list[TokenOutput] = []  # outputs drained outside step(), returned by the next one
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, rid: str, input_ids: list[int], params: SamplingParams) -> None:
@@ -86,6 +111,7 @@ class Scheduler:
 
     def abort(self, rid: str, index: int | None = None) -> None:
         """End every sample of `rid` (or only sample `index`); each yields a final "abort" output."""
+        self._ready += self._drain()  # the host's view of every request must be exact before releasing KV
         for queue in (self.waiting, self.running):
             for req in [r for r in queue if r.rid == rid and index in (None, r.index)]:
                 queue.remove(req)
@@ -94,7 +120,7 @@ class Scheduler:
                 self._aborted.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._aborted)
+        return bool(self.waiting or self.running or self._aborted or self._inflight or self._ready)
 
     def stats(self) -> SchedulerStats:
         s = self._stats
@@ -106,15 +132,29 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[TokenOutput]:
-        outputs = [TokenOutput(r.rid, r.index, [], True, "abort") for r in self._aborted]
+        outputs, self._ready = self._ready, []
+        outputs += [TokenOutput(r.rid, r.index, [], True, "abort") for r in self._aborted]
         self._aborted.clear()
-        scheduled = self._schedule_prefill()
-        if scheduled:
-            outputs += self._run(ForwardMode.EXTEND, *scheduled)
-        elif self.running:
-            reqs = self._schedule_decode()
-            outputs += self._run(ForwardMode.DECODE, reqs, [1] * len(reqs))
+        if not self.overlap or self._needs_exact_state():
+            outputs += self._drain()
+        launched = self._launch()
+        outputs += self._drain()  # the previous step's tokens, read while `launched` runs
+        self._inflight = launched
+        if not self.overlap:
+            outputs += self._drain()
         return outputs
+
+    def _drain(self) -> list[TokenOutput]:
+        launched, self._inflight = self._inflight, None
+        return self._process(launched) if launched is not None else []
+
+    def _needs_exact_state(self) -> bool:
+        """Penalties read the output tokens; retraction must release exact state. Both need a drain first."""
+        if any(r.params.repetition_penalty != 1 or r.params.frequency_penalty or r.params.presence_penalty
+               for r in self.running):
+            return True
+        need = sum(self._pages_needed(r, 1) for r in self.running)
+        return need > self.kv.available_pages
 
     def _schedule_prefill(self) -> tuple[list[Req], list[int]] | None:
         budget = self.config.chunked_prefill_size
@@ -128,7 +168,7 @@ class Scheduler:
             if req.wait_for is not None and not req.wait_for.prefilled and not req.wait_for.finished:
                 continue
             if req.row < 0:
-                if not self._can_admit(req, reserve):
+                if self.kv.available_pages - reserve < 1:
                     break
                 self.kv.admit(req)
                 if not req.admitted:
@@ -144,14 +184,12 @@ class Scheduler:
             reserve += 1
         return (reqs, lens) if reqs else None
 
-    def _can_admit(self, req: Req, reserve: int) -> bool:
-        return self.kv.available_pages - reserve >= 1
-
     def _pages_needed(self, req: Req, n: int) -> int:
         return max(0, self.kv.pages_for(req.num_computed + n) - len(req.pages))
 
     def _schedule_decode(self) -> list[Req]:
-        """Every running request gets a slot for its next token; retract the newest ones until that fits."""
+        """A slot for the next token of every running request that may still produce one; retract the newest
+        requests until that fits (only ever with nothing in flight, see _needs_exact_state)."""
         while True:
             need = sum(self._pages_needed(r, 1) for r in self.running)
             if need <= self.kv.available_pages or len(self.running) == 1:
@@ -161,36 +199,48 @@ class Scheduler:
             self.kv.release(victim)
             self.waiting.appendleft(victim)
             self._stats.extra["retractions"] = self._stats.extra.get("retractions", 0) + 1
-        for r in self.running:
+        # A request whose in-flight token is its last (by length) needs no further step.
+        reqs = [r for r in self.running if not self._done_by_length(r, r.pending)]
+        for r in reqs:
             if not self.kv.reserve(r, r.num_computed + 1):
                 raise RuntimeError("KV pool cannot hold a single request; raise max_total_tokens")
-        return list(self.running)
+        return reqs
 
-    # ---- run the model and account for the result ---------------------------------------------------
-    def _run(self, mode: ForwardMode, reqs: list[Req], lens: list[int]) -> list[TokenOutput]:
-        done = [r.num_computed + n >= r.seq_len for r, n in zip(reqs, lens)]
-        batch = make_forward_batch(mode, reqs, lens, done, self.kv.page_table, self.kv.page_size)
+    # ---- launch a batch, then account for its tokens ---------------------------------------------
+    def _launch(self) -> _Launched | None:
+        scheduled = self._schedule_prefill()
+        if scheduled:
+            mode, (reqs, lens) = ForwardMode.EXTEND, scheduled
+        else:
+            mode, reqs = ForwardMode.DECODE, self._schedule_decode() if self.running else []
+            lens = [1] * len(reqs)
+        if not reqs:
+            return None
+        done = [r.num_computed + n >= r.seq_len + r.pending for r, n in zip(reqs, lens)]
+        batch = make_forward_batch(mode, reqs, lens, done, self.kv.page_table, self.kv.page_size, self.token_buf)
         logits = self.engine.forward(batch)
         for r, n in zip(reqs, lens):
             r.num_computed += n
         sampled = [r for r, d in zip(reqs, done) if d]
         if mode is ForwardMode.EXTEND:
-            for r, d in zip(reqs, done):
-                if d:
-                    self.waiting.remove(r)
-                    self.running.append(r)
-                    if r.index == 0 and r.params.n > 1:
-                        self.kv.cache_progress(r)
+            for r in sampled:
+                self.waiting.remove(r)
+                self.running.append(r)
+                if r.index == 0 and r.params.n > 1:
+                    self.kv.cache_progress(r)
         if not sampled:
-            return []
+            return None
         result = self._sample(logits, sampled)
-        return self._append_tokens(sampled, result)
+        self.token_buf[torch.tensor([r.row for r in sampled], device=self.token_buf.device)] = result.token_ids
+        for r in sampled:
+            r.pending += 1
+        return self._to_host(sampled, result)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Req]):
+    def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleResult:
         sb = SamplingBatch.build(
             [r.params for r in reqs],
             [r.seed for r in reqs],
-            [len(r.output_ids) for r in reqs],
+            [len(r.output_ids) + r.pending for r in reqs],
             [r.prompt_ids for r in reqs],
             [r.output_ids for r in reqs],
             self.vocab_size,
@@ -201,13 +251,35 @@ class Scheduler:
             dist.broadcast(result.token_ids, src=0)
         return result
 
-    def _append_tokens(self, reqs: list[Req], result) -> list[TokenOutput]:
-        tokens = result.token_ids.tolist()
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
-        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+    def _to_host(self, reqs: list[Req], result: SampleResult) -> _Launched:
+        """Start copying the sampled tokens to the host without waiting for them."""
+        cuda = result.token_ids.is_cuda
+
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or not cuda:
+                return t
+            return t.to("cpu", non_blocking=True)
+
+        launched = _Launched(reqs, host(result.token_ids), host(result.logprobs), host(result.top_ids),
+                             host(result.top_logprobs), torch.cuda.Event() if cuda else None)
+        if launched.event is not None:
+            launched.event.record()
+        return launched
+
+    def _process(self, launched: _Launched) -> list[TokenOutput]:
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens = launched.tokens.tolist()
+        logprobs = launched.logprobs.tolist() if launched.logprobs is not None else None
+        top_ids = launched.top_ids.tolist() if launched.top_ids is not None else None
+        top_lps = launched.top_logprobs.tolist() if launched.top_logprobs is not None else None
         outputs = []
-        for i, (req, tok) in enumerate(zip(reqs, tokens)):
+        for i, (req, tok) in enumerate(zip(launched.reqs, tokens)):
+            req.pending -= 1
+            if req.finished:  # found finished a step late: this token is surplus; its KV may go now
+                if req.pending == 0 and req.finish_reason != "abort":
+                    self.kv.release(req)
+                continue
             req.output_ids.append(tok)
             self._stats.generation_tokens_total += 1
             out = TokenOutput(req.rid, req.index, [tok], prompt_tokens=len(req.prompt_ids))
@@ -221,14 +293,18 @@ class Scheduler:
                 req.finish_reason = out.finish_reason = reason
                 out.finished = True
                 self.running.remove(req)
-                self.kv.release(req)
+                if req.pending == 0:
+                    self.kv.release(req)
             outputs.append(out)
         return outputs
+
+    def _done_by_length(self, req: Req, extra: int = 0) -> bool:
+        return len(req.output_ids) + extra >= req.params.max_tokens or req.seq_len + extra >= req.max_len
 
     def _finish_reason(self, req: Req, tok: int) -> str | None:
         p = req.params
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
             return "stop"
-        if len(req.output_ids) >= p.max_tokens or req.seq_len >= req.max_len:
+        if self._done_by_length(req):
             return "length"
         return None

@@ -1,0 +1,256 @@
+"""Batched token sampling: penalties, greedy, temperature, top-k / top-p / min-p, seeded draws, logprobs.
+
+One call of `sample` serves a whole batch whose rows carry different `SamplingParams`. Everything per row
+lives in device tensors built once per step by `SamplingBatch.build`; `sample` itself runs only tensor ops
+(no Python loop over rows, no host sync), so it can later be captured in a CUDA graph.
+
+Randomness is counter-based: the draw of row i looks only at (seeds[i], steps[i], token index), hashed with
+splitmix64 in int64 torch ops, and turned into Gumbel noise (the Gumbel-max trick: argmax(log p + G) is a
+draw from p). A request therefore gets the same tokens whatever else shares its batch and wherever it sits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from minisgl.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed64(x: int) -> int:
+    """The int64 that has the same 64 bits as `x` (torch has no uint64 arithmetic)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+GOLDEN = _signed64(0x9E3779B97F4A7C15)  # splitmix64's stream increment
+_MUL1 = _signed64(0xBF58476D1CE4E5B9)
+_MUL2 = _signed64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; masking off the sign-extended bits makes it a logical shift.
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output mix on int64 bit patterns (multiplication wraps mod 2**64, as the hash needs)."""
+    x = (x ^ _shr(x, 30)) * _MUL1
+    x = (x ^ _shr(x, 27)) * _MUL2
+    return x ^ _shr(x, 31)
+
+
+def random_bits(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """64 random bits per (row, token): int64 [B, V], a function of (seeds[i], steps[i], token) only.
+
+    Row key = output number `step + 1` of the splitmix64 stream seeded with mix(seed); token t's bits are
+    output number `t + 1` of the stream seeded with that key. Distinct steps give unrelated keys, so draws
+    at different steps are independent.
+    """
+    key = splitmix64(splitmix64(seeds) + (steps + 1) * GOLDEN)
+    tokens = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device)
+    return splitmix64(key[:, None] + tokens[None, :] * GOLDEN)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise, float32 [B, V], deterministic in (seed, step, token)."""
+    bits = random_bits(seeds, steps, vocab_size)
+    # 53 bits through float64: 24-bit float32 uniforms would clip the Gumbel tails that decide rare tokens.
+    u = (_shr(bits, 11).to(torch.float64) + 0.5) * 2.0**-53  # strictly inside (0, 1)
+    return (-torch.log(-torch.log(u))).to(torch.float32)
+
+
+def filter_mask(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                min_p: torch.Tensor | None) -> torch.Tensor:
+    """Which tokens survive top-k, then top-p, then min-p: bool [B, V].
+
+    probs: float32 [B, V] rows summing to 1. top_k: int64 [B], V meaning "off". top_p: float32 [B], 1 = off;
+    keeps the smallest most-probable set whose mass, renormalised after top-k, reaches top_p. min_p:
+    float32 [B], 0 = off; drops p < min_p * max(p). The most probable token always survives. None skips a
+    filter for the whole batch.
+    """
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if top_k is not None or top_p is not None:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep_sorted = torch.ones_like(keep)
+        if top_k is not None:
+            pos = torch.arange(probs.shape[-1], device=probs.device)
+            keep_sorted &= pos[None, :] < top_k[:, None]
+            sorted_p = sorted_p * keep_sorted
+        if top_p is not None:
+            before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly ahead of each token
+            total = sorted_p.sum(dim=-1, keepdim=True)
+            # top_p == 1 must keep everything even where cumsum rounding would push `before` up to `total`.
+            keep_sorted &= (before < top_p[:, None] * total) | (top_p[:, None] >= 1.0)
+        keep = torch.zeros_like(keep).scatter_(-1, order, keep_sorted)
+    if min_p is not None:
+        # Top-k/top-p never drop the top token and renormalising scales all ratios alike, so min-p can be
+        # judged against the unfiltered probabilities.
+        keep &= probs >= min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return keep
+
+
+@dataclass(frozen=True)
+class _Penalties:
+    """Per-row penalty inputs for the `rows` that use any penalty (P of them); ids are padded with V."""
+
+    rows: torch.Tensor  # int64 [P], rows of the batch
+    prompt_ids: torch.Tensor  # int64 [P, Lp]
+    output_ids: torch.Tensor  # int64 [P, Lo]
+    repetition: torch.Tensor  # float32 [P]
+    frequency: torch.Tensor  # float32 [P]
+    presence: torch.Tensor  # float32 [P]
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Device-side sampling parameters of one step's batch, built by `build`.
+
+    Invariants: every tensor has B rows and lives on the logits' device. Greedy rows hold temperature 1 so
+    the sampled path stays finite for them (their result is replaced by argmax). Disabled filters hold
+    neutral values (top_k = V, top_p = 1, min_p = 0), and the matching tensor is None when no row uses it.
+    The Python flags are fixed at build time so `sample` never has to ask the device.
+    """
+
+    vocab_size: int
+    greedy: torch.Tensor  # bool [B]
+    temperature: torch.Tensor  # float32 [B]
+    seeds: torch.Tensor  # int64 [B], the 64-bit seed's bit pattern
+    steps: torch.Tensor  # int64 [B]
+    top_k: torch.Tensor | None
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    penalties: _Penalties | None
+    all_greedy: bool
+    any_greedy: bool
+    want_logprobs: bool
+    num_top_logprobs: int  # K: the largest top_logprobs asked for
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int],
+              prompt_ids: list[list[int]], output_ids: list[list[int]],
+              vocab_size: int, device: torch.device) -> "SamplingBatch":
+        """Gather the batch's parameters into device tensors (host work, once per step)."""
+        v = vocab_size
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        greedy = [p.greedy for p in params]
+        top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
+        top_p = [float(p.top_p) for p in params]
+        min_p = [float(p.min_p) for p in params]
+        sampled = [not g for g in greedy]
+        # Filters only matter on sampled rows; greedy rows keep neutral values so a batch of greedy rows
+        # with stray top_p settings still skips the sort.
+        top_k = [k if s else v for k, s in zip(top_k, sampled)]
+        top_p = [x if s else 1.0 for x, s in zip(top_p, sampled)]
+        min_p = [x if s else 0.0 for x, s in zip(min_p, sampled)]
+
+        pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0
+                    or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+        penalties = None
+        if pen_rows:
+            def padded(lists: list[list[int]]) -> torch.Tensor:
+                width = max(1, max(len(x) for x in lists))
+                return tensor([list(x) + [v] * (width - len(x)) for x in lists], torch.int64)
+
+            sel = [params[i] for i in pen_rows]
+            # The prompt only feeds the repetition penalty; rows without one skip its ids.
+            prompts = [prompt_ids[i] if params[i].repetition_penalty != 1.0 else [] for i in pen_rows]
+            penalties = _Penalties(
+                rows=tensor(pen_rows, torch.int64),
+                prompt_ids=padded(prompts),
+                output_ids=padded([output_ids[i] for i in pen_rows]),
+                repetition=tensor([p.repetition_penalty for p in sel], torch.float32),
+                frequency=tensor([p.frequency_penalty for p in sel], torch.float32),
+                presence=tensor([p.presence_penalty for p in sel], torch.float32),
+            )
+
+        want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)
+        return cls(
+            vocab_size=v,
+            greedy=tensor(greedy, torch.bool),
+            temperature=tensor([1.0 if g else float(p.temperature) for p, g in zip(params, greedy)],
+                               torch.float32),
+            seeds=tensor([_signed64(s) for s in seeds], torch.int64),
+            steps=tensor(list(steps), torch.int64),
+            top_k=tensor(top_k, torch.int64) if any(k < v for k in top_k) else None,
+            top_p=tensor(top_p, torch.float32) if any(x < 1.0 for x in top_p) else None,
+            min_p=tensor(min_p, torch.float32) if any(x > 0.0 for x in min_p) else None,
+            penalties=penalties,
+            all_greedy=all(greedy),
+            any_greedy=any(greedy),
+            want_logprobs=want_logprobs,
+            num_top_logprobs=min(v, max((p.top_logprobs for p in params), default=0)),
+        )
+
+
+class SampleResult(NamedTuple):
+    """One step's picks, on the logits' device. The logprob fields are None unless some row asked; then
+    they cover every row (rows that did not ask simply ignore theirs), with K = the batch's largest
+    top_logprobs, and the top fields None when K is 0."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32, raw-distribution logprob of the chosen token
+    top_ids: torch.Tensor | None  # [B, K] int64, best first
+    top_logprobs: torch.Tensor | None  # [B, K] float32
+
+
+def apply_penalties(logits: torch.Tensor, pen: _Penalties) -> torch.Tensor:
+    """Penalised copy of float32 logits [B, V]; rows outside `pen.rows` are returned unchanged.
+
+    Repetition (HF/CTRL) over prompt + output: seen logits are divided by r when positive, multiplied by r
+    otherwise. Then frequency/presence (OpenAI) over output only: logit -= f * count + p * (count > 0).
+    """
+    b, v = logits.shape
+    rows = logits.index_select(0, pen.rows)
+    # Column v collects the padding and is dropped.
+    out_counts = torch.zeros(rows.shape[0], v + 1, dtype=torch.float32, device=logits.device)
+    out_counts.scatter_add_(1, pen.output_ids, torch.ones_like(pen.output_ids, dtype=torch.float32))
+    out_counts = out_counts[:, :v]
+    in_prompt = torch.zeros(rows.shape[0], v + 1, dtype=torch.bool, device=logits.device)
+    in_prompt.scatter_(1, pen.prompt_ids, True)
+    seen = in_prompt[:, :v] | (out_counts > 0)
+
+    r = pen.repetition[:, None]
+    rows = torch.where(seen, torch.where(rows > 0, rows / r, rows * r), rows)
+    rows = rows - pen.frequency[:, None] * out_counts - pen.presence[:, None] * (out_counts > 0).float()
+    return logits.index_copy(0, pen.rows, rows)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+    """Pick one token per row of `logits` [B, V] (any float dtype) as `batch` says."""
+    if logits.shape[-1] != batch.vocab_size:
+        raise ValueError(f"logits have {logits.shape[-1]} columns, the batch expects {batch.vocab_size}")
+    if batch.all_greedy and batch.penalties is None and not batch.want_logprobs:
+        return SampleResult(logits.argmax(dim=-1), None, None, None)
+
+    raw = logits.float()
+    x = raw if batch.penalties is None else apply_penalties(raw, batch.penalties)
+
+    if batch.all_greedy:
+        tokens = x.argmax(dim=-1)
+    else:
+        scaled = x / batch.temperature[:, None]
+        if batch.top_k is not None or batch.top_p is not None or batch.min_p is not None:
+            keep = filter_mask(torch.softmax(scaled, dim=-1), batch.top_k, batch.top_p, batch.min_p)
+            scaled = scaled.masked_fill(~keep, float("-inf"))
+        # Gumbel-max on the filtered logits draws from the renormalised filtered distribution: the
+        # softmax normaliser is a per-row constant that cannot move the argmax.
+        tokens = (scaled + gumbel_noise(batch.seeds, batch.steps, batch.vocab_size)).argmax(dim=-1)
+        if batch.any_greedy:
+            tokens = torch.where(batch.greedy, x.argmax(dim=-1), tokens)
+
+    if not batch.want_logprobs:
+        return SampleResult(tokens, None, None, None)
+    logp = torch.log_softmax(raw, dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+    if batch.num_top_logprobs == 0:
+        return SampleResult(tokens, chosen, None, None)
+    top_lp, top_ids = logp.topk(batch.num_top_logprobs, dim=-1)
+    return SampleResult(tokens, chosen, top_ids, top_lp)

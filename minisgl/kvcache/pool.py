@@ -32,8 +32,12 @@ class KVPool:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
-        self._k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self._v = torch.zeros(shape, dtype=dtype, device=self.device)
+        # Uninitialised on purpose: a slot is read only after it is written, except the scratch page 0
+        # (masked padding reads it), which is zeroed. On the CPU this keeps untouched pages out of RSS.
+        self._k = torch.empty(shape, dtype=dtype, device=self.device)
+        self._v = torch.empty(shape, dtype=dtype, device=self.device)
+        self._k[:, :page_size].zero_()
+        self._v[:, :page_size].zero_()
 
     def k(self, layer: int) -> torch.Tensor:
         return self._k[layer]

@@ -112,9 +112,9 @@ def model_config_from_dict(cfg: dict[str, Any], model_dir: str | None = None) ->
 
 def load_model_config(model_path: str) -> ModelConfig:
     """Read config.json from a checkpoint directory, or the metadata of a .gguf file."""
-    from minisgl.models.gguf import gguf_config, is_gguf
+    if model_path.endswith(".gguf"):
+        from minisgl.models.gguf import gguf_config
 
-    if is_gguf(model_path):
         return model_config_from_dict(gguf_config(model_path), None)
     with open(os.path.join(model_path, "config.json")) as f:
         return model_config_from_dict(json.load(f), model_path)

@@ -30,9 +30,9 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def iter_weights(model_path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    from minisgl.models.gguf import is_gguf, iter_gguf_weights
+    if model_path.endswith(".gguf"):
+        from minisgl.models.gguf import iter_gguf_weights
 
-    if is_gguf(model_path):
         yield from iter_gguf_weights(model_path, dtype)
     else:
         yield from iter_safetensors(model_path)

@@ -188,11 +188,15 @@ class Scheduler:
         return max(0, self.kv.pages_for(req.num_computed + n) - len(req.pages))
 
     def _schedule_decode(self) -> list[Req]:
-        """A slot for the next token of every running request that may still produce one; retract the newest
-        requests until that fits (only ever with nothing in flight, see _needs_exact_state)."""
-        while True:
-            need = sum(self._pages_needed(r, 1) for r in self.running)
-            if need <= self.kv.available_pages or len(self.running) == 1:
+        """A slot for the next token of every running request that may still produce one. When that does not
+        fit, take pages back: first from queued requests part-way through a chunked prefill, then by
+        retracting the newest running requests (only ever with nothing in flight, see _needs_exact_state)."""
+        while sum(self._pages_needed(r, 1) for r in self.running) > self.kv.available_pages:
+            holders = [r for r in self.waiting if r.row >= 0]
+            if holders:
+                self.kv.release(holders[-1])
+                continue
+            if len(self.running) == 1:
                 break
             victim = self.running.pop()
             logger.info("KV pool full: retracting request %s (%d tokens)", victim.rid, victim.seq_len)

@@ -1,0 +1,161 @@
+"""The messages exchanged by the serving processes.
+
+    API server --GenerateReq/AbortReq/TokenizeReq/DetokenizeReq--> tokenizer worker
+    tokenizer worker --TokenizedGenerateReq/AbortReq--> scheduler (rank 0)
+    scheduler --ModelInfo/TokenOutputBatch/ReqError/StatsMsg--> tokenizer worker
+    tokenizer worker --ModelInfo/StrOutputBatch/ReqError/StatsMsg/TokenizeResult--> API server
+
+Every request is identified by `rid`, unique per server; `index` tells the n samples of one request apart.
+All of these are plain dataclasses so they are cheap to build and easy to read in a debugger; see codec.py
+for the wire format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minisgl.message.codec import register
+from minisgl.sampling_params import SamplingParams
+from minisgl.scheduler.io import SchedulerStats, TokenOutput
+
+# The scheduler's own output types cross the wire unchanged.
+register(SamplingParams)
+register(TokenOutput)
+register(SchedulerStats)
+
+
+# ---- API server -> tokenizer worker ---------------------------------------------------------------
+@register
+@dataclass
+class GenerateReq:
+    """A prompt to generate for: exactly one of `text`, `messages` (chat, rendered with the tokenizer's chat
+    template) or `input_ids` is set. `max_tokens` None means "the rest of the context". `echo` asks for
+    the prompt text back on each sample's first output."""
+
+    rid: str
+    params: SamplingParams
+    text: str | None = None
+    messages: list[dict] | None = None
+    input_ids: list[int] | None = None
+    max_tokens: int | None = None
+    echo: bool = False
+    skip_special_tokens: bool = True
+
+
+@register
+@dataclass
+class AbortReq:
+    """Stop `rid` (all samples, or only sample `index`) and free its KV. Unknown rids are ignored."""
+
+    rid: str
+    index: int | None = None
+
+
+@register
+@dataclass
+class TokenizeReq:
+    """Tokenize `text` or chat `messages` (for POST /tokenize); answered by TokenizeResult or ReqError."""
+
+    rid: str
+    text: str | None = None
+    messages: list[dict] | None = None
+    add_special_tokens: bool = True
+
+
+@register
+@dataclass
+class DetokenizeReq:
+    rid: str
+    tokens: list[int] = field(default_factory=list)
+
+
+# ---- tokenizer worker -> scheduler --------------------------------------------------------------------
+@register
+@dataclass
+class TokenizedGenerateReq:
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+
+
+# ---- scheduler -> tokenizer worker -> API server -----------------------------------------------------
+@register
+@dataclass
+class ModelInfo:
+    """Sent once by the scheduler when the model is loaded; the ready handshake rides on it."""
+
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
+@register
+@dataclass
+class TokenOutputBatch:
+    outputs: list[TokenOutput]
+
+
+@register
+@dataclass
+class StatsMsg:
+    stats: SchedulerStats
+
+
+@register
+@dataclass
+class ReqError:
+    """A request failed before producing output (or was refused); `status` is the HTTP status to answer."""
+
+    rid: str
+    message: str
+    status: int = 400
+    param: str | None = None
+    code: str | None = None
+
+
+# ---- tokenizer worker -> API server ---------------------------------------------------------------------
+@register
+@dataclass
+class TokenLogprob:
+    """A generated token as text with its log-probability and the best alternatives (text, logprob)."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@register
+@dataclass
+class StrOutput:
+    """New text of one sample. `text` may be empty while bytes of a character (or a possible stop string) are
+    held back. `completion_tokens` is the running total for the sample; `prompt_text` is set only on the
+    first output when echo was asked for."""
+
+    rid: str
+    index: int
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    num_tokens: int = 0  # tokens this output covers
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_text: str | None = None
+
+
+@register
+@dataclass
+class StrOutputBatch:
+    outputs: list[StrOutput]
+
+
+@register
+@dataclass
+class TokenizeResult:
+    rid: str
+    tokens: list[int]
+    text: str
+    max_model_len: int

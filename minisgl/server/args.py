@@ -1,0 +1,147 @@
+"""Command-line flags of `python -m minisgl` (SGLang's names) and their mapping onto EngineConfig.
+
+Importing this module must stay cheap (no torch): `--help` and the API server process use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class ServerArgs:
+    """Every flag, parsed. Engine flags are copied into EngineConfig by `engine_kwargs`."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+    dtype: str = "auto"
+    device: str | None = None
+    tp: int = 1
+    page_size: int = 1
+    max_total_tokens: int | None = None
+    mem_fraction_static: float = 0.85
+    chunked_prefill_size: int = 2048
+    max_running_requests: int = 256
+    context_length: int | None = None
+    disable_radix_cache: bool = False
+    attention_backend: str | None = None
+    load_format: str = "auto"
+    trust_remote_code: bool = False
+    served_model_name: str | None = None
+    api_key: str | None = None
+    max_queued_requests: int | None = None
+    request_timeout: float | None = None
+    log_level: str = "info"
+    shell: bool = False
+    seed: int = 0
+
+    def model_name(self, model_path: str) -> str:
+        """The name clients must use in `model`: --served-model-name, else --model, else the file's name."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model:
+            return self.model
+        return os.path.splitext(os.path.basename(model_path.rstrip("/")))[0]
+
+    def engine_kwargs(self) -> dict:
+        """EngineConfig(**engine_kwargs()) for the scheduler. A plain dict, so the launcher need not import
+        torch (EngineConfig's module does)."""
+        kw = dict(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            dtype=self.dtype,
+            device=self.device,
+            tp_size=self.tp,
+            page_size=self.page_size,
+            max_total_tokens=self.max_total_tokens,
+            mem_fraction_static=self.mem_fraction_static,
+            chunked_prefill_size=self.chunked_prefill_size,
+            max_running_requests=self.max_running_requests,
+            max_model_len=self.context_length,
+            disable_radix_cache=self.disable_radix_cache,
+            attention_backend=self.attention_backend,
+            load_format=self.load_format,
+            seed=self.seed,
+            trust_remote_code=self.trust_remote_code,
+        )
+        return kw
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m minisgl",
+        description="Serve a model over an OpenAI-compatible HTTP API, or chat with it in the terminal (--shell).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = ServerArgs()
+    m = p.add_argument_group("model")
+    m.add_argument("--model", "--model-path", dest="model", default=d.model,
+                   help="local checkpoint directory, .gguf file or Hugging Face repo id; omit for the embedded "
+                        "default model")
+    m.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", default=d.tokenizer,
+                   help="tokenizer directory or repo id, if not the model's own")
+    m.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weight and activation dtype; auto picks the checkpoint's on GPU, a fast one on CPU")
+    m.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
+                   help="dummy: random weights of the right shapes (benchmarks without a download)")
+    m.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from the repo")
+    m.add_argument("--served-model-name", default=d.served_model_name,
+                   help="the model name the API reports and accepts (default: --model)")
+
+    e = p.add_argument_group("engine")
+    e.add_argument("--device", default=d.device, help="cuda or cpu (default: cuda when available)")
+    e.add_argument("--tp", "--tp-size", dest="tp", type=_positive_int, default=d.tp,
+                   help="tensor-parallel size: one scheduler process per rank, rank 0 receives requests")
+    e.add_argument("--page-size", type=_positive_int, default=d.page_size, help="tokens per KV-cache page")
+    e.add_argument("--max-total-tokens", type=_positive_int, default=d.max_total_tokens,
+                   help="KV pool size in tokens (default: sized from --mem-fraction-static)")
+    e.add_argument("--mem-fraction-static", type=_positive_float, default=d.mem_fraction_static,
+                   help="fraction of device memory for weights and KV pool")
+    e.add_argument("--chunked-prefill-size", type=_positive_int, default=d.chunked_prefill_size,
+                   help="most prompt tokens prefilled in one step; longer prompts span several steps")
+    e.add_argument("--max-running-requests", type=_positive_int, default=d.max_running_requests,
+                   help="most requests decoding at once")
+    e.add_argument("--context-length", type=_positive_int, default=d.context_length,
+                   help="cap on prompt + output tokens (default: the model's)")
+    e.add_argument("--disable-radix-cache", action="store_true", help="do not reuse KV of shared prompt prefixes")
+    e.add_argument("--attention-backend", default=d.attention_backend,
+                   help="torch, triton or flashinfer (default: the best for the device)")
+    e.add_argument("--seed", type=int, default=d.seed, help="seed for requests that do not set their own")
+
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default=d.host, help="address to listen on")
+    s.add_argument("--port", type=int, default=d.port, help="HTTP port")
+    s.add_argument("--api-key", default=d.api_key,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    s.add_argument("--max-queued-requests", type=_positive_int, default=d.max_queued_requests,
+                   help="refuse new requests with HTTP 503 while this many wait for the scheduler")
+    s.add_argument("--request-timeout", type=_positive_float, default=d.request_timeout,
+                   help="seconds a request may wait and run before it is ended with an error and aborted")
+    s.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
+                   help="logging level of every process")
+    s.add_argument("--shell", action="store_true", help="chat with the model in this terminal instead of serving")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ServerArgs:
+    ns = build_parser().parse_args(argv)
+    known = {f.name for f in fields(ServerArgs)}
+    return ServerArgs(**{k: v for k, v in vars(ns).items() if k in known})

@@ -1,0 +1,297 @@
+"""POST /v1/chat/completions and /v1/completions: OpenAI requests in, OpenAI responses or SSE streams out.
+
+A request is checked here as far as the API server can (schema, model name, ranges, token ids), then
+submitted; the first reply is awaited before answering, so an error found downstream (prompt too long,
+queue full) is still a proper HTTP error status even for a stream. After that, a stream reports an error
+as one `data: {"error": ...}` event.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from minisgl.message import GenerateReq, StrOutput, TokenLogprob
+from minisgl.sampling_params import SamplingParams
+from minisgl.server import protocol as P
+from minisgl.server.engine_client import ClientGone, EngineClient, Job
+from minisgl.server.errors import APIError
+
+MAX_N = 128  # samples per request: more would let one request flood the queue
+_SEED_MOD = 2**63  # the engine takes non-negative seeds; OpenAI allows any int64
+
+
+class OpenAIServing:
+    def __init__(self, client: EngineClient, model_name: str):
+        self.client = client
+        self.model_name = model_name
+        self.router = APIRouter()
+        self.router.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
+        self.router.add_api_route("/v1/completions", self.completions, methods=["POST"])
+
+    # ---- shared checks ------------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
+                           "model", "model_not_found")
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.client.info.vocab_size
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param)
+
+    def sampling_params(self, req: P._SamplingRequest, max_tokens: int | None, logprobs: bool,
+                        top_logprobs: int) -> SamplingParams:
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        p = SamplingParams(
+            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty, seed=None if req.seed is None else req.seed % _SEED_MOD,
+            max_tokens=1 if max_tokens is None else max_tokens,  # None: the worker fills in the rest of the context
+            stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, n=req.n,
+            logprobs=logprobs, top_logprobs=top_logprobs,
+        )
+        try:
+            p.validate()
+        except ValueError as e:
+            raise APIError(400, str(e), str(e).split()[0]) from None
+        if p.n > MAX_N:
+            raise APIError(400, f"n must be <= {MAX_N}, got {p.n}", "n")
+        if max_tokens is not None and max_tokens >= self.client.info.max_model_len:
+            raise APIError(400, f"max_tokens must be < the context length {self.client.info.max_model_len}, got "
+                                f"{max_tokens}", "max_tokens", "context_length_exceeded")
+        self.check_ids(p.stop_token_ids, "stop_token_ids")
+        return p
+
+    async def start(self, request: Request, reqs: list[GenerateReq], n: int) -> tuple[Job, AsyncIterator[StrOutput], StrOutput]:
+        """Submit, then wait for the first output (errors raise here, before any response is sent)."""
+        job = self.client.submit(reqs, n)
+        events = self.client.events(job, request)
+        try:
+            first = await events.__anext__()
+        except BaseException:
+            await events.aclose()
+            raise
+        return job, events, first
+
+    # ---- chat ---------------------------------------------------------------------------------------------
+    async def chat(self, req: P.ChatCompletionRequest, request: Request) -> Any:
+        self.check_model(req.model)
+        if not req.messages:
+            raise APIError(400, "messages must contain at least one message", "messages")
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self.sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0)
+        messages = [flatten_message(m, i) for i, m in enumerate(req.messages)]
+        gen = GenerateReq(self.client.new_rid(), params, messages=messages, max_tokens=max_tokens,
+                          skip_special_tokens=req.skip_special_tokens)
+        try:
+            job, events, first = await self.start(request, [gen], params.n)
+        except ClientGone:
+            return Response(status_code=499)
+        rid, created = P.new_id("chatcmpl-"), P.now()
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self.client, job, self._chat_stream(rid, created, params.n, first, events, usage))
+        texts: list[list[str]] = [[] for _ in range(params.n)]
+        lps: list[list[P.ChatTokenLogprob]] = [[] for _ in range(params.n)]
+        reasons: list[str | None] = [None] * params.n
+        acc = _Usage()
+        try:
+            async for o in _chain(first, events):
+                texts[o.index].append(o.text)
+                lps[o.index] += _chat_logprobs(o.logprobs)
+                reasons[o.index] = o.finish_reason if o.finished else reasons[o.index]
+                acc.add(o)
+        except ClientGone:
+            return Response(status_code=499)
+        choices = [
+            P.ChatChoice(index=i, message=P.ChatResponseMessage(content="".join(texts[i])),
+                         logprobs=P.ChatLogprobs(content=lps[i]) if req.logprobs else None, finish_reason=reasons[i])
+            for i in range(params.n)
+        ]
+        return P.ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                        usage=acc.usage())
+
+    async def _chat_stream(self, rid: str, created: int, n: int, first: StrOutput, events: AsyncIterator[StrOutput],
+                           include_usage: bool) -> AsyncIterator[str]:
+        def chunk(choices: list[P.ChatChunkChoice], usage: P.Usage | None = None) -> str:
+            c = P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
+            return f"data: {c.model_dump_json()}\n\n"
+
+        for i in range(n):  # OpenAI opens every choice with the role
+            yield chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
+        acc = _Usage()
+        async for o in _chain(first, events):
+            acc.add(o)
+            lp = P.ChatLogprobs(content=_chat_logprobs(o.logprobs)) if o.logprobs is not None else None
+            if o.text or o.finished or lp:
+                yield chunk([P.ChatChunkChoice(index=o.index, delta=P.ChatDelta(content=o.text or None),
+                                               logprobs=lp, finish_reason=o.finish_reason if o.finished else None)])
+        if include_usage:
+            yield chunk([], acc.usage())
+
+    # ---- completions --------------------------------------------------------------------------------------
+    async def completions(self, req: P.CompletionRequest, request: Request) -> Any:
+        self.check_model(req.model)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+        params = self.sampling_params(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0)
+        prompts = _prompts(req.prompt)
+        gens = []
+        for p in prompts:
+            if isinstance(p, list):
+                self.check_ids(p, "prompt")
+            gens.append(GenerateReq(
+                self.client.new_rid(), params, text=p if isinstance(p, str) else None,
+                input_ids=p if isinstance(p, list) else None, max_tokens=req.max_tokens, echo=req.echo,
+                skip_special_tokens=req.skip_special_tokens,
+            ))
+        try:
+            job, events, first = await self.start(request, gens, params.n)
+        except ClientGone:
+            return Response(status_code=499)
+        slot = {g.rid: k for k, g in enumerate(gens)}
+        rid, created = P.new_id("cmpl-"), P.now()
+        num = len(gens) * params.n
+        want_lp = req.logprobs is not None
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self.client, job, self._completion_stream(rid, created, slot, params.n, first, events,
+                                                                  usage, want_lp))
+        texts: list[list[str]] = [[] for _ in range(num)]
+        lps = [P.CompletionLogprobs() if want_lp else None for _ in range(num)]
+        reasons: list[str | None] = [None] * num
+        acc = _Usage()
+        try:
+            async for o in _chain(first, events):
+                i = slot[o.rid] * params.n + o.index
+                texts[i].append((o.prompt_text or "") + o.text)
+                _extend_completion_logprobs(lps[i], o.logprobs, sum(map(len, texts[i])) - len(o.text))
+                reasons[i] = o.finish_reason if o.finished else reasons[i]
+                acc.add(o)
+        except ClientGone:
+            return Response(status_code=499)
+        choices = [P.CompletionChoice(index=i, text="".join(texts[i]), logprobs=lps[i], finish_reason=reasons[i])
+                   for i in range(num)]
+        return P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
+                                    usage=acc.usage())
+
+    async def _completion_stream(self, rid: str, created: int, slot: dict[str, int], n: int, first: StrOutput,
+                                 events: AsyncIterator[StrOutput], include_usage: bool,
+                                 want_lp: bool) -> AsyncIterator[str]:
+        def chunk(choices: list[P.CompletionChoice], usage: P.Usage | None = None) -> str:
+            c = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
+            return f"data: {c.model_dump_json()}\n\n"
+
+        acc = _Usage()
+        offsets: dict[int, int] = {}
+        async for o in _chain(first, events):
+            acc.add(o)
+            i = slot[o.rid] * n + o.index
+            text = (o.prompt_text or "") + o.text
+            lp = P.CompletionLogprobs() if want_lp else None
+            _extend_completion_logprobs(lp, o.logprobs, offsets.get(i, 0) + len(o.prompt_text or ""))
+            offsets[i] = offsets.get(i, 0) + len(text)
+            if text or o.finished or (lp and lp.tokens):
+                yield chunk([P.CompletionChoice(index=i, text=text, logprobs=lp,
+                                                finish_reason=o.finish_reason if o.finished else None)])
+        if include_usage:
+            yield chunk([], acc.usage())
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+class _Usage:
+    """Token counts of a job: the prompt once per rid, completion tokens of every sample."""
+
+    def __init__(self) -> None:
+        self.prompt: dict[str, int] = {}
+        self.cached: dict[str, int] = {}
+        self.completion: dict[tuple[str, int], int] = {}
+
+    def add(self, o: StrOutput) -> None:
+        self.prompt[o.rid] = o.prompt_tokens
+        self.cached[o.rid] = o.cached_tokens
+        self.completion[(o.rid, o.index)] = max(o.completion_tokens, self.completion.get((o.rid, o.index), 0))
+
+    def usage(self) -> P.Usage:
+        prompt, completion = sum(self.prompt.values()), sum(self.completion.values())
+        return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                       prompt_tokens_details=P.PromptTokensDetails(cached_tokens=sum(self.cached.values())))
+
+
+async def _chain(first: StrOutput, rest: AsyncIterator[StrOutput]) -> AsyncIterator[StrOutput]:
+    yield first
+    async for o in rest:
+        yield o
+
+
+def _sse(client: EngineClient, job: Job, chunks: AsyncIterator[str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield c
+            yield "data: [DONE]\n\n"
+        except APIError as e:  # timeout or engine error after the stream started
+            yield e.sse()
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            pass
+        finally:  # also runs when Starlette cancels us because the client went away
+            client.release(job)
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def flatten_message(m: P.ChatMessage, i: int) -> dict:
+    """A message with its content as one string (what chat templates expect)."""
+    content = m.content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise APIError(400, f"messages[{i}]: only text content parts are supported, got {part.type!r}",
+                               "messages")
+            parts.append(part.text)
+        content = "".join(parts)
+    msg = {"role": m.role, "content": content or ""}
+    if m.name:
+        msg["name"] = m.name
+    return msg
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [p if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _bytes(s: str) -> list[int]:
+    return list(s.encode("utf-8", errors="replace"))
+
+
+def _chat_logprobs(lps: list[TokenLogprob] | None) -> list[P.ChatTokenLogprob]:
+    return [
+        P.ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=_bytes(t.token),
+                           top_logprobs=[P.TopLogprob(token=a, logprob=b, bytes=_bytes(a)) for a, b in t.top])
+        for t in lps or []
+    ]
+
+
+def _extend_completion_logprobs(out: P.CompletionLogprobs | None, lps: list[TokenLogprob] | None, offset: int) -> None:
+    if out is None:
+        return
+    for t in lps or []:
+        out.tokens.append(t.token)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append({a: b for a, b in t.top})
+        out.text_offset.append(offset)
+        offset += len(t.token)

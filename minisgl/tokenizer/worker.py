@@ -1,0 +1,245 @@
+"""The tokenizer/detokenizer process: text in front of the scheduler, text behind it.
+
+Requests from the API server are rendered (chat template), tokenized and checked against the model
+(vocabulary, context length) here, so a bad prompt never reaches the scheduler and tokenization never slows
+its loop. Token outputs from the scheduler are turned into text deltas per sample, stop strings are found
+(the scheduler only knows token ids), and a sample that hit one is aborted in the scheduler at once so its
+KV is freed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import zmq
+
+from minisgl.message import (
+    AbortReq,
+    DetokenizeReq,
+    GenerateReq,
+    IpcPaths,
+    ModelInfo,
+    ReqError,
+    StatsMsg,
+    StrOutput,
+    StrOutputBatch,
+    TokenizedGenerateReq,
+    TokenizeReq,
+    TokenizeResult,
+    TokenLogprob,
+    TokenOutputBatch,
+    inbox,
+    outbox,
+    recv,
+    send,
+)
+from minisgl.scheduler.io import TokenOutput
+from minisgl.tokenizer.detokenize import IncrementalDetokenizer, StopMatcher
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(Exception):
+    """A client error found while preparing a request; becomes an HTTP 400 naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class _Sample:
+    detok: IncrementalDetokenizer
+    stop: StopMatcher
+    tokens: int = 0
+    done: bool = False
+    first: bool = True
+
+
+@dataclass
+class _Request:
+    rid: str
+    prompt_tokens: int
+    prompt_text: str | None
+    hidden_ids: set[int]  # a final stop/EOS token: counted in usage, not shown as text
+    samples: list[_Sample] = field(default_factory=list)
+
+
+class TokenizerWorker:
+    """Message handlers of the tokenizer process; `handle` dispatches one message. Holds no sockets'
+    ownership beyond sending, so it can be driven directly in tests."""
+
+    def __init__(self, tokenizer: Any, to_scheduler: zmq.Socket, to_api: zmq.Socket):
+        self.tokenizer = tokenizer
+        self.to_scheduler = to_scheduler
+        self.to_api = to_api
+        self.info: ModelInfo | None = None
+        self.reqs: dict[str, _Request] = {}
+        self._piece = lru_cache(maxsize=1 << 16)(lambda tid: tokenizer.decode([tid]))
+
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, TokenOutputBatch):
+            outs = [o for o in (self._on_output(t) for t in msg.outputs) if o is not None]
+            if outs:
+                send(self.to_api, StrOutputBatch(outs))
+        elif isinstance(msg, GenerateReq):
+            self._on_generate(msg)
+        elif isinstance(msg, AbortReq):
+            self.reqs.pop(msg.rid, None)
+            send(self.to_scheduler, msg)
+        elif isinstance(msg, ReqError):  # from the scheduler: the request never started
+            self.reqs.pop(msg.rid, None)
+            send(self.to_api, msg)
+        elif isinstance(msg, StatsMsg):
+            send(self.to_api, msg)
+        elif isinstance(msg, ModelInfo):
+            self.info = msg
+            send(self.to_api, msg)
+        elif isinstance(msg, (TokenizeReq, DetokenizeReq)):
+            self._on_tokenize(msg)
+        else:
+            logger.error("unexpected message %r", type(msg).__name__)
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def _render(self, text: str | None, messages: list[dict] | None, add_special_tokens: bool = True) -> list[int]:
+        if messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise BadRequest("this model's tokenizer has no chat template; use /v1/completions", "messages")
+            try:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # a template may reject a conversation (e.g. roles not alternating)
+                raise BadRequest(f"cannot apply the chat template: {e}", "messages") from e
+            add_special_tokens = False  # the template writes BOS itself where the model wants one
+        return self.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.info.vocab_size if self.info else len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+
+    def _prepare(self, req: GenerateReq) -> tuple[list[int], str | None]:
+        param = "messages" if req.messages is not None else "prompt"
+        if req.input_ids is not None:
+            ids = list(req.input_ids)
+            self._check_ids(ids, param)
+        else:
+            ids = self._render(req.text, req.messages)
+        if not ids:
+            raise BadRequest(f"the {param} is empty", param)
+        assert self.info is not None, "requests are accepted only after ModelInfo"
+        ctx = self.info.max_model_len
+        if len(ids) >= ctx:
+            raise BadRequest(
+                f"this model's maximum context length is {ctx} tokens, but the {param} has {len(ids)} tokens",
+                param, "context_length_exceeded",
+            )
+        max_tokens = req.max_tokens if req.max_tokens is not None else ctx - len(ids)
+        if len(ids) + max_tokens > ctx:
+            raise BadRequest(
+                f"this model's maximum context length is {ctx} tokens; you requested {len(ids) + max_tokens} "
+                f"tokens ({len(ids)} in the {param}, {max_tokens} for the completion)",
+                "max_tokens", "context_length_exceeded",
+            )
+        req.params.max_tokens = max_tokens
+        prompt_text = None
+        if req.echo:
+            prompt_text = req.text if req.text is not None else self.tokenizer.decode(ids)
+        return ids, prompt_text
+
+    def _on_generate(self, req: GenerateReq) -> None:
+        try:
+            ids, prompt_text = self._prepare(req)
+        except BadRequest as e:
+            send(self.to_api, ReqError(req.rid, str(e), 400, e.param, e.code))
+            return
+        except Exception as e:  # a tokenizer failure on odd input must not take the process down
+            logger.exception("tokenizing request %s failed", req.rid)
+            send(self.to_api, ReqError(req.rid, f"cannot tokenize the prompt: {e}", 400))
+            return
+        p = req.params
+        hidden = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.info.eos_token_ids if self.info else []))
+        state = _Request(req.rid, len(ids), prompt_text, hidden)
+        state.samples = [
+            _Sample(IncrementalDetokenizer(self.tokenizer, req.skip_special_tokens), StopMatcher(p.stop))
+            for _ in range(p.n)
+        ]
+        self.reqs[req.rid] = state
+        send(self.to_scheduler, TokenizedGenerateReq(req.rid, ids, p))
+
+    def _on_tokenize(self, msg: TokenizeReq | DetokenizeReq) -> None:
+        ctx = self.info.max_model_len if self.info else 0
+        try:
+            if isinstance(msg, TokenizeReq):
+                ids = self._render(msg.text, msg.messages, msg.add_special_tokens)
+                result = TokenizeResult(msg.rid, ids, "", ctx)
+            else:
+                self._check_ids(msg.tokens, "tokens")
+                result = TokenizeResult(msg.rid, list(msg.tokens), self.tokenizer.decode(msg.tokens), ctx)
+        except BadRequest as e:
+            send(self.to_api, ReqError(msg.rid, str(e), 400, e.param))
+            return
+        except Exception as e:
+            send(self.to_api, ReqError(msg.rid, f"cannot process the request: {e}", 400))
+            return
+        send(self.to_api, result)
+
+    # ---- outputs ----------------------------------------------------------------------------------------
+    def _on_output(self, out: TokenOutput) -> StrOutput | None:
+        req = self.reqs.get(out.rid)
+        if req is None or req.samples[out.index].done:
+            return None  # aborted by the client, or already ended by a stop string
+        if out.error:
+            self.reqs.pop(out.rid, None)
+            send(self.to_api, ReqError(out.rid, out.error, 500, code="engine_error"))
+            return None
+        s = req.samples[out.index]
+        s.tokens += len(out.token_ids)
+        ids = out.token_ids
+        if out.finished and out.finish_reason == "stop" and ids and ids[-1] in req.hidden_ids:
+            ids = ids[:-1]
+        delta = s.detok.add(ids)
+        if out.finished:
+            delta += s.detok.flush()
+        text, hit_stop = s.stop.feed(delta, final=out.finished)
+        finished = out.finished or hit_stop
+        if hit_stop and not out.finished:
+            send(self.to_scheduler, AbortReq(out.rid, out.index))  # free its KV now, not at max_tokens
+        logprobs = self._logprobs(out) if out.logprobs is not None else None
+        if not (text or finished or logprobs or (s.first and req.prompt_text is not None)):
+            return None
+        result = StrOutput(
+            out.rid, out.index, text, finished, "stop" if hit_stop else out.finish_reason, len(out.token_ids),
+            req.prompt_tokens, s.tokens, out.cached_tokens, logprobs, req.prompt_text if s.first else None,
+        )
+        s.first = False
+        if finished:
+            s.done = True
+            if all(x.done for x in req.samples):
+                del self.reqs[out.rid]
+        return result
+
+    def _logprobs(self, out: TokenOutput) -> list[TokenLogprob]:
+        tops = out.top_logprobs or [[] for _ in out.token_ids]
+        return [
+            TokenLogprob(self._piece(tid), tid, lp, [(self._piece(a), alp) for a, alp in top])
+            for tid, lp, top in zip(out.token_ids, out.logprobs or [], tops)
+        ]
+
+
+def tokenizer_main(ready: Any, model_path: str, tokenizer_path: str | None, paths: IpcPaths,
+                   trust_remote_code: bool = False) -> None:
+    """Process entry point: load the tokenizer, then serve messages until killed."""
+    from minisgl.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, tokenizer_path, trust_remote_code)
+    ctx = zmq.Context()
+    sock = inbox(ctx, paths.tokenizer)
+    worker = TokenizerWorker(tokenizer, outbox(ctx, paths.scheduler), outbox(ctx, paths.api))
+    ready.send("tokenizer")
+    while True:
+        worker.handle(recv(sock))

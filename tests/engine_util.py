@@ -38,8 +38,8 @@ def engine_prefill_logits(llm, prompt: list[int]) -> torch.Tensor:
     sched = llm.scheduler
     req = Req("logits", 0, list(prompt), SamplingParams(), 0, len(prompt) + 1)
     sched.kv.admit(req)
-    assert req.num_computed == 0 or True
-    n = len(prompt) - req.num_computed
+    assert req.num_computed == 0, "prompt is already in the prefix cache: use a fresh LLM or disable_radix_cache"
+    n = len(prompt)
     assert sched.kv.reserve(req, len(prompt))
     batch = make_forward_batch(ForwardMode.EXTEND, [req], [n], [True], sched.kv.page_table, sched.kv.page_size)
     batch.logits_index = torch.arange(n, device=batch.input_ids.device)

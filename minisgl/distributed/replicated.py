@@ -63,6 +63,45 @@ def _apply(scheduler: Scheduler, commands: list[tuple]) -> None:
             scheduler.abort(cmd[1], cmd[2])
 
 
+def node_ranks(config: EngineConfig) -> range:
+    """The global ranks that run on this node: tp_size is spread evenly over nnodes."""
+    if config.tp_size % config.nnodes:
+        raise ValueError(f"tp size {config.tp_size} is not divisible by nnodes {config.nnodes}")
+    per_node = config.tp_size // config.nnodes
+    return range(config.node_rank * per_node, (config.node_rank + 1) * per_node)
+
+
+def start_workers(config: EngineConfig, init_addr: str) -> list[mp.Process]:
+    """Start this node's worker ranks (every rank of the node but global rank 0) as child processes."""
+    ctx = mp.get_context("spawn")
+    workers = [
+        ctx.Process(target=worker_main, args=(config, r, init_addr), name=f"minisgl-tp{r}", daemon=True)
+        for r in node_ranks(config) if r != 0
+    ]
+    for w in workers:
+        w.start()
+    return workers
+
+
+def run_worker_node(config: EngineConfig) -> int:
+    """Entry point of nodes 1..nnodes-1: run this node's ranks until rank 0 shuts them down.
+
+    Returns 0 when every rank exited cleanly; as soon as one dies with an error the others are stopped and 1
+    is returned, so a failed node is never left half-running.
+    """
+    if not config.dist_init_addr:
+        raise ValueError("a worker node needs dist_init_addr (host:port of node 0)")
+    workers = start_workers(config, config.dist_init_addr)
+    while any(w.is_alive() for w in workers):
+        if any(w.exitcode not in (None, 0) for w in workers):
+            logger.error("a tensor-parallel rank of this node died; stopping the others")
+            for w in workers:
+                w.terminate()
+            return 1
+        time.sleep(0.5)
+    return 0 if all(w.exitcode == 0 for w in workers) else 1
+
+
 class TPScheduler:
     """Rank 0's Scheduler for a tensor-parallel group on this host: same interface as `Scheduler`.
 
@@ -71,19 +110,13 @@ class TPScheduler:
     """
 
     def __init__(self, config: EngineConfig):
-        init_addr = config.dist_init_addr or f"127.0.0.1:{free_port()}"
-        per_node = config.tp_size // config.nnodes
-        first = config.node_rank * per_node
-        ctx = mp.get_context("spawn")
-        self.workers = [
-            ctx.Process(target=worker_main, args=(config, r, init_addr), name=f"minisgl-tp{r}", daemon=True)
-            for r in range(max(1, first), first + per_node)
-        ]
-        for w in self.workers:
-            w.start()
-        threading.Thread(target=self._watchdog, daemon=True).start()
         if config.node_rank != 0:
-            raise RuntimeError("TPScheduler runs on node 0; other nodes run worker_main only")
+            raise RuntimeError("the scheduler runs on node 0; other nodes run run_worker_node() only")
+        init_addr = config.dist_init_addr or f"127.0.0.1:{free_port()}"
+        if config.nnodes > 1 and not config.dist_init_addr:
+            raise ValueError("multi-node tensor parallelism needs dist_init_addr (host:port of node 0)")
+        self.workers = start_workers(config, init_addr)
+        threading.Thread(target=self._watchdog, daemon=True).start()
         config0 = _rank_config(config, 0)
         self.tp = init_tp(0, config.tp_size, init_addr, config0.resolved_device())
         self.scheduler = Scheduler(config0, self.tp)

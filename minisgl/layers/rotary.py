@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,28 +33,35 @@ def inv_frequencies(rope: RopeConfig) -> torch.Tensor:
     return inv.float()
 
 
+class Rope(NamedTuple):
+    """cos and sin of one step's positions, [T, rotary_dim // 2] each: looked up once per forward, used by
+    every layer."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class RotaryEmbedding(nn.Module):
-    """Applies rope to q and k given absolute positions. The cos/sin table grows on demand."""
+    """The cos/sin table of a model. Like HF, angles are computed in float32 and the table is then cast to the
+    model dtype (the default dtype when the model is built), so half-precision models rotate in their own
+    dtype as HF's do."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device):
         super().__init__()
         self.rotary_dim = rope.rotary_dim
         self.head_dim = head_dim
+        self.dtype = torch.get_default_dtype()
         self.inv_freq = inv_frequencies(rope).to(device)
         self._build(max_positions)
 
     def _build(self, n: int) -> None:
         t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
         freqs = torch.outer(t, self.inv_freq)
-        # Stored as [n, rotary_dim]: cos/sin repeated for both halves, the layout rotate-half expects.
-        self.cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1)
-        self.sin = torch.cat([freqs.sin(), freqs.sin()], dim=-1)
+        self.cos = freqs.cos().to(self.dtype)
+        self.sin = freqs.sin().to(self.dtype)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D]; returns rotated copies in the input dtype."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+    def lookup(self, positions: torch.Tensor) -> Rope:
+        return Rope(self.cos[positions], self.sin[positions])
 
     def ensure(self, max_position: int) -> None:
         """Grow the table to cover `max_position` (call outside of CUDA-graph capture)."""
@@ -61,10 +69,13 @@ class RotaryEmbedding(nn.Module):
             self._build(max(max_position + 1, 2 * self.cos.shape[0]))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    dtype = x.dtype
-    rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    out = (rot * cos + rotated * sin).to(dtype)
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+def apply_rotary(x: torch.Tensor, rope: Rope) -> None:
+    """Rotate x [T, ..., head_dim] in place: pairs (i, i + half) of the first rotary_dim dims turn by the
+    angle of the token's position. In place, so q and k can be rotated inside the fused qkv output."""
+    half = rope.cos.shape[-1]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    cos, sin = rope.cos.view(shape), rope.sin.view(shape)
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    x1_sin = x1 * sin  # x1 is overwritten before x2 needs it
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)
+    x2.mul_(cos).add_(x1_sin)

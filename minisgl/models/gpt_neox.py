@@ -11,7 +11,7 @@ from minisgl.engine.forward import ForwardBatch
 from minisgl.layers.attention import PagedAttention
 from minisgl.layers.linear import Linear, LMHead, VocabEmbedding
 from minisgl.layers.norm import LayerNorm
-from minisgl.layers.rotary import RotaryEmbedding
+from minisgl.layers.rotary import Rope, RotaryEmbedding, apply_rotary
 from minisgl.models.base import CausalLM
 from minisgl.models.config import ModelConfig
 
@@ -19,7 +19,7 @@ _GELU_APPROX = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_p
 
 
 class NeoXAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo):
         super().__init__()
         bias = cfg.hf.get("attention_bias", True)
         self.num_heads = tp.shard(cfg.num_q_heads, "num_attention_heads")
@@ -28,14 +28,13 @@ class NeoXAttention(nn.Module):
         # rows is a whole set of heads: column parallelism needs no reordering.
         self.query_key_value = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias, "column", tp)
         self.dense = Linear(cfg.hidden_size, cfg.hidden_size, bias, "row", tp)
-        self.rotary = rotary
         self.attn = PagedAttention(layer_id, self.num_heads, self.num_heads, self.head_dim)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, rope: Rope, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         qkv = self.query_key_value(x).view(x.shape[0], self.num_heads, 3, self.head_dim)
+        apply_rotary(qkv[:, :, :2], rope)  # q and k of every head, in place
         q, k, v = qkv.unbind(dim=2)
-        q, k = self.rotary(positions, q, k)
-        return self.dense(self.attn(q, k, v.contiguous(), batch))
+        return self.dense(self.attn(q, k, v, batch))
 
 
 class NeoXMLP(nn.Module):
@@ -53,16 +52,16 @@ class NeoXMLP(nn.Module):
 
 
 class NeoXLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo):
         super().__init__()
         self.parallel_residual = cfg.hf.get("use_parallel_residual", True)
         self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = NeoXAttention(cfg, layer_id, tp, rotary)
+        self.attention = NeoXAttention(cfg, layer_id, tp)
         self.mlp = NeoXMLP(cfg, tp)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        attn = self.attention(positions, self.input_layernorm(x), batch)
+    def forward(self, rope: Rope, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        attn = self.attention(rope, self.input_layernorm(x), batch)
         if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
             return x + attn + self.mlp(self.post_attention_layernorm(x))
         x = x + attn
@@ -73,8 +72,8 @@ class GPTNeoXModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, device: torch.device):
         super().__init__()
         self.embed_in = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
-        self.layers = nn.ModuleList(NeoXLayer(cfg, i, tp, rotary) for i in range(cfg.num_layers))
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
+        self.layers = nn.ModuleList(NeoXLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 
 
@@ -90,8 +89,9 @@ class GPTNeoXForCausalLM(CausalLM):
         self.embed_out = LMHead(cfg.vocab_size, cfg.hidden_size, tp, tied)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        rope = self.gpt_neox.rotary.lookup(batch.positions)
         h = self.gpt_neox.embed_in(batch.input_ids)
         for layer in self.gpt_neox.layers:
-            h = layer(batch.positions, h, batch)
+            h = layer(rope, h, batch)
         h = self.gpt_neox.final_layer_norm(h[batch.logits_index])
         return self.embed_out(h).float()

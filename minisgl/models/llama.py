@@ -15,13 +15,13 @@ from minisgl.layers.activation import silu_and_mul
 from minisgl.layers.attention import PagedAttention
 from minisgl.layers.linear import Linear, LMHead, VocabEmbedding
 from minisgl.layers.norm import RMSNorm
-from minisgl.layers.rotary import RotaryEmbedding
+from minisgl.layers.rotary import Rope, RotaryEmbedding, apply_rotary
 from minisgl.models.base import CausalLM
 from minisgl.models.config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo):
         super().__init__()
         hf = cfg.hf
         self.num_q = tp.shard(cfg.num_q_heads, "num_attention_heads")
@@ -45,17 +45,22 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(d, cfg.norm_eps)
             self.k_norm = RMSNorm(d, cfg.norm_eps)
-        self.rotary = rotary
         self.attn = PagedAttention(layer_id, self.num_q, self.num_kv, d)
         self.head_dim = d
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        t, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.num_q * d, self.num_kv * d, self.num_kv * d], dim=-1)
-        q, k = q.view(t, self.num_q, d), k.view(t, self.num_kv, d)
+    def forward(self, rope: Rope, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        t, d, nq, nkv = x.shape[0], self.head_dim, self.num_q, self.num_kv
+        qkv = self.qkv_proj(x)
+        v = qkv[:, (nq + nkv) * d :]
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q = self.q_norm(qkv[:, : nq * d].view(t, nq, d))
+            k = self.k_norm(qkv[:, nq * d : (nq + nkv) * d].view(t, nkv, d))
+            apply_rotary(q, rope)
+            apply_rotary(k, rope)
+        else:  # q and k sit side by side in qkv: rotate both in place with one set of ops
+            qk = qkv[:, : (nq + nkv) * d].view(t, nq + nkv, d)
+            apply_rotary(qk, rope)
+            q, k = qk[:, :nq], qk[:, nq:]
         return self.o_proj(self.attn(q, k, v, batch))
 
 
@@ -70,21 +75,21 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, rotary: RotaryEmbedding, mlp: nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, mlp: nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer_id, tp, rotary)
+        self.self_attn = LlamaAttention(cfg, layer_id, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = mlp
 
     def forward(
-        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+        self, rope: Rope, h: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
             h, residual = self.input_layernorm.forward_with_residual(h, residual)
-        h = self.self_attn(positions, h, batch)
+        h = self.self_attn(rope, h, batch)
         h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
         return self.mlp(h), residual
 
@@ -93,12 +98,9 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, device: torch.device, make_mlp):
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, tp, rotary, make_mlp(i)) for i in range(cfg.num_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp, make_mlp(i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.rotary = rotary
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -124,11 +126,11 @@ class LlamaForCausalLM(CausalLM):
         return GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp, cfg.hf.get("mlp_bias", False))
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        positions = batch.positions
+        rope = self.model.rotary.lookup(batch.positions)
         h = self.model.embed_tokens(batch.input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
-            h, residual = layer(positions, h, residual, batch)
+            h, residual = layer(rope, h, residual, batch)
         idx = batch.logits_index
         h = self.model.norm(h[idx] + residual[idx])
         return self.lm_head(h).float()

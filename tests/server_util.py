@@ -21,7 +21,7 @@ import psutil
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "16384", "--log-level", "info"]
+TINY_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "32768", "--log-level", "info"]
 
 
 def free_port() -> int:
@@ -30,13 +30,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_checkpoint(tmp_path_factory: Any, arch: str = "llama") -> str:
-    """One tiny random checkpoint per test session, shared by the server test modules."""
+LONG_CONTEXT = 16384  # tokens: a request this long runs for seconds, even on the tiny model
+
+
+def tiny_checkpoint(tmp_path_factory: Any, long: bool = False) -> str:
+    """A tiny random Llama checkpoint, built once per test session and shared by the server test modules.
+    `long`: a context of LONG_CONTEXT tokens, for requests that must outlast a timeout or a disconnect."""
     from checkpoints import build_checkpoint
 
-    path = tmp_path_factory.getbasetemp() / f"server-ckpt-{arch}"
+    path = tmp_path_factory.getbasetemp() / ("server-ckpt-long" if long else "server-ckpt")
     if not (path / "model.safetensors").exists():
-        build_checkpoint(str(path), arch)
+        build_checkpoint(str(path), "llama", **({"max_position_embeddings": LONG_CONTEXT} if long else {}))
     return str(path)
 
 

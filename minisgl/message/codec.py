@@ -37,6 +37,8 @@ def register(cls: type[T]) -> type[T]:
 
 def _default(obj: Any) -> Any:
     fields = _FIELDS.get(type(obj))
+    if fields is None and isinstance(obj, int):  # msgpack hands over ints it cannot encode
+        raise OverflowError(f"integer {obj} does not fit in 64 bits")
     if fields is None:
         raise TypeError(f"cannot serialise {type(obj).__name__}: not a registered message")
     return {_TAG: type(obj).__name__, "f": [getattr(obj, f) for f in fields]}

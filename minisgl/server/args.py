@@ -21,6 +21,9 @@ class ServerArgs:
     dtype: str = "auto"
     device: str | None = None
     tp: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
     page_size: int = 1
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.85
@@ -56,6 +59,9 @@ class ServerArgs:
             dtype=self.dtype,
             device=self.device,
             tp_size=self.tp,
+            nnodes=self.nnodes,
+            node_rank=self.node_rank,
+            dist_init_addr=self.dist_init_addr,
             page_size=self.page_size,
             max_total_tokens=self.max_total_tokens,
             mem_fraction_static=self.mem_fraction_static,
@@ -78,6 +84,13 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def _positive_float(s: str) -> float:
     v = float(s)
     if v <= 0:
@@ -85,11 +98,21 @@ def _positive_float(s: str) -> float:
     return v
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it, or there is none (None, or an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m minisgl",
         description="Serve a model over an OpenAI-compatible HTTP API, or chat with it in the terminal (--shell).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     d = ServerArgs()
     m = p.add_argument_group("model")
@@ -110,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=d.device, help="cuda or cpu (default: cuda when available)")
     e.add_argument("--tp", "--tp-size", dest="tp", type=_positive_int, default=d.tp,
                    help="tensor-parallel size: one scheduler process per rank, rank 0 receives requests")
+    e.add_argument("--nnodes", type=_positive_int, default=d.nnodes,
+                   help="machines the tensor-parallel group spans; --tp is split evenly over them")
+    e.add_argument("--node-rank", type=_non_negative_int, default=d.node_rank,
+                   help="this machine's index in 0..nnodes-1; node 0 serves HTTP, the others only run ranks")
+    e.add_argument("--dist-init-addr", default=d.dist_init_addr,
+                   help="host:port where the ranks rendezvous (node 0's address; default a free local port)")
     e.add_argument("--page-size", type=_positive_int, default=d.page_size, help="tokens per KV-cache page")
     e.add_argument("--max-total-tokens", type=_positive_int, default=d.max_total_tokens,
                    help="KV pool size in tokens (default: sized from --mem-fraction-static)")
@@ -137,11 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may wait and run before it is ended with an error and aborted")
     s.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
                    help="logging level of every process")
-    s.add_argument("--shell", action="store_true", help="chat with the model in this terminal instead of serving")
+    s.add_argument("--shell", action="store_true",
+                   help="chat with the model in this terminal instead of serving (/reset, /set KEY VALUE, /exit)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.node_rank >= ns.nnodes:
+        parser.error(f"--node-rank must be < --nnodes ({ns.nnodes}), got {ns.node_rank}")
+    if ns.tp % ns.nnodes:
+        parser.error(f"--tp ({ns.tp}) must be a multiple of --nnodes ({ns.nnodes})")
     known = {f.name for f in fields(ServerArgs)}
     return ServerArgs(**{k: v for k, v in vars(ns).items() if k in known})

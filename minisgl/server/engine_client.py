@@ -142,12 +142,10 @@ class EngineClient:
                         raise APIError(408, f"the request did not finish within the server's request timeout of "
                                             f"{self.request_timeout:g}s and was aborted", code="request_timeout")
                     wait = min(wait, left)
-                ev = None
                 try:
-                    async with asyncio.timeout(wait):
-                        ev = await job.queue.get()
-                except TimeoutError:
-                    pass
+                    ev = await asyncio.wait_for(job.queue.get(), wait)
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                    ev = None
                 if request is not None and (ev is None or time.monotonic() - last_check > DISCONNECT_POLL_S):
                     last_check = time.monotonic()
                     if await request.is_disconnected():
@@ -168,8 +166,9 @@ class EngineClient:
         self.calls[msg.rid] = fut
         try:
             self.send(msg)
-            async with asyncio.timeout(60):
-                result = await fut
+            result = await asyncio.wait_for(fut, 60)
+        except asyncio.TimeoutError:
+            raise APIError(504, "the tokenizer worker did not answer within 60s") from None
         finally:
             self.calls.pop(msg.rid, None)
         if isinstance(result, ReqError):

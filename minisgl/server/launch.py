@@ -37,6 +37,7 @@ from minisgl.server.args import ServerArgs
 
 logger = logging.getLogger("minisgl.launch")
 
+PROCESS_NAMES = {"scheduler": "minisgl-sched", "tokenizer": "minisgl-tok", "api": "minisgl-api"}  # OS names
 GRACE_S = 5.0  # how long children get to exit after SIGTERM before SIGKILL
 LOG_FORMAT = "[%(asctime)s %(processName)s] %(levelname)s %(name)s: %(message)s"
 
@@ -45,20 +46,22 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when the launcher dies, even by SIGKILL."""
+def _linux_process_setup(comm: str) -> None:
+    """Linux: have the kernel SIGKILL this process when the launcher dies, even by SIGKILL; and name it
+    (`comm`, at most 15 bytes) so ps, top and psutil tell the serving processes apart."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
-        pass  # not Linux: teardown by the launcher still covers every ordinary exit
+        return  # not Linux: teardown by the launcher still covers every ordinary exit
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    libc.prctl(15, ctypes.c_char_p(comm.encode()[:15]))  # PR_SET_NAME
 
 
 def _child_entry(name: str, log_level: str, launcher_pid: int, target: Callable, ready: Connection,
                  args: tuple) -> None:
     """Runs first in every child: signals, logging, then the real entry point; a crash is logged in full."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    _linux_process_setup(PROCESS_NAMES.get(name, name))
     if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
         os._exit(1)
     setup_logging(log_level)

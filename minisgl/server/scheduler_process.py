@@ -47,7 +47,7 @@ class SchedulerLoop:
         self.max_queued = max_queued
         self._last_stats = 0.0
         self._last_log = time.monotonic()
-        self._log_tokens = 0
+        self._log_tokens = scheduler.stats().generation_tokens_total
         self._was_busy = False
 
     def run_forever(self) -> None:
@@ -66,6 +66,8 @@ class SchedulerLoop:
             send(self.sock_out, TokenOutputBatch(outputs))
         busy = self.scheduler.has_work()
         self._publish_stats(force=self._was_busy and not busy)  # the idle state is reported at once
+        if busy and not self._was_busy:  # the throughput window starts with the work, not at the last log
+            self._last_log, self._log_tokens = time.monotonic(), self.scheduler.stats().generation_tokens_total
         self._was_busy = busy
         if busy:
             self._maybe_log()
@@ -124,9 +126,18 @@ def scheduler_main(ready: Any, engine_kwargs: dict, paths: IpcPaths, max_queued:
     sock_in = inbox(ctx, paths.scheduler)
     sock_out = outbox(ctx, paths.tokenizer)
     mc = scheduler.model_config
-    context = getattr(scheduler, "max_model_len", mc.max_model_len)  # honours --context-length
-    send(sock_out, ModelInfo(engine_kwargs["model"] or "", context, mc.vocab_size, list(mc.eos_token_ids)))
+    send(sock_out, ModelInfo(engine_kwargs["model"] or "", serving_context_length(scheduler), mc.vocab_size,
+                             list(mc.eos_token_ids)))
     ready.send("scheduler")
-    loop = SchedulerLoop(scheduler, sock_in, sock_out, max_queued)
-    loop._log_tokens = scheduler.stats().generation_tokens_total
-    loop.run_forever()
+    SchedulerLoop(scheduler, sock_in, sock_out, max_queued).run_forever()
+
+
+def serving_context_length(scheduler: Any) -> int:
+    """The longest prompt + completion the server accepts: the model's (or --context-length), and no more
+    than the KV pool holds, since a lone request that outgrows the pool cannot be retracted to make room."""
+    context = scheduler.max_model_len
+    pool_tokens = scheduler.kv.capacity * scheduler.kv.page_size
+    if pool_tokens < context:
+        logger.warning("the KV pool holds %d tokens, fewer than the context length %d: requests are limited to %d",
+                       pool_tokens, context, pool_tokens)
+    return min(context, pool_tokens)

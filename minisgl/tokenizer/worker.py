@@ -37,6 +37,7 @@ from minisgl.message import (
     send,
 )
 from minisgl.scheduler.io import TokenOutput
+from minisgl.tokenizer import encode_chat
 from minisgl.tokenizer.detokenize import IncrementalDetokenizer, StopMatcher
 
 logger = logging.getLogger(__name__)
@@ -107,13 +108,10 @@ class TokenizerWorker:
     # ---- requests -------------------------------------------------------------------------------------
     def _render(self, text: str | None, messages: list[dict] | None, add_special_tokens: bool = True) -> list[int]:
         if messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise BadRequest("this model's tokenizer has no chat template; use /v1/completions", "messages")
             try:
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # a template may reject a conversation (e.g. roles not alternating)
-                raise BadRequest(f"cannot apply the chat template: {e}", "messages") from e
-            add_special_tokens = False  # the template writes BOS itself where the model wants one
+                return encode_chat(self.tokenizer, messages)
+            except ValueError as e:
+                raise BadRequest(str(e), "messages") from e
         return self.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
 
     def _check_ids(self, ids: list[int], param: str) -> None:

@@ -1,0 +1,320 @@
+"""The OpenAI-compatible API of a real server process, through the official `openai` client (sync and async).
+
+References are independent of the server: transformers on the same tiny checkpoint for tokens, text and
+logprobs, and the tokenizer's own chat template for prompt token counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import httpx
+import pytest
+
+from server_util import TINY_ARGS, chat_ids, hf_greedy, start_server, tiny_checkpoint
+
+NAME = "tiny"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a capital city."}]
+PROMPT = "The quick brown fox"
+N_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    log = str(tmp_path_factory.mktemp("server-api") / "server.log")
+    s = start_server(["--model", ckpt, *TINY_ARGS, "--served-model-name", NAME], log)
+    try:
+        yield s
+    finally:
+        s.kill()
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ckpt)
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    from engine_util import hf_model
+
+    return hf_model(ckpt)
+
+
+def decode(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def greedy(extra: dict | None = None, **kw) -> dict:
+    """Arguments of a greedy request for N_TOKENS tokens (EOS ignored: a random model may emit it anywhere)."""
+    return dict(model=NAME, temperature=0, max_tokens=N_TOKENS, extra_body={"ignore_eos": True, **(extra or {})},
+                **kw)
+
+
+# ---- chat ----------------------------------------------------------------------------------------------------
+def test_models_lists_the_served_name(server, ckpt):
+    models = server.client().models.list().data
+    assert [m.id for m in models] == [NAME]
+    assert models[0].object == "model"
+
+
+def test_chat_greedy_matches_transformers_streamed_and_not(server, tok, hf):
+    ids = chat_ids(tok, MESSAGES)
+    ref_tokens, _ = hf_greedy(hf, ids, N_TOKENS)
+    client = server.client()
+    r = client.chat.completions.create(messages=MESSAGES, **greedy())
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == NAME
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == decode(tok, ref_tokens)
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        len(ids), N_TOKENS, len(ids) + N_TOKENS)
+
+    chunks = list(client.chat.completions.create(messages=MESSAGES, stream=True,
+                                                 stream_options={"include_usage": True}, **greedy()))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == N_TOKENS
+    assert chunks[-1].usage.prompt_tokens == len(ids)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_content_parts_equal_plain_string(server):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "city."}]}]
+    plain = [{"role": "user", "content": "Name a city."}]
+    client = server.client()
+    a = client.chat.completions.create(messages=parts, **greedy())
+    b = client.chat.completions.create(messages=plain, **greedy())
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+def test_chat_logprobs_match_transformers(server, tok, hf):
+    ids = chat_ids(tok, MESSAGES)
+    ref_tokens, ref_lps = hf_greedy(hf, ids, N_TOKENS)
+    r = server.client().chat.completions.create(messages=MESSAGES, logprobs=True, top_logprobs=3, **greedy())
+    content = r.choices[0].logprobs.content
+    assert len(content) == N_TOKENS
+    for tid, lp, item in zip(ref_tokens, ref_lps, content):
+        assert item.token == tok.decode([tid])
+        assert item.logprob == pytest.approx(lp[tid].item(), abs=1e-4)
+        top_vals, top_ids = lp.topk(3)
+        assert [t.token for t in item.top_logprobs] == [tok.decode([i]) for i in top_ids.tolist()]
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(top_vals.tolist(), abs=1e-4)
+        assert item.bytes == list(item.token.encode())
+
+
+def test_chat_n_and_seed(server):
+    client = server.client()
+    kw = dict(model=NAME, messages=MESSAGES, temperature=1.0, max_tokens=N_TOKENS, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(seed=7, n=3, **kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert a.usage.completion_tokens == 3 * N_TOKENS
+    texts = [c.message.content for c in a.choices]
+    assert len(set(texts)) > 1, "n samples at temperature 1 should differ"
+    b = client.chat.completions.create(seed=7, n=3, **kw)
+    assert [c.message.content for c in b.choices] == texts
+    c = client.chat.completions.create(seed=8, n=3, **kw)
+    assert [x.message.content for x in c.choices] != texts
+    # streamed samples are the same samples
+    chunks = list(client.chat.completions.create(seed=7, n=3, stream=True, **kw))
+    streamed = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
+                for i in range(3)]
+    assert streamed == texts
+
+
+def test_chat_stop_string_cuts_before_it(server, tok, hf):
+    client = server.client()
+    full = client.chat.completions.create(messages=MESSAGES, **greedy()).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    expected = full[: full.find(stop)]
+    r = client.chat.completions.create(messages=MESSAGES, stop=[stop, "\x00never"], **greedy())
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(messages=MESSAGES, stop=stop, stream=True, **greedy()))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_chat_stop_token_ids(server, tok, hf):
+    ids = chat_ids(tok, MESSAGES)
+    ref_tokens, _ = hf_greedy(hf, ids, N_TOKENS)
+    stop_id = ref_tokens[4]
+    k = ref_tokens.index(stop_id)
+    r = server.client().chat.completions.create(messages=MESSAGES, **greedy({"stop_token_ids": [stop_id]}))
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == k + 1  # the stop token is generated, counted, not shown
+    assert r.choices[0].message.content == decode(tok, ref_tokens[:k])
+
+
+# ---- completions -----------------------------------------------------------------------------------------------
+def test_completions_async_greedy_streamed_and_not(server, tok, hf):
+    ids = tok.encode(PROMPT)
+    ref_tokens, ref_lps = hf_greedy(hf, ids, N_TOKENS)
+
+    async def run():
+        client = server.async_client()
+        r = await client.completions.create(prompt=PROMPT, logprobs=2, **greedy())
+        stream = await client.completions.create(prompt=PROMPT, stream=True, stream_options={"include_usage": True},
+                                                 **greedy())
+        chunks = [c async for c in stream]
+        await client.close()
+        return r, chunks
+
+    r, chunks = asyncio.run(run())
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text == decode(tok, ref_tokens)
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), N_TOKENS)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [tok.decode([t]) for t in ref_tokens]
+    assert lp.token_logprobs == pytest.approx([x[t].item() for t, x in zip(ref_tokens, ref_lps)], abs=1e-4)
+    for top, x in zip(lp.top_logprobs, ref_lps):
+        vals, top_ids = x.topk(2)
+        assert sorted(top.values(), reverse=True) == pytest.approx(vals.tolist(), abs=1e-4)
+        assert set(top) == {tok.decode([i]) for i in top_ids.tolist()}
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(N_TOKENS)]
+
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == N_TOKENS and chunks[-1].usage.prompt_tokens == len(ids)
+
+
+def test_completions_prompt_forms(server, tok, hf):
+    p1, p2 = "Paris is the capital", "A radix tree"
+    ids1, ids2 = tok.encode(p1), tok.encode(p2)
+    ref1, ref2 = (decode(tok, hf_greedy(hf, i, N_TOKENS)[0]) for i in (ids1, ids2))
+    client = server.client()
+    for prompt in ([p1, p2], [ids1, ids2]):
+        r = client.completions.create(prompt=prompt, **greedy())
+        assert [c.index for c in r.choices] == [0, 1]
+        assert [c.text for c in r.choices] == [ref1, ref2]
+        assert r.usage.prompt_tokens == len(ids1) + len(ids2)
+    assert client.completions.create(prompt=ids1, **greedy()).choices[0].text == ref1
+    r = client.completions.create(prompt=p1, echo=True, **greedy())
+    assert r.choices[0].text == p1 + ref1
+
+
+def test_tokenize_and_detokenize(server, tok):
+    r = server.post("/tokenize", {"model": NAME, "prompt": PROMPT})
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode(PROMPT)
+    r = server.post("/tokenize", {"messages": MESSAGES})
+    assert r.json()["tokens"] == chat_ids(tok, MESSAGES) and r.json()["count"] == len(chat_ids(tok, MESSAGES))
+    ids = tok.encode("héllo wörld, 東京 😀")
+    assert server.post("/detokenize", {"tokens": ids}).json()["text"] == tok.decode(ids)
+
+
+# ---- many at once ----------------------------------------------------------------------------------------------
+def test_48_concurrent_streams_complete_with_their_lengths(server):
+    lengths = [4 + i % 13 for i in range(48)]
+
+    async def one(client, i: int, n: int) -> tuple[int, str | None, int]:
+        stream = await client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": f"request {i}"}], max_tokens=n, temperature=0.8,
+            seed=i, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        reason, usage = None, None
+        async for c in stream:
+            if c.choices and c.choices[0].finish_reason:
+                reason = c.choices[0].finish_reason
+            usage = c.usage or usage
+        return usage.completion_tokens, reason, i
+
+    async def run():
+        client = server.async_client()
+        out = await asyncio.gather(*(one(client, i, n) for i, n in enumerate(lengths)))
+        await client.close()
+        return out
+
+    results = asyncio.run(run())
+    assert [r[0] for r in results] == lengths
+    assert all(r[1] == "length" for r in results)
+    m = server.metrics()
+    assert m["minisgl:generation_tokens_total"] >= sum(lengths)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+USER = [{"role": "user", "content": "hi"}]
+BAD = [
+    # (path, body, status, param, code)
+    (CHAT, b"{not json", 400, None, None),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature", None),
+    (CHAT, {"messages": "hi"}, 400, "messages", None),
+    (CHAT, {}, 400, "messages", None),
+    (CHAT, {"messages": []}, 400, "messages", None),
+    (CHAT, {"messages": USER, "temperature": -1}, 400, "temperature", None),
+    (CHAT, {"messages": USER, "top_p": 1.5}, 400, "top_p", None),
+    (CHAT, {"messages": USER, "n": 0}, 400, "n", None),
+    (CHAT, {"messages": USER, "max_tokens": 0}, 400, "max_tokens", None),
+    (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
+    (CHAT, {"messages": USER, "presence_penalty": 3}, 400, "presence_penalty", None),
+    (CHAT, {"messages": USER, "seed": 2**70}, 400, "seed", None),
+    (CHAT, {"messages": USER, "max_tokens": 5000}, 400, "max_tokens", "context_length_exceeded"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi " * 1000}], "max_tokens": 4}, 400, "messages",
+     "context_length_exceeded"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi " * 300}], "max_tokens": 800}, 400, "max_tokens",
+     "context_length_exceeded"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages", None),
+    (CHAT, {"messages": USER, "stop_token_ids": [384]}, 400, "stop_token_ids", None),
+    (CHAT, {"messages": USER, "model": "gpt-4"}, 404, "model", "model_not_found"),
+    (COMPLETIONS, {"prompt": [1, 2, 384]}, 400, "prompt", None),
+    (COMPLETIONS, {"prompt": [1, -2]}, 400, "prompt", None),
+    (COMPLETIONS, {"prompt": []}, 400, "prompt", None),
+    (COMPLETIONS, {"prompt": ""}, 400, "prompt", None),
+    (COMPLETIONS, {"prompt": [[5, 6], [7, 999]]}, 400, "prompt", None),
+    (COMPLETIONS, {"prompt": {"a": 1}}, 400, "prompt", None),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
+    (COMPLETIONS, {"prompt": "hi", "model": "other"}, 404, "model", "model_not_found"),
+    ("/detokenize", {"tokens": [5, 10_000]}, 400, "tokens", None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,code", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_input_is_an_openai_error(server, path, body, status, param, code):
+    if isinstance(body, bytes):
+        r = server.post(path, content=body)
+    else:
+        r = server.post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == ("invalid_request_error" if status in (400, 404) else err["type"])
+    assert err["param"] == param and err["code"] == code
+    assert err["message"]
+
+
+def test_bad_stream_request_errors_before_streaming(server):
+    r = server.post(CHAT, {"messages": USER, "stream": True, "max_tokens": 5000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_server_survives_bad_input(server, tok, hf):
+    # after the whole matrix above, the server still answers correctly, and no request is left running
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    ids = tok.encode(PROMPT)
+    r = server.client().completions.create(prompt=PROMPT, **greedy())
+    assert r.choices[0].text == decode(tok, hf_greedy(hf, ids, N_TOKENS)[0])
+
+
+def test_metrics_are_prometheus(server):
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("num_running_reqs", "num_queue_reqs", "token_usage", "cache_hit_rate", "prompt_tokens_total",
+                 "generation_tokens_total", "time_to_first_token_seconds_bucket",
+                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_count"):
+        assert f"minisgl:{name}{{" in text, name
+    m = server.metrics()
+    assert m["minisgl:prompt_tokens_total"] > 0 and m["minisgl:num_running_reqs"] == 0
+    assert math.isfinite(m["minisgl:cache_hit_rate"]) and m["minisgl:cache_hit_rate"] > 0  # repeated prompts hit

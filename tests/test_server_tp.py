@@ -1,0 +1,57 @@
+"""A real server with --tp 2 (gloo on CPU): the same greedy tokens as transformers (hence as --tp 1), and the
+whole server going down when one tensor-parallel rank dies."""
+
+from __future__ import annotations
+
+import pytest
+
+from server_util import TINY_ARGS, chat_ids, hf_greedy, start_server, tiny_checkpoint, wait_gone
+
+MESSAGES = [{"role": "user", "content": "Name a capital city."}]
+N_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    log = str(tmp_path_factory.mktemp("server-tp") / "server.log")
+    s = start_server(["--model", ckpt, *TINY_ARGS, "--tp", "2", "--page-size", "4"], log)
+    try:
+        yield s
+    finally:
+        s.kill()
+
+
+def test_tp2_greedy_equals_single_rank(server, ckpt):
+    from transformers import AutoTokenizer
+
+    from engine_util import hf_model
+
+    tok, hf = AutoTokenizer.from_pretrained(ckpt), hf_model(ckpt)
+    client = server.client()
+    model = client.models.list().data[0].id
+    kw = dict(model=model, temperature=0, max_tokens=N_TOKENS, extra_body={"ignore_eos": True})
+    ids = chat_ids(tok, MESSAGES)
+    chat = client.chat.completions.create(messages=MESSAGES, **kw)
+    assert chat.choices[0].message.content == tok.decode(hf_greedy(hf, ids, N_TOKENS)[0], skip_special_tokens=True)
+    prompts = ["The quick brown fox", "Paris is"]
+    r = client.completions.create(prompt=prompts, **kw)
+    refs = [tok.decode(hf_greedy(hf, tok.encode(p), N_TOKENS)[0], skip_special_tokens=True) for p in prompts]
+    assert [c.text for c in r.choices] == refs
+
+
+def test_dead_rank_takes_the_server_down(server):
+    procs = server.descendants()
+    scheduler = server.child("minisgl-sched")
+    # Ranks 1..N-1 are the scheduler's spawned children (its other child is multiprocessing's resource tracker).
+    ranks = [p for p in scheduler.children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(ranks) == 1
+    ranks[0].kill()
+    rc = server.proc.wait(timeout=30)
+    assert rc != 0
+    assert wait_gone(procs, 10) == []
+    assert "scheduler process died" in server.log()

@@ -55,3 +55,39 @@ def test_dead_rank_takes_the_server_down(server):
     assert rc != 0
     assert wait_gone(procs, 10) == []
     assert "scheduler process died" in server.log()
+
+
+def test_two_nodes_through_the_cli(ckpt, tmp_path):
+    """`--nnodes 2`: node 1 is `python -m minisgl --node-rank 1` (no HTTP, only its rank), node 0 the server;
+    greedy output equals transformers, and node 1 exits cleanly when node 0 shuts down."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from engine_util import hf_model
+    from server_util import REPO, free_port, minisgl_env
+
+    addr = f"127.0.0.1:{free_port()}"
+    multi = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", addr]
+    with open(tmp_path / "node1.log", "w") as log:
+        node1 = subprocess.Popen([sys.executable, "-m", "minisgl", "--model", ckpt, *TINY_ARGS, *multi,
+                                  "--node-rank", "1"], stdout=log, stderr=subprocess.STDOUT, env=minisgl_env(),
+                                 cwd=REPO, start_new_session=True)
+    try:
+        server = start_server(["--model", ckpt, *TINY_ARGS, *multi, "--node-rank", "0"], str(tmp_path / "node0.log"))
+        try:
+            tok, hf = AutoTokenizer.from_pretrained(ckpt), hf_model(ckpt)
+            client = server.client()
+            prompt = "The quick brown fox"
+            r = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, temperature=0,
+                                          max_tokens=N_TOKENS, extra_body={"ignore_eos": True})
+            ref = tok.decode(hf_greedy(hf, tok.encode(prompt), N_TOKENS)[0], skip_special_tokens=True)
+            assert r.choices[0].text == ref
+        finally:
+            server.proc.terminate()
+            server.proc.wait(timeout=30)
+        assert node1.wait(timeout=30) == 0, (tmp_path / "node1.log").read_text()[-3000:]
+    finally:
+        if node1.poll() is None:
+            node1.kill()

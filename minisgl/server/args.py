@@ -176,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     ns = parser.parse_args(argv)
     if ns.node_rank >= ns.nnodes:
         parser.error(f"--node-rank must be < --nnodes ({ns.nnodes}), got {ns.node_rank}")
+    if ns.nnodes > 1 and not ns.dist_init_addr:
+        parser.error("--nnodes > 1 needs --dist-init-addr (host:port of node 0's rank 0)")
     if ns.tp % ns.nnodes:
         parser.error(f"--tp ({ns.tp}) must be a multiple of --nnodes ({ns.nnodes})")
     known = {f.name for f in fields(ServerArgs)}

@@ -11,6 +11,8 @@ to publish stats), so an idle server costs no CPU.
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import time
 from typing import Any
 
@@ -129,7 +131,14 @@ def scheduler_main(ready: Any, engine_kwargs: dict, paths: IpcPaths, max_queued:
     send(sock_out, ModelInfo(engine_kwargs["model"] or "", serving_context_length(scheduler), mc.vocab_size,
                              list(mc.eos_token_ids)))
     ready.send("scheduler")
-    SchedulerLoop(scheduler, sock_in, sock_out, max_queued).run_forever()
+    # SIGTERM (the launcher shutting down) unwinds the loop so a tensor-parallel group is told to stop:
+    # ranks on other nodes are not our children and would otherwise see only a broken connection.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        SchedulerLoop(scheduler, sock_in, sock_out, max_queued).run_forever()
+    finally:
+        if hasattr(scheduler, "shutdown"):
+            scheduler.shutdown()
 
 
 def serving_context_length(scheduler: Any) -> int:

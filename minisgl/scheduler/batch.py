@@ -34,10 +34,9 @@ def make_forward_batch(
         start = r.num_computed
         if not from_device:
             ids.extend(r.all_ids[start : start + n])
-        pages = r.pages
         for p in range(start, start + n):
             positions.append(p)
-            out_loc.append(pages[p // page_size] * page_size + p % page_size)
+            out_loc.append(r.page_at(p // page_size) * page_size + p % page_size)
         if want:
             logits_index.append(len(positions) - 1)
     seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens)]

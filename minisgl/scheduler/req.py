@@ -55,6 +55,15 @@ class Req:
         return self.cached_pages + self.own_pages
 
     @property
+    def num_pages(self) -> int:
+        return len(self.cached_pages) + len(self.own_pages)
+
+    def page_at(self, j: int) -> int:
+        """Page j of `pages`, without building the list (which is as long as the sequence at page size 1)."""
+        c = len(self.cached_pages)
+        return self.cached_pages[j] if j < c else self.own_pages[j - c]
+
+    @property
     def prefilled(self) -> bool:
         return self.num_computed >= self.seq_len - 1 and bool(self.output_ids)
 

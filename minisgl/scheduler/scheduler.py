@@ -185,7 +185,7 @@ class Scheduler:
         return (reqs, lens) if reqs else None
 
     def _pages_needed(self, req: Req, n: int) -> int:
-        return max(0, self.kv.pages_for(req.num_computed + n) - len(req.pages))
+        return max(0, self.kv.pages_for(req.num_computed + n) - req.num_pages)
 
     def _schedule_decode(self) -> list[Req]:
         """A slot for the next token of every running request that may still produce one. When that does not

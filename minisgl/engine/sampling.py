@@ -223,6 +223,14 @@ def apply_penalties(logits: torch.Tensor, pen: _Penalties) -> torch.Tensor:
     return logits.index_copy(0, pen.rows, rows)
 
 
+def _gumbel_argmax(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    if scaled.is_cuda:  # same draw, fused: the op-by-op noise is two dozen [B, V] int64 passes over memory
+        from minisgl.kernels.gumbel import gumbel_argmax
+
+        return gumbel_argmax(scaled.contiguous(), batch.seeds, batch.steps)
+    return (scaled + gumbel_noise(batch.seeds, batch.steps, batch.vocab_size)).argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
     """Pick one token per row of `logits` [B, V] (any float dtype) as `batch` says."""
     if logits.shape[-1] != batch.vocab_size:
@@ -242,7 +250,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
             scaled = scaled.masked_fill(~keep, float("-inf"))
         # Gumbel-max on the filtered logits draws from the renormalised filtered distribution: the
         # softmax normaliser is a per-row constant that cannot move the argmax.
-        tokens = (scaled + gumbel_noise(batch.seeds, batch.steps, batch.vocab_size)).argmax(dim=-1)
+        tokens = _gumbel_argmax(scaled, batch)
         if batch.any_greedy:
             tokens = torch.where(batch.greedy, x.argmax(dim=-1), tokens)
 

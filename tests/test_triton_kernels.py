@@ -17,7 +17,7 @@ from minisgl.kernels.decode_attention import decode_attention, num_kv_splits  # 
 from minisgl.kernels.extend_attention import extend_attention, extend_blocks, extend_tiles  # noqa: E402
 from minisgl.kernels.kv_store import store_kv  # noqa: E402
 from minisgl.kernels.norm import fused_add_rmsnorm, rmsnorm  # noqa: E402
-from minisgl.kernels.rotary import apply_rotary_  # noqa: E402
+from minisgl.kernels.rotary import rotary_  # noqa: E402
 from minisgl.layers.rotary import RotaryEmbedding  # noqa: E402
 from minisgl.models.config import RopeConfig  # noqa: E402
 
@@ -207,8 +207,7 @@ def test_store_kv(dtype, src_dtype, heads, head_dim):
 
 def reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x64 = x.cpu().double()
-    y = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).double()
-    return y * weight.cpu().double()
+    return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * weight.cpu().double()
 
 
 def assert_close_ulps(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, roundings: int = 2) -> None:
@@ -267,32 +266,57 @@ def test_fused_add_rmsnorm_in_place(dtype, hidden):
     "hq,hkv,head_dim,rotary_dim", [(4, 2, 16, 16), (8, 1, 64, 64), (4, 4, 32, 8), (16, 8, 128, 128)]
 )
 def test_rotary_in_place(dtype, hq, hkv, head_dim, rotary_dim):
-    """q and k are views of one fused qkv tensor; v (the rest of it) must stay untouched."""
+    """q and k are rotated as views of one fused qkv tensor; v (the rest of it) must stay untouched."""
     gen = torch.Generator().manual_seed(head_dim)
     tokens = 11
-    rotary = RotaryEmbedding(RopeConfig(theta=10000.0, rotary_dim=rotary_dim), head_dim, 2048, DEVICE)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the table is built in the model dtype, as the engine builds it
+    try:
+        rotary = RotaryEmbedding(RopeConfig(theta=10000.0, rotary_dim=rotary_dim), head_dim, 2048, DEVICE)
+    finally:
+        torch.set_default_dtype(default)
     positions = torch.randint(0, 2048, (tokens,), generator=gen).to(DEVICE)
+    rope = rotary.lookup(positions)
     qkv = torch.randn(tokens, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype).to(DEVICE)
     q = qkv[:, : hq * head_dim].view(tokens, hq, head_dim)
     k = qkv[:, hq * head_dim : (hq + hkv) * head_dim].view(tokens, hkv, head_dim)
     before = qkv.cpu().double()
-    apply_rotary_(positions, q, k, rotary.cos, rotary.sin, rotary_dim)
+    rotary_(q, rope.cos, rope.sin)
+    rotary_(k, rope.cos, rope.sin)
 
-    half = rotary_dim // 2
-    cos = rotary.cos.cpu().double()[positions.cpu(), :half][:, None, :]
-    sin = rotary.sin.cpu().double()[positions.cpu(), :half][:, None, :]
-
-    def reference(x: torch.Tensor) -> torch.Tensor:
-        x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
-
-    want_q = reference(before[:, : hq * head_dim].view(tokens, hq, head_dim))
-    want_k = reference(before[:, hq * head_dim : (hq + hkv) * head_dim].view(tokens, hkv, head_dim))
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
-    assert (q.cpu().double() - want_q).abs().max().item() <= tol * 4  # |x| <= ~4
-    assert (k.cpu().double() - want_k).abs().max().item() <= tol * 4
-    assert torch.equal(q.cpu().double()[..., rotary_dim:], before[:, : hq * head_dim].view(tokens, hq, head_dim)[..., rotary_dim:])
+    want_q = reference_rotary(before[:, : hq * head_dim].view(tokens, hq, head_dim), rope)
+    want_k = reference_rotary(before[:, hq * head_dim : (hq + hkv) * head_dim].view(tokens, hkv, head_dim), rope)
+    assert_rotated(q, want_q, dtype)
+    assert_rotated(k, want_k, dtype)
     assert torch.equal(qkv[:, (hq + hkv) * head_dim :].cpu().double(), before[:, (hq + hkv) * head_dim :])
+
+
+def reference_rotary(x: torch.Tensor, rope) -> torch.Tensor:
+    half = rope.cos.shape[-1]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    cos, sin = rope.cos.cpu().double().view(shape), rope.sin.cpu().double().view(shape)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def assert_rotated(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    assert (got.cpu().double() - want).abs().max().item() <= tol * 4  # |x| <= ~4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_rotary_in_place_neox_layout(dtype):
+    """GPT-NeoX: q and k of each head interleaved with v ([T, heads, 3, D]), partial rotary, rotated as the
+    [T, heads, 2, D] view; v and the non-rotary dims must stay untouched."""
+    gen = torch.Generator().manual_seed(3)
+    tokens, heads, head_dim, rotary_dim = 7, 3, 32, 8
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0, rotary_dim=rotary_dim), head_dim, 512, DEVICE)
+    rope = rotary.lookup(torch.randint(0, 512, (tokens,), generator=gen).to(DEVICE))
+    qkv = torch.randn(tokens, heads * 3 * head_dim, generator=gen).to(dtype).to(DEVICE).view(tokens, heads, 3, head_dim)
+    before = qkv.cpu().double()
+    rotary_(qkv[:, :, :2], rope.cos, rope.sin)
+    assert_rotated(qkv[:, :, :2], reference_rotary(before[:, :, :2], rope), dtype)
+    assert torch.equal(qkv[:, :, 2].cpu().double(), before[:, :, 2])
 
 
 # ---- SiLU and mul -------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """RMSNorm and fused residual-add + RMSNorm over the last dim, with the rounding of the PyTorch path.
 
 Layouts: x is [rows, hidden] or [tokens, heads, hidden] (any leading strides, contiguous last dim); weight is
-[hidden]. Math, as `minisgl.layers.norm.RMSNorm`: y = x * rsqrt(mean(x^2) + eps) in float32, rounded to x's
-dtype, then times weight (rounded to the result dtype). With a residual, r = x + residual is rounded to the
+[hidden]. Math, as `minisgl.layers.norm.RMSNorm` (torch's fused rms_norm): y = x * rsqrt(mean(x^2) + eps) * weight
+in float32, rounded once to the result dtype. With a residual, r = x + residual is rounded to the
 dtype first and normalised; both results are written in place (x <- norm(r), residual <- r).
 """
 
@@ -33,10 +33,9 @@ def _rmsnorm_kernel(
         tl.store(r_ptr, summed, mask=mask)
         x = summed.to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, axis=0) / hidden + eps)
-    y = (x * inv).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     o_ptr = Out + i0.to(tl.int64) * stride_o0 + i1 * stride_o1 + cols
-    tl.store(o_ptr, (y * w).to(Out.dtype.element_ty), mask=mask)
+    tl.store(o_ptr, (x * inv * w).to(Out.dtype.element_ty), mask=mask)
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,8 @@ def tiny_ckpt(request, tmp_path_factory):
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_triton_greedy_equals_torch_and_transformers(tiny_ckpt, page_size):
     path, hf = tiny_ckpt
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    # 400 tokens cannot hold 12 prompts of up to 300 tokens and their outputs: requests get retracted.
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    # 400 tokens cannot hold 12 prompts of up to 300 tokens and 24 outputs each: requests get retracted.
     kwargs = dict(page_size=page_size, chunked_prefill_size=32, max_total_tokens=400)
     ours, stats, _ = run(path, PROMPTS, greedy, attention_backend="triton", **kwargs)
     theirs, _, _ = run(path, PROMPTS, greedy, attention_backend="torch", **kwargs)

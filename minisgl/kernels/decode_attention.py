@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minisgl.kernels.paging import online_softmax_step, page_slots
+from minisgl.kernels.paging import load_kv_block, online_softmax_step
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -70,9 +70,7 @@ def _decode_partial_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nmask = pos < end
-        slot = page_slots(pt_row, pos, nmask, PAGE_SIZE)
-        k = tl.load(k_base + slot[:, None] * stride_ks, mask=nmask[:, None], other=0.0)
-        v = tl.load(v_base + slot[:, None] * stride_vs, mask=nmask[:, None], other=0.0)
+        k, v = load_kv_block(k_base, v_base, stride_ks, stride_vs, pt_row, pos, nmask, PAGE_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, v)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minisgl.kernels.paging import online_softmax_step, page_slots
+from minisgl.kernels.paging import load_kv_block, online_softmax_step
 
 _LOG2E = 1.4426950408889634
 
@@ -58,9 +58,7 @@ def _extend_kernel(
     for n0 in range(0, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nmask = pos < kv_end
-        slot = page_slots(pt_row, pos, nmask, PAGE_SIZE)
-        k = tl.load(k_base + slot[:, None] * stride_ks, mask=nmask[:, None], other=0.0)
-        v = tl.load(v_base + slot[:, None] * stride_vs, mask=nmask[:, None], other=0.0)
+        k, v = load_kv_block(k_base, v_base, stride_ks, stride_vs, pt_row, pos, nmask, PAGE_SIZE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         # Position 0 is visible to every row, so the first block gives each row a finite max.
         visible = (pos[None, :] <= q_pos[:, None]) & nmask[None, :]

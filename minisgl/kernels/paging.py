@@ -19,6 +19,16 @@ def page_slots(page_table_row, pos, mask, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
+def load_kv_block(k_base, v_base, stride_ks, stride_vs, page_table_row, pos, mask, PAGE_SIZE: tl.constexpr):
+    """K and V rows [N, head_dim] of positions `pos` (bases already offset to the kv head and the dims);
+    masked rows read as 0 from the scratch slot's address and are never fetched."""
+    slot = page_slots(page_table_row, pos, mask, PAGE_SIZE)
+    k = tl.load(k_base + slot[:, None] * stride_ks, mask=mask[:, None], other=0.0)
+    v = tl.load(v_base + slot[:, None] * stride_vs, mask=mask[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def online_softmax_step(scores, m_i, l_i, acc, v):
     """Fold one block of base-2 scores [M, N] and its values [N, D] into the running (max, sum, output).
 

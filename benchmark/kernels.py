@@ -1,7 +1,7 @@
 """Check and time minisgl's Triton kernels on a GPU against torch eager, torch.compile and FlashInfer.
 
-    python benchmark/kernels.py            # full sweep (about 2 minutes on an H100)
-    python benchmark/kernels.py --quick    # a few shapes per table
+    python benchmark/kernels.py            # full sweep (a few minutes on an H100)
+    python benchmark/kernels.py --quick    # a few shapes per table (about a minute)
 
 Every kernel's output is first compared with a plain-torch computation of the same thing (the `ok` column);
 times are medians of triton.testing.do_bench. Decode attention reports the K/V bytes it must read per call
@@ -213,7 +213,7 @@ def eager_store(kc, vc, loc, k, v):
 
 def op_rows(token_counts: list[int]) -> list[list[str]]:
     gen = torch.Generator(device=DEV).manual_seed(2)
-    compiled = {f: torch.compile(f, dynamic=False) for f in (eager_rmsnorm, eager_add_rmsnorm, eager_rotary, eager_silu_mul)}
+    compiled = {f: torch.compile(f) for f in (eager_rmsnorm, eager_add_rmsnorm, eager_rotary, eager_silu_mul)}
     rows = []
     for tokens in token_counts:
         for name, hidden, inter, hq, hkv, d in OP_SHAPES:

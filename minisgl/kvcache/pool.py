@@ -46,6 +46,10 @@ class KVPool:
         return self._v[layer]
 
     def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.is_cuda:
+            from minisgl.kernels.kv_store import store_kv
+
+            return store_kv(self._k[layer], self._v[layer], loc, k, v)
         self._k[layer].index_copy_(0, loc, k.to(self.dtype))
         self._v[layer].index_copy_(0, loc, v.to(self.dtype))
 

@@ -20,10 +20,18 @@ class RMSNorm(nn.Module):
         self.weight.data.copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from minisgl.kernels.norm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
     def forward_with_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (norm(x + residual), x + residual): the pre-norm decoder's add-then-normalise step."""
+        if x.is_cuda:  # one fused kernel, in place: the results live in x's and residual's memory
+            from minisgl.kernels.norm import fused_add_rmsnorm
+
+            return fused_add_rmsnorm(x, residual, self.weight, self.eps)
         residual = x + residual
         return self.forward(residual), residual
 

@@ -72,6 +72,10 @@ class RotaryEmbedding(nn.Module):
 def apply_rotary(x: torch.Tensor, rope: Rope) -> None:
     """Rotate x [T, ..., head_dim] in place: pairs (i, i + half) of the first rotary_dim dims turn by the
     angle of the token's position. In place, so q and k can be rotated inside the fused qkv output."""
+    if x.is_cuda:
+        from minisgl.kernels.rotary import rotary_
+
+        return rotary_(x, rope.cos, rope.sin)
     half = rope.cos.shape[-1]
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
     cos, sin = rope.cos.view(shape), rope.sin.view(shape)

@@ -1,0 +1,5 @@
+"""Triton kernels of the CUDA fast path (they also run on the CPU under `TRITON_INTERPRET=1`, for tests).
+
+One module per kernel concept; each module's docstring states the tensor layouts it expects. Importing this
+package does not import triton: the modules do, so CPU-only installs never need it.
+"""

@@ -4,6 +4,7 @@
 # Every stage writes its full log to $OUT/<stage>.log; the figures go to docs/benchmarks.md by hand.
 #   tests       GPU-marked tests (Triton kernels natively, engine triton vs torch, graphs, overlap, quant)
 #               and the kernel micro-benchmarks
+#   quick       offline benchmark and batch-1 latency on Qwen3-0.6B dummy only
 #   throughput  offline benchmark on Qwen3-0.6B dummy (overlap on and off), transformers' generate on the
 #               same workload, batch-1 latency
 #   llama8b     Llama-3.1-8B dummy: batch-1 latency bf16 / int4 / fp8, offline benchmark bf16 vs fp8
@@ -25,9 +26,13 @@ for stage in "$@"; do
     case $stage in
     tests)
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-        step gpu_tests 300 python -m pytest -q -m gpu -p no:cacheprovider -x tests
-        [ -f benchmark/kernels.py ] && step kernels 150 python benchmark/kernels.py
+        step gpu_tests 240 python -m pytest -o addopts= -q -rfE --durations=15 -m gpu -p no:cacheprovider tests
+        [ -f benchmark/kernels.py ] && step kernels 100 python benchmark/kernels.py --quick
         [ -f benchmark/quant_kernels.py ] && step quant_kernels 100 python benchmark/quant_kernels.py
+        ;;
+    quick)  # the headline figures alone, for a check after a change
+        step offline_overlap 150 python benchmark/offline/bench.py --model $QWEN
+        step latency_qwen 60 python benchmark/latency.py --model $QWEN
         ;;
     throughput)
         step offline_overlap 150 python benchmark/offline/bench.py --model $QWEN

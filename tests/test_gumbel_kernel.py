@@ -25,6 +25,8 @@ def _case(v: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     g = torch.Generator().manual_seed(v)
     x = torch.randn(len(SEEDS), v, generator=g) * 3
     x[1, 100:] = float("-inf")  # a filtered row: only its first 100 columns may win
+    x[2] = float("-inf")  # nothing left at all: column 0, like torch.argmax
+    x[3, v // 2] = float("nan")  # NaN ranks first, like torch.argmax
     seeds = torch.tensor([_signed64(s) for s in SEEDS])
     steps = torch.tensor(STEPS)
     return x.to(device), seeds.to(device), steps.to(device)

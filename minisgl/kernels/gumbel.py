@@ -41,7 +41,10 @@ def _gumbel_argmax_kernel(scaled_ptr, seeds_ptr, steps_ptr, out_ptr, V, stride, 
         bits = _mix(key + (cols + 1).to(tl.uint64) * golden)
         u = ((bits >> 11).to(tl.float64) + 0.5) * (2.0**-53)
         g = (-tl.log(-tl.log(u))).to(tl.float32)
-        val = tl.where(mask, x + g, float("-inf"))
+        val = x + g
+        # torch.argmax ranks NaN above everything; +inf is the closest a comparison can get to that.
+        val = tl.where(val != val, float("inf"), val)
+        val = tl.where(mask, val, float("-inf"))
         # Strictly greater keeps the first column of a tie within a lane, like torch.argmax.
         better = val > best_val
         best_val = tl.where(better, val, best_val)
@@ -49,6 +52,7 @@ def _gumbel_argmax_kernel(scaled_ptr, seeds_ptr, steps_ptr, out_ptr, V, stride, 
     top = tl.max(best_val, axis=0)
     # Lowest column among the lanes holding the maximum: the first occurrence, as torch.argmax returns.
     idx = tl.min(tl.where(best_val == top, best_idx, 2**31 - 1), axis=0)
+    idx = tl.where(idx == 2**31 - 1, 0, idx)  # a row of -inf: column 0, as torch.argmax
     tl.store(out_ptr + row, idx.to(tl.int64))
 
 

@@ -39,7 +39,12 @@ class CudaGraphRunner:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.page_table = torch.zeros(n, max_pages, dtype=torch.int32, device=device)
         self.arange = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.rows = torch.arange(n, dtype=torch.int64, device=device)
+        self.ones = torch.ones(n, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # A graph replays raw addresses: every tensor it reads must outlive it, so the static batches are
+        # kept here rather than built into temporaries that the allocator would hand to someone else.
+        self.batches: dict[int, ForwardBatch] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
         self._capture_all()
@@ -51,11 +56,11 @@ class CudaGraphRunner:
             positions=self.positions[:bs],
             out_loc=self.out_loc[:bs],
             page_table=self.page_table[:bs],
-            prefix_lens=self.seq_lens[:bs] - 1,
-            extend_lens=self.seq_lens[:bs] * 0 + 1,
+            prefix_lens=self.seq_lens[:bs] - 1,  # placeholder: decode reads seq_lens only
+            extend_lens=self.ones[:bs],
             seq_lens=self.seq_lens[:bs],
             cu_extend_lens=self.arange[: bs + 1],
-            logits_index=self.arange[:bs].long(),
+            logits_index=self.rows[:bs],
             prefix_lens_cpu=[0] * bs,
             extend_lens_cpu=[1] * bs,
             page_size=self.page_size,
@@ -77,7 +82,7 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                 out = self.model(batch)
             self.pool = graph.pool()
-            self.graphs[bs], self.outputs[bs] = graph, out
+            self.graphs[bs], self.outputs[bs], self.batches[bs] = graph, out, batch
         torch.cuda.synchronize()
         used = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
         logger.info("captured %d decode CUDA graphs (bs <= %d) using %.0f MiB", len(self.graphs), self.max_bs, used)

@@ -54,20 +54,12 @@ def dtypes(m: int) -> list[torch.dtype]:
     return [torch.bfloat16, torch.float16] if ON_GPU or m <= tk.GEMV_MAX_M else [torch.float16]
 
 
-@pytest.mark.parametrize("n,k", [(37, 96), (130, 200)])
-def test_w8a16_int8(n, k):
-    q, scale = quantize_int8(weights(n, k), torch.float32)
-    w = q.float() * scale.unsqueeze(1)
-    q, scale = q.to(DEV), scale.to(DEV)
-    for m in GEMV_BATCHES + GEMM_BATCHES:
-        for dtype in dtypes(m):
-            x = activations(m, k, dtype)
-            check(tk.w8a16_linear(x, q, scale).cpu(), x.cpu(), w)
-
-
-@pytest.mark.parametrize("n,k", [(40, 64), (96, 208)])
-def test_w8a16_fp8_weights(n, k):
-    q, scale = quantize_fp8(weights(n, k))
+@pytest.mark.parametrize(
+    "fmt,n,k", [("int8", 37, 96), ("int8", 130, 200), ("fp8", 40, 64), ("fp8", 96, 208)]
+)  # fmt: skip
+def test_w8a16(fmt, n, k):
+    """The 8-bit weight kernels read int8 and float8_e4m3fn weights alike, with one float32 scale per row."""
+    q, scale = quantize_int8(weights(n, k), torch.float32) if fmt == "int8" else quantize_fp8(weights(n, k))
     w = q.float() * scale.unsqueeze(1)
     q, scale = q.to(DEV), scale.to(DEV)
     for m in GEMV_BATCHES + GEMM_BATCHES:

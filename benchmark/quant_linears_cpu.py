@@ -1,0 +1,62 @@
+"""Per-token time of all linear layers (projections + LM head) of a model on CPU, for each quantization scheme.
+
+    python benchmark/quant_linears_cpu.py                       # the embedded default model (SmolLM2-135M GGUF)
+    python benchmark/quant_linears_cpu.py --tokens 1 16
+
+Each layer of the loaded model is called on a [tokens, in_features] activation in the model's dtype, exactly as
+the forward pass calls it; the figure is the median over repeats of the sum over layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from minisgl import LLM
+from minisgl.layers.linear import Linear, LMHead
+
+CASES = [  # (label, dtype, quantization)
+    ("fp32 dense", "float32", "none"),
+    ("bf16 dense", "bfloat16", "none"),
+    ("int8", "bfloat16", "int8"),
+    ("int4", "bfloat16", "int4"),
+    ("gguf own bits", "bfloat16", None),
+]
+
+
+@torch.no_grad()
+def time_linears(llm: LLM, tokens: int, repeats: int) -> float:
+    model = llm.scheduler.engine.model
+    dtype = llm.scheduler.engine.dtype
+    layers = [m for m in model.modules() if isinstance(m, (Linear, LMHead))]
+    layers = [m for m in layers if not (isinstance(m, Linear) and any(m is h.proj for h in layers if isinstance(h, LMHead)))]
+    inputs = [torch.randn(tokens, m.in_features if isinstance(m, Linear) else model.config.hidden_size, dtype=dtype) for m in layers]
+    for m, x in zip(layers, inputs):
+        m(x)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for m, x in zip(layers, inputs):
+            m(x)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1])
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args()
+    for label, dtype, quantization in CASES:
+        llm = LLM(args.model, device="cpu", dtype=dtype, quantization=quantization, max_total_tokens=256)
+        times = [time_linears(llm, t, args.repeats) for t in args.tokens]
+        print(f"{label:14s} " + "  ".join(f"M={t}: {s * 1000:6.2f} ms" for t, s in zip(args.tokens, times)), flush=True)
+        del llm
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@
     python benchmark/quant_linears_cpu.py --tokens 1 16
 
 Each layer of the loaded model is called on a [tokens, in_features] activation in the model's dtype, exactly as
-the forward pass calls it; the figure is the median over repeats of the sum over layers.
+the forward pass calls it; the figure is the median over repeats of the sum over layers, the LM head apart.
 """
 
 from __future__ import annotations
@@ -28,12 +28,8 @@ CASES = [  # (label, dtype, quantization)
 
 
 @torch.no_grad()
-def time_linears(llm: LLM, tokens: int, repeats: int) -> float:
-    model = llm.scheduler.engine.model
-    dtype = llm.scheduler.engine.dtype
-    layers = [m for m in model.modules() if isinstance(m, (Linear, LMHead))]
-    layers = [m for m in layers if not (isinstance(m, Linear) and any(m is h.proj for h in layers if isinstance(h, LMHead)))]
-    inputs = [torch.randn(tokens, m.in_features if isinstance(m, Linear) else model.config.hidden_size, dtype=dtype) for m in layers]
+def time_layers(layers: list[torch.nn.Module], dim: int, dtype: torch.dtype, tokens: int, repeats: int) -> float:
+    inputs = [torch.randn(tokens, m.in_features if isinstance(m, Linear) else dim, dtype=dtype) for m in layers]
     for m, x in zip(layers, inputs):
         m(x)
     runs = []
@@ -53,8 +49,16 @@ def main() -> None:
     args = ap.parse_args()
     for label, dtype, quantization in CASES:
         llm = LLM(args.model, device="cpu", dtype=dtype, quantization=quantization, max_total_tokens=256)
-        times = [time_linears(llm, t, args.repeats) for t in args.tokens]
-        print(f"{label:14s} " + "  ".join(f"M={t}: {s * 1000:6.2f} ms" for t, s in zip(args.tokens, times)), flush=True)
+        model, dtype = llm.scheduler.engine.model, llm.scheduler.engine.dtype
+        heads = [m for m in model.modules() if isinstance(m, LMHead)]
+        projs = [m for m in model.modules() if isinstance(m, Linear) and all(m is not h.proj for h in heads)]
+        head_kind = heads[0].method.name if heads[0].method is not None else str(dtype).removeprefix("torch.")
+        cells = []
+        for t in args.tokens:
+            proj = time_layers(projs, model.config.hidden_size, dtype, t, args.repeats)
+            head = time_layers(heads, model.config.hidden_size, dtype, t, args.repeats)
+            cells.append(f"M={t}: projections {proj * 1000:6.2f} ms + LM head ({head_kind}) {head * 1000:6.2f} ms")
+        print(f"{label:14s} " + "  ".join(cells), flush=True)
         del llm
 
 

@@ -89,7 +89,7 @@ class Engine:
         finally:
             torch.set_default_dtype(prev)
         if self.config.load_format == "dummy":
-            fill_dummy_weights(model, self.config.seed, self.device, self.dtype)
+            fill_dummy_weights(model, self.config.seed, self.device)
         elif self.config.load_format in ("auto", "safetensors", "gguf"):
             model.load_weights(iter_weights(self.model_path, self.dtype, keep_quantized=self.quant is not None))
         else:

@@ -43,12 +43,12 @@ def iter_weights(
         yield from iter_safetensors(model_path)
 
 
-def fill_dummy_weights(model: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype) -> None:
+def fill_dummy_weights(model: torch.nn.Module, seed: int, device: torch.device) -> None:
     """Random weights for benchmarks (`load_format="dummy"`): small normal values, norm scales near one, so
     activations stay finite through many layers.
 
     A quantized layer's rows are generated a slice at a time and quantized at once, and each layer is finalized
-    before the next: the model never exists in `dtype` (a 1.5B model in int4 stays well below its bf16 size)."""
+    before the next: the model never exists densely (a 1.5B model in int4 stays well below its bf16 size)."""
     from minisgl.layers.linear import Linear
 
     gens: dict[torch.device, torch.Generator] = {}
@@ -66,7 +66,8 @@ def fill_dummy_weights(model: torch.nn.Module, seed: int, device: torch.device, 
             if isinstance(module, Linear) and module.method is not None:
                 for start in range(0, module.out_features, _DUMMY_ROWS):
                     n = min(_DUMMY_ROWS, module.out_features - start)
-                    rows = torch.empty(n, module.in_features, device=device, dtype=dtype)
+                    # float32, what quantization computes in anyway: no conversion copy per slice
+                    rows = torch.empty(n, module.in_features, device=device, dtype=torch.float32)
                     module.write_rows(start, rows.normal_(0.0, 0.02, generator=gen))
                 module.finalize()
 

@@ -71,9 +71,10 @@ class Int4Method(QuantMethod):
         packed = []
         for start in range(0, padded, _CPU_PACK_ROWS):
             n = min(_CPU_PACK_ROWS, padded - start)
-            codes = torch.full((n, blocks.shape[1]), 8, dtype=torch.int32)  # padding rows: q = 8, zero 0 -> w = 0
             real = max(0, min(n, rows - start))
-            codes[:real] = blocks.narrow(0, start, real).codes()
+            codes = blocks.narrow(0, start, real).codes().to(torch.int32)
+            if real < n:  # padding rows: q = 8 with a zero of 0 -> w = 0
+                codes = torch.cat((codes, torch.full((n - real, blocks.shape[1]), 8, dtype=torch.int32)))
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         scale_zero = torch.zeros(blocks.scale.shape[1], padded, 2, dtype=self.dtype)
         scale_zero[:, :rows, 0] = layer.qscale.t()

@@ -72,4 +72,4 @@ def fill_dummy_weights(model: torch.nn.Module, seed: int, device: torch.device) 
                 module.finalize()
 
 
-_DUMMY_ROWS = 2048  # rows of a quantized layer generated at once
+_DUMMY_ROWS = 512  # rows of a quantized layer generated at once: bounds the float32 temporaries

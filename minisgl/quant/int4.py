@@ -11,7 +11,7 @@ from minisgl.quant.blocks import GROUP, Int4Blocks, QuantizedBlocks, as_dense, p
 
 # torch's CPU int4 layout interleaves blocks of 64 output rows; layers are padded to a multiple of it.
 _CPU_ROW_BLOCK = 64
-_CPU_PACK_ROWS = 4096  # rows converted at a time, bounding the int32 temporary the conversion needs
+_CPU_PACK_ROWS = 1024  # rows converted at a time, bounding the int32 temporary the conversion needs
 
 
 def quantize_int4(w: torch.Tensor, scale_dtype: torch.dtype) -> Int4Blocks:

@@ -40,15 +40,20 @@ def main() -> None:
     ap.add_argument("--attention-backend", default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--quantization", default=None, help="none | int8 | int4 | fp8 (default: the checkpoint's own)")
+    ap.add_argument("--quantize-lm-head", action="store_true")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=None, help="capture fewer decode graphs (batch 1 needs 1)")
     args = ap.parse_args()
     llm = LLM(
         args.model, skip_tokenizer_init=True, load_format=args.load_format, attention_backend=args.attention_backend,
         dtype=args.dtype, device=args.device, max_total_tokens=8 * (args.prompt_len + args.decode_tokens + 64),
-        quantization=args.quantization,
+        quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
+        **({"cuda_graph_max_bs": args.cuda_graph_max_bs} if args.cuda_graph_max_bs else {}),
     )
     ttft, tps = measure(llm, args.prompt_len, args.decode_tokens, llm.scheduler.vocab_size)
-    print(f"model={args.model} dtype={llm.scheduler.engine.dtype} device={llm.scheduler.engine.device}")
+    engine = llm.scheduler.engine
+    scheme = engine.quant.scheme if engine.quant else "none"
+    print(f"model={args.model} dtype={engine.dtype} quantization={scheme} device={engine.device}")
     print(f"TTFT ({args.prompt_len}-token prompt): {ttft * 1000:.1f} ms   batch-1 decode: {tps:.1f} tok/s")
 
 

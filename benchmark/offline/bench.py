@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--max-total-tokens", type=int, default=None)
     ap.add_argument("--cuda-graph-max-bs", type=int, default=256)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--quantization", default=None, help="none | int8 | int4 | fp8 (default: the checkpoint's own)")
     args = ap.parse_args()
 
     prompts, out_lens = offline_workload(args.num_prompts, 100, args.max_len)
@@ -47,6 +48,7 @@ def main() -> None:
         max_total_tokens=args.max_total_tokens,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         tp_size=args.tp,
+        quantization=args.quantization,
     )
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate([p[:100] for p in prompts[:8]], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
@@ -55,7 +57,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == sum(out_lens), "every request must produce exactly its asked length"
-    print(f"model={args.model} backend={llm.scheduler.engine.attn_backend.__class__.__name__}")
+    quant = llm.scheduler.engine.quant
+    print(f"model={args.model} backend={llm.scheduler.engine.attn_backend.__class__.__name__} quantization={quant.scheme if quant else 'none'}")
     print(f"output tokens: {tokens}  seconds: {seconds:.2f}  output tok/s: {tokens / seconds:.1f}")
 
 

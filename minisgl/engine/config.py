@@ -24,7 +24,8 @@ class EngineConfig:
     disable_radix_cache: bool = False
     attention_backend: str | None = None  # torch | triton | flashinfer; None = best for the device
     load_format: str = "auto"  # auto | dummy
-    quantization: str | None = None
+    quantization: str | None = None  # none | int8 | int4 | fp8; None = a GGUF keeps its own precision, else none
+    quantize_lm_head: bool = False
     seed: int = 0
     tp_size: int = 1
     nnodes: int = 1

@@ -17,6 +17,7 @@ from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
 from minisgl.models.hub import resolve_model_path
 from minisgl.models.registry import model_class
 from minisgl.models.weights import fill_dummy_weights, iter_weights
+from minisgl.quant import resolve_quant_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +35,21 @@ class Engine:
         self.model_path = resolve_model_path(config.model)
         self.model_config: ModelConfig = load_model_config(self.model_path)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.quant = resolve_quant_config(config.quantization, config.quantize_lm_head, self.model_path, self.device)
+        if self.quant is not None and self.device.type == "cpu" and config.dtype == "auto":
+            # torch's packed CPU kernels are fast only with bf16 activations (about 10x slower with fp16/fp32).
+            self.dtype = torch.bfloat16
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
 
         start = time.perf_counter()
         self.model = self._load_model()
         self.load_seconds = time.perf_counter() - start
-        logger.info("loaded %s (%s, %s) in %.2fs", self.model_path, cfg.architecture, self.dtype, self.load_seconds)
+        scheme = self.quant.scheme if self.quant else "none"
+        logger.info(
+            "loaded %s (%s, %s, quantization %s) in %.2fs",
+            self.model_path, cfg.architecture, self.dtype, scheme, self.load_seconds,
+        )  # fmt: skip
 
         num_kv_heads = max(1, cfg.num_kv_heads // tp.size)
         num_q_heads = cfg.num_q_heads // tp.size
@@ -74,15 +83,19 @@ class Engine:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = cls(self.model_config, self.tp, self.device)
+                model = cls(self.model_config, self.tp, self.device, self.quant)
+                if self.quant is not None:
+                    model.bind_quant(self.quant, self.device, self.dtype)
         finally:
             torch.set_default_dtype(prev)
         if self.config.load_format == "dummy":
-            fill_dummy_weights(model, self.config.seed)
+            fill_dummy_weights(model, self.config.seed, self.device)
         elif self.config.load_format in ("auto", "safetensors", "gguf"):
-            model.load_weights(iter_weights(self.model_path, self.dtype))
+            model.load_weights(iter_weights(self.model_path, self.dtype, keep_quantized=self.quant is not None))
         else:
             raise ValueError(f"unknown load_format {self.config.load_format!r}; choose auto or dummy")
+        if self.quant is not None and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # quantization temporaries: the KV pool is sized from what is really free
         return model.eval()
 
     def _num_pages(self, num_kv_heads: int) -> int:

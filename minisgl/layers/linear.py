@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisgl.distributed.info import TPInfo
+from minisgl.quant import QuantConfig, QuantMethod
+from minisgl.quant.blocks import QuantizedBlocks, as_dense
 
 
 class Linear(nn.Module):
@@ -15,6 +17,11 @@ class Linear(nn.Module):
     HF stores separately but we fuse (q/k/v, gate/up); `load(tensor, shard_index)` copies one of them in.
     `slices[i]` (column parallel) is how many distinct slices shard i is cut into, tp.size by default; fewer
     means ranks share a slice, as GQA's kv heads are replicated when there are fewer of them than ranks.
+
+    Built with a `quant` config, the layer allocates no weight until `create_weights(method)` is called (by
+    `CausalLM.bind_quant`, once the model is built): then either `method` stores it quantized, or (None) it is
+    a dense Parameter as without quantization. Tensor-parallel slices of a quantized weight are cut before
+    quantizing (or, for pre-quantized blocks, at group boundaries), so groups never straddle ranks.
     """
 
     def __init__(
@@ -25,6 +32,7 @@ class Linear(nn.Module):
         parallel: str | None = None,
         tp: TPInfo = TPInfo(),
         slices: list[int] | None = None,
+        quant: QuantConfig | None = None,
     ):
         super().__init__()
         self.tp = tp
@@ -44,28 +52,61 @@ class Linear(nn.Module):
             self.shards = full_shards
             self.in_features = in_features
         self.out_features = sum(self.shards)
-        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features), requires_grad=False)
+        self.quant = quant
+        self.method: QuantMethod | None = None
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features), requires_grad=False)
+        else:
+            self.register_parameter("weight", None)
         # Under row parallelism only rank 0 adds the bias, so the all-reduce adds it once.
         has_bias = bias and not (parallel == "row" and tp.rank != 0)
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if has_bias else None
 
-    def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+    def create_weights(self, method: QuantMethod | None) -> None:
+        """Allocate the weight of a layer built with `quant`: quantized by `method`, or dense if None."""
+        self.method = method
+        if method is None:
+            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features), requires_grad=False)
+        else:
+            method.create_weights(self, self.out_features, self.in_features)
+
+    def load(self, name: str, tensor: torch.Tensor | QuantizedBlocks, shard: int = 0) -> None:
         """Copy one HF tensor (weight or bias, possibly one of the fused shards) into place."""
-        param = self.weight if name.endswith("weight") else self.bias
-        if param is None:  # bias of a row-parallel layer on rank > 0
+        is_weight = name.endswith("weight")
+        if not is_weight and self.bias is None:  # bias of a row-parallel layer on rank > 0
             return
         tp = self.tp
         if self.parallel == "column":
             size = self.shards[shard]
             index = tp.rank * self.slices[shard] // tp.size
             tensor = tensor.narrow(0, index * size, size)
-        elif self.parallel == "row" and param is self.weight:
+        elif self.parallel == "row" and is_weight:
             tensor = tensor.narrow(1, tp.rank * self.in_features, self.in_features)
         start = sum(self.shards[:shard])
-        param.data.narrow(0, start, tensor.shape[0]).copy_(tensor)
+        if is_weight:
+            self.write_rows(start, tensor)
+        else:
+            self.bias.data.narrow(0, start, tensor.shape[0]).copy_(tensor)
+
+    def write_rows(self, start: int, weight: torch.Tensor | QuantizedBlocks) -> None:
+        """Store rows [start, start + len(weight)) of this rank's weight (quantizing them if the layer is)."""
+        if self.method is not None:
+            self.method.load_rows(self, start, weight)
+        else:
+            self.weight.data.narrow(0, start, weight.shape[0]).copy_(as_dense(weight))
+
+    def finalize(self) -> None:
+        """Called once every row is loaded: lets the method re-lay the weight out for its kernels."""
+        if self.method is not None:
+            self.method.finalize(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.method is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = self.method.apply(self, x)
+            if self.bias is not None:
+                y = y + self.bias
         if self.parallel == "row":
             y = self.tp.all_reduce(y)
         return y
@@ -97,25 +138,59 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Logits over the vocabulary. Each rank computes its vocabulary slice; slices are gathered on all ranks."""
+    """Logits over the vocabulary. Each rank computes its vocabulary slice; slices are gathered on all ranks.
 
-    def __init__(self, vocab_size: int, dim: int, tp: TPInfo = TPInfo(), tied: VocabEmbedding | None = None):
+    Built with a `quant` config, the head computes through `proj`, a Linear over this rank's (padded)
+    vocabulary slice whose weight `create_weights` allocates, quantized or dense. A tied head that stays dense
+    drops `proj` and reads the embedding; a tied head that is quantized keeps its own quantized copy, loaded
+    from the embedding's tensor (the embedding itself stays dense).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        tp: TPInfo = TPInfo(),
+        tied: VocabEmbedding | None = None,
+        quant: QuantConfig | None = None,
+    ):
         super().__init__()
         self.vocab_size = vocab_size
         self.tp = tp
         self.tied = tied
-        if tied is None:
+        self.proj: Linear | None = None
+        if quant is not None:
+            self.per_rank = -(-vocab_size // tp.size)  # the same slicing as VocabEmbedding
+            self.start = tp.rank * self.per_rank
+            self.rows = max(0, min(self.per_rank, vocab_size - self.start))
+            self.proj = Linear(dim, self.per_rank, quant=quant)
+        elif tied is None:
             self.embed = VocabEmbedding(vocab_size, dim, tp)
 
     @property
     def weight(self) -> torch.Tensor:
         return (self.tied if self.tied is not None else self.embed).weight
 
-    def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
-        if self.tied is None:
+    @property
+    def method(self) -> QuantMethod | None:
+        return self.proj.method if self.proj is not None else None
+
+    def create_weights(self, method: QuantMethod | None) -> None:
+        if method is None and self.tied is not None:
+            self.proj = None
+        else:
+            self.proj.create_weights(method)
+
+    def load(self, name: str, tensor: torch.Tensor | QuantizedBlocks, shard: int = 0) -> None:
+        if self.proj is not None:
+            if self.rows:
+                self.proj.write_rows(0, tensor.narrow(0, self.start, self.rows))
+            if self.rows < self.per_rank:
+                self.proj.write_rows(self.rows, torch.zeros(self.per_rank - self.rows, self.proj.in_features))
+        elif self.tied is None:
             self.embed.load(name, tensor)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.weight)
+        logits = self.proj(h) if self.proj is not None else F.linear(h, self.weight)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

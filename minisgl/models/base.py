@@ -1,4 +1,4 @@
-"""What every model class shares: the forward contract and streaming weight loading."""
+"""What every model class shares: the forward contract, per-layer quantization and streaming weight loading."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from minisgl.engine.forward import ForwardBatch
+from minisgl.layers.linear import Linear, LMHead
+from minisgl.quant import QuantConfig, make_method
+from minisgl.quant.blocks import QuantizedBlocks, as_dense
 
 
 class CausalLM(nn.Module):
@@ -17,6 +20,9 @@ class CausalLM(nn.Module):
     Weights load from a stream of (HF name, tensor) pairs: each name is routed to one of our modules (which
     exposes `load(name, tensor, shard)`), so no second copy of the model is ever built. `fused` lists HF name
     fragments that we store inside a fused module, with the shard index they occupy there.
+
+    A model built with a QuantConfig must have `bind_quant` called before loading; the stream may then carry
+    pre-quantized blocks (GGUF), which quantized layers take as they are and every other module dequantized.
     """
 
     fused: ClassVar[list[tuple[str, str, int]]] = []
@@ -32,9 +38,42 @@ class CausalLM(nn.Module):
                 return name.replace(hf_part, ours).rpartition(".")[0], shard
         return name.rpartition(".")[0], 0
 
-    @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def bind_quant(self, quant: QuantConfig, device: torch.device, dtype: torch.dtype) -> None:
+        """Give every layer built with `quant` its method and storage (call under the device/dtype the model was
+        built with). Under KEEP_GGUF the file's tensor names say which weights each (fused) layer holds."""
         modules = dict(self.named_modules())
+        path_of = {id(m): p for p, m in modules.items()}
+        holds: dict[str, list[str]] = {}
+        for name in quant.tensor_schemes:
+            holds.setdefault(self.route_weight(name)[0], []).append(name)
+        head_projs = {id(m.proj) for m in modules.values() if isinstance(m, LMHead) and m.proj is not None}
+        methods = {}
+        for path, module in modules.items():
+            if isinstance(module, LMHead) and module.proj is not None:
+                source = path_of[id(module.tied)] if module.tied is not None else path
+                scheme = quant.scheme_for(holds.get(source, []), lm_head=True)
+                layer = module.proj
+            elif isinstance(module, Linear) and module.quant is not None and id(module) not in head_projs:
+                scheme, layer = quant.scheme_for(holds.get(path, [])), module
+            else:
+                continue
+            if scheme is not None and scheme not in methods:
+                methods[scheme] = make_method(scheme, device, dtype)
+            method = methods.get(scheme)
+            if method is not None and not method.supports(layer.out_features, layer.in_features):
+                method = None  # e.g. an input size that is not a whole number of groups: stays dense
+            module.create_weights(method)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedBlocks]]) -> None:
+        modules = dict(self.named_modules())
+        path_of = {id(m): p for p, m in modules.items()}
+        # A quantized head tied to the embedding keeps its own copy: it loads from the embedding's tensor.
+        tied_heads = {
+            path_of[id(m.tied)]: (p, m)
+            for p, m in modules.items()
+            if isinstance(m, LMHead) and m.tied is not None and m.proj is not None
+        }
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.endswith(self.ignored):
@@ -45,9 +84,20 @@ class CausalLM(nn.Module):
                 if name.startswith("lm_head") and getattr(self, "tie_word_embeddings", False):
                     continue  # some tied checkpoints still ship a copy of the embedding
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            module.load(name, tensor, shard)
+            if path in tied_heads:
+                head_path, head = tied_heads[path]
+                head.load(name, tensor if head.method is not None else as_dense(tensor))
+                loaded.add(head_path)
+            module.load(name, tensor if getattr(module, "method", None) is not None else as_dense(tensor), shard)
             loaded.add(path)
         self._check_complete(loaded)
+        self.finalize_weights()
+
+    def finalize_weights(self) -> None:
+        """Let every quantized layer re-lay its weight out for its kernels, once all of it is loaded."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.finalize()
 
     def _check_complete(self, loaded: set[str]) -> None:
         def covered(path: str) -> bool:  # loaded itself, or part of a module that was

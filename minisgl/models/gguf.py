@@ -2,7 +2,8 @@
 
 A .gguf file carries the hyper-parameters as metadata, the tokenizer, and the weights (often block-quantized).
 This module turns it into what the engine loads from any checkpoint: an HF config.json-style dict and a stream
-of (HF parameter name, dense tensor) pairs, dequantized one tensor at a time.
+of (HF parameter name, dense tensor) pairs, dequantized one tensor at a time; or, for a quantized model,
+Q4_0/Q4_1/Q8_0 matrices as blocks in our quantized layouts (minisgl/quant/gguf_blocks.py), never dequantized.
 
 The header is parsed here rather than with `gguf.GGUFReader` because that reader builds a Python object per
 vocabulary string (~2 s for a 49k vocabulary); we only need the scalars and the tensor table. The file itself is
@@ -22,6 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from minisgl.quant.blocks import QuantizedBlocks
+from minisgl.quant.gguf_blocks import MAPPED_TYPES, gguf_blocks
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -388,11 +392,21 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_weight_types(path: str) -> dict[str, str]:
+    """HF name -> GGML type name (e.g. "Q4_1") of every matrix in the file."""
+    tensors = read_gguf_header(path).tensors.values()
+    return {hf_name(i.name): i.ggml_type.name for i in tensors if len(i.shape) == 2 and hf_name(i.name)}
+
+
+def iter_gguf_weights(
+    path: str, dtype: torch.dtype, keep_quantized: bool = False
+) -> Iterator[tuple[str, torch.Tensor | QuantizedBlocks]]:
     """Yield (HF name, tensor of `dtype`) for every weight in the GGUF file, one tensor materialized at a time.
 
-    Tied checkpoints yield no lm_head.weight (see `gguf_config()["tie_word_embeddings"]`). float32 tensors stored
-    as F32 may be yielded as views of the memory-mapped (copy-on-write) file rather than copies.
+    With `keep_quantized`, Q4_0/Q4_1/Q8_0 matrices are yielded as Int4Blocks/Int8Blocks instead (whoever needs
+    them dense calls `dequantize()`). Tied checkpoints yield no lm_head.weight (see
+    `gguf_config()["tie_word_embeddings"]`). float32 tensors stored as F32 may be yielded as views of the
+    memory-mapped (copy-on-write) file rather than copies.
     """
     header = read_gguf_header(path)
     arch = _arch(header.metadata)
@@ -403,9 +417,14 @@ def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torc
         name = hf_name(info.name)
         if name is None:
             continue
-        w = dequantize_tensor(path, info).to(dtype)
+        w: torch.Tensor | QuantizedBlocks
+        if keep_quantized and info.ggml_type in MAPPED_TYPES and len(info.shape) == 2:
+            w = gguf_blocks(_tensor_bytes(path, info), info.ggml_type, info.shape)
+        else:
+            w = dequantize_tensor(path, info).to(dtype)
         if arch in _PERMUTED_QK_ARCHS and (".attn_q." in info.name or ".attn_k." in info.name):
-            w = unpermute_qk(w, n_heads if ".attn_q." in info.name else n_kv)
+            heads = n_heads if ".attn_q." in info.name else n_kv
+            w = w.map_rows(lambda t: unpermute_qk(t, heads)) if not isinstance(w, torch.Tensor) else unpermute_qk(w, heads)
         yield name, w
 
 

@@ -18,10 +18,11 @@ from minisgl.layers.norm import RMSNorm
 from minisgl.layers.rotary import Rope, RotaryEmbedding, apply_rotary
 from minisgl.models.base import CausalLM
 from minisgl.models.config import ModelConfig
+from minisgl.quant import QuantConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, quant: QuantConfig | None = None):
         super().__init__()
         hf = cfg.hf
         self.num_q = tp.shard(cfg.num_q_heads, "num_attention_heads")
@@ -39,8 +40,9 @@ class LlamaAttention(nn.Module):
             "column",
             tp,
             slices=[tp.size, kv_slices, kv_slices],
+            quant=quant,
         )
-        self.o_proj = Linear(cfg.num_q_heads * d, cfg.hidden_size, o_bias, "row", tp)
+        self.o_proj = Linear(cfg.num_q_heads * d, cfg.hidden_size, o_bias, "row", tp, quant=quant)
         self.qk_norm = hf.get("model_type", "").startswith("qwen3")
         if self.qk_norm:
             self.q_norm = RMSNorm(d, cfg.norm_eps)
@@ -65,20 +67,20 @@ class LlamaAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, tp: TPInfo, bias: bool = False):
+    def __init__(self, hidden: int, intermediate: int, tp: TPInfo, bias: bool = False, quant: QuantConfig | None = None):
         super().__init__()
-        self.gate_up_proj = Linear(hidden, [intermediate, intermediate], bias, "column", tp)
-        self.down_proj = Linear(intermediate, hidden, bias, "row", tp)
+        self.gate_up_proj = Linear(hidden, [intermediate, intermediate], bias, "column", tp, quant=quant)
+        self.down_proj = Linear(intermediate, hidden, bias, "row", tp, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, mlp: nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, mlp: nn.Module, quant: QuantConfig | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer_id, tp)
+        self.self_attn = LlamaAttention(cfg, layer_id, tp, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = mlp
 
@@ -95,10 +97,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPInfo, device: torch.device, make_mlp):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, device: torch.device, make_mlp, quant: QuantConfig | None = None):
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp, make_mlp(i)) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp, make_mlp(i), quant) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
 
@@ -114,16 +116,16 @@ class LlamaForCausalLM(CausalLM):
         (".up_proj.", ".gate_up_proj.", 1),
     ]
 
-    def __init__(self, cfg: ModelConfig, tp: TPInfo, device: torch.device):
+    def __init__(self, cfg: ModelConfig, tp: TPInfo, device: torch.device, quant: QuantConfig | None = None):
         super().__init__()
         self.config = cfg
         self.tie_word_embeddings = cfg.tie_word_embeddings
-        self.model = LlamaModel(cfg, tp, device, lambda i: self.make_mlp(cfg, i, tp))
+        self.model = LlamaModel(cfg, tp, device, lambda i: self.make_mlp(cfg, i, tp, quant), quant)
         tied = self.model.embed_tokens if cfg.tie_word_embeddings else None
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tp, tied)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tp, tied, quant)
 
-    def make_mlp(self, cfg: ModelConfig, layer_id: int, tp: TPInfo) -> nn.Module:
-        return GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp, cfg.hf.get("mlp_bias", False))
+    def make_mlp(self, cfg: ModelConfig, layer_id: int, tp: TPInfo, quant: QuantConfig | None = None) -> nn.Module:
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp, cfg.hf.get("mlp_bias", False), quant)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         rope = self.model.rotary.lookup(batch.positions)

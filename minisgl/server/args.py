@@ -33,6 +33,8 @@ class ServerArgs:
     disable_radix_cache: bool = False
     attention_backend: str | None = None
     load_format: str = "auto"
+    quantization: str | None = None
+    quantize_lm_head: bool = False
     trust_remote_code: bool = False
     served_model_name: str | None = None
     api_key: str | None = None
@@ -71,6 +73,8 @@ class ServerArgs:
             disable_radix_cache=self.disable_radix_cache,
             attention_backend=self.attention_backend,
             load_format=self.load_format,
+            quantization=self.quantization,
+            quantize_lm_head=self.quantize_lm_head,
             seed=self.seed,
             trust_remote_code=self.trust_remote_code,
         )
@@ -125,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight and activation dtype; auto picks the checkpoint's on GPU, a fast one on CPU")
     m.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
                    help="dummy: random weights of the right shapes (benchmarks without a download)")
+    m.add_argument("--quantization", default=d.quantization, choices=["none", "int8", "int4", "fp8"],
+                   help="weight-only int8 (per channel) / int4 (groups of 32), or fp8 (CUDA, compute 8.9+), applied "
+                   "at load; none dequantizes a GGUF (default: a GGUF keeps its own 4/8 bits, others load dense)")
+    m.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize the LM head too (by default it stays dense unless a GGUF stores it quantized)")
     m.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from the repo")
     m.add_argument("--served-model-name", default=d.served_model_name,
                    help="the model name the API reports and accepts (default: --model)")

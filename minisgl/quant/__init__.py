@@ -1,0 +1,20 @@
+"""Weight quantization: per-scheme methods for Linear layers, pre-quantized GGUF blocks, Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from minisgl.quant.base import QuantMethod
+from minisgl.quant.config import KEEP_GGUF, SCHEMES, QuantConfig, resolve_quant_config
+
+__all__ = ["KEEP_GGUF", "SCHEMES", "QuantConfig", "QuantMethod", "make_method", "resolve_quant_config"]
+
+
+def make_method(scheme: str, device: torch.device, dtype: torch.dtype) -> QuantMethod:
+    """The method object for `scheme` on `device` with activations of `dtype` (shared by all its layers)."""
+    from minisgl.quant.fp8 import Fp8Method
+    from minisgl.quant.int4 import Int4Method
+    from minisgl.quant.int8 import Int8Method
+
+    methods: dict[str, type[QuantMethod]] = {"int8": Int8Method, "int4": Int4Method, "fp8": Fp8Method}
+    return methods[scheme](device, dtype)

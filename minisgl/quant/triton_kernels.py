@@ -1,0 +1,321 @@
+"""Triton kernels for quantized linears on CUDA: W8A16 (int8 or fp8 weights, one scale per output channel),
+W4A16 (4-bit groups of 32 along K with scale and zero, Int4Blocks' layout) and the per-token fp8 quantizer.
+
+Weights are dequantized in registers, never in memory. Decode at batch 1..GEMV_MAX_M is a memory-bound GEMV:
+each program streams a few weight rows once and reduces with FMAs (tensor cores would sit idle), and the W4
+GEMV applies each group's scale and zero to the group's partial sum instead of to every weight. Larger M uses
+a tl.dot GEMM. Every launch is CUDA-graph capturable: no host sync, output allocated from shapes alone.
+
+Configs are autotuned per (N, K) and M bucket on first use; the engine's first forwards (CUDA-graph warm-up)
+happen before capture, so no tuning runs inside a graph. Under TRITON_INTERPRET=1 (the CPU tests) small fixed
+configs are used instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+GEMV_MAX_M = 4
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@triton.jit
+def _w8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    EVEN_K: tl.constexpr = K % BLOCK_K == 0
+    pid = tl.program_id(0)
+    m = pid % M  # the M programs of one row block run together, so its weights come from L2 after the first
+    n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + n[:, None].to(tl.int64) * K + k[None, :]
+    x_ptrs = x_ptr + m * stride_xm + k
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            x = tl.load(x_ptrs)
+        else:
+            k_ok = k0 + k < K
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _w4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
+             BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+    EVEN_G: tl.constexpr = (K // 32) % GROUPS == 0
+    pid = tl.program_id(0)
+    m = pid % M
+    n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    g = tl.arange(0, GROUPS)
+    j = tl.arange(0, 16)
+    num_groups: tl.constexpr = K // 32
+    n64 = n.to(tl.int64)
+    # One group of a row is 16 contiguous bytes: columns 32g + j (low nibble) and 32g + 16 + j (high nibble).
+    w_ptrs = w_ptr + n64[:, None, None] * (K // 2) + g[None, :, None] * 16 + j[None, None, :]
+    sz_off = n64[:, None] * num_groups + g[None, :]
+    x_ptrs = x_ptr + m * stride_xm + g[:, None] * 32 + j[None, :]
+    acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    for g0 in range(0, num_groups, GROUPS):
+        if EVEN_G:
+            b = tl.load(w_ptrs, mask=n_ok[:, None, None], other=0)
+            x_lo = tl.load(x_ptrs).to(tl.float32)
+            x_hi = tl.load(x_ptrs + 16).to(tl.float32)
+            s = tl.load(s_ptr + sz_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        else:
+            g_ok = g0 + g < num_groups
+            b = tl.load(w_ptrs, mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+            x_lo = tl.load(x_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptrs + 16, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            sz_ok = n_ok[:, None] & g_ok[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+        q_lo = (b & 0xF).to(tl.float32)
+        q_hi = (b >> 4).to(tl.float32)
+        # sum_k x_k ((q_k - 8) s + z) = s (sum_k x_k q_k - 8 sum_k x_k) + z sum_k x_k, per group.
+        xq = tl.sum(q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :], axis=2)
+        xs = tl.sum(x_lo + x_hi, axis=1)[None, :]
+        acc += s * (xq - 8.0 * xs) + z * xs
+        w_ptrs += GROUPS * 16
+        x_ptrs += GROUPS * 32
+        sz_off += GROUPS
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M row blocks sweep the columns together, so each weight tile is read from HBM once.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    width = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _w8_gemm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    EVEN_K: tl.constexpr = K % BLOCK_K == 0
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = m < M, n < N
+    x_ptrs = x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :]
+    w_ptrs = w_ptr + n[None, :].to(tl.int64) * K + k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = k0 + k < K
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, w.to(x.dtype), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc *= tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + m[:, None].to(tl.int64) * stride_ym + n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _w4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    EVEN_G: tl.constexpr = (K // 32) % GROUPS == 0
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.arange(0, GROUPS)
+    j = tl.arange(0, 16)
+    m_ok, n_ok = m < M, n < N
+    num_groups: tl.constexpr = K // 32
+    n64 = n.to(tl.int64)
+    # The weight tile is read k-major, [GROUPS, 16, BLOCK_N], as tl.dot wants its right operand.
+    w_ptrs = w_ptr + n64[None, None, :] * (K // 2) + g[:, None, None] * 16 + j[None, :, None]
+    sz_off = n64[None, :] * num_groups + g[:, None]
+    x_ptrs = x_ptr + m[:, None, None].to(tl.int64) * stride_xm + g[None, :, None] * 32 + j[None, None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, num_groups, GROUPS):
+        if EVEN_G:
+            b = tl.load(w_ptrs, mask=n_ok[None, None, :], other=0)
+            s = tl.load(s_ptr + sz_off, mask=n_ok[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=n_ok[None, :], other=0.0).to(tl.float32)
+            x_lo = tl.load(x_ptrs, mask=m_ok[:, None, None], other=0.0)
+            x_hi = tl.load(x_ptrs + 16, mask=m_ok[:, None, None], other=0.0)
+        else:
+            g_ok = g0 + g < num_groups
+            b = tl.load(w_ptrs, mask=n_ok[None, None, :] & g_ok[:, None, None], other=0)
+            sz_ok = n_ok[None, :] & g_ok[:, None]
+            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+            x_ok = m_ok[:, None, None] & g_ok[None, :, None]
+            x_lo = tl.load(x_ptrs, mask=x_ok, other=0.0)
+            x_hi = tl.load(x_ptrs + 16, mask=x_ok, other=0.0)
+        s3 = s[:, None, :]
+        z3 = (z - 8.0 * s)[:, None, :]
+        w_lo = ((b & 0xF).to(tl.float32) * s3 + z3).to(x_lo.dtype)
+        w_hi = ((b >> 4).to(tl.float32) * s3 + z3).to(x_lo.dtype)
+        acc = tl.dot(tl.reshape(x_lo, (BLOCK_M, GROUPS * 16)), tl.reshape(w_lo, (GROUPS * 16, BLOCK_N)), acc)
+        acc = tl.dot(tl.reshape(x_hi, (BLOCK_M, GROUPS * 16)), tl.reshape(w_hi, (GROUPS * 16, BLOCK_N)), acc)
+        w_ptrs += GROUPS * 16
+        x_ptrs += GROUPS * 32
+        sz_off += GROUPS
+    y_ptrs = y_ptr + m[:, None].to(tl.int64) * stride_ym + n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _fp8_rows(x_ptr, q_ptr, s_ptr, K: tl.constexpr, stride_xm, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):  # second pass: the row is in L2 now
+        x = tl.load(x_row + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(q_ptr + row * K + k0 + k, q.to(q_ptr.dtype.element_ty), mask=k0 + k < K)
+
+
+# ---- configs and launchers ----
+
+
+def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+_GEMV_W8_CONFIGS = [
+    _cfg(4, 3, BLOCK_N=4, BLOCK_K=1024),
+    _cfg(4, 3, BLOCK_N=8, BLOCK_K=512),
+    _cfg(4, 3, BLOCK_N=16, BLOCK_K=256),
+    _cfg(8, 3, BLOCK_N=8, BLOCK_K=1024),
+    _cfg(8, 3, BLOCK_N=16, BLOCK_K=512),
+    _cfg(4, 4, BLOCK_N=2, BLOCK_K=2048),
+]
+_GEMV_W4_CONFIGS = [
+    _cfg(4, 3, BLOCK_N=4, GROUPS=32),
+    _cfg(4, 3, BLOCK_N=8, GROUPS=16),
+    _cfg(4, 3, BLOCK_N=16, GROUPS=8),
+    _cfg(4, 3, BLOCK_N=16, GROUPS=16),
+    _cfg(8, 3, BLOCK_N=16, GROUPS=16),
+    _cfg(8, 3, BLOCK_N=32, GROUPS=8),
+    _cfg(4, 4, BLOCK_N=8, GROUPS=32),
+]
+# GEMM configs per M bucket (the smallest power of two >= M, 16 at least, 128 at most).
+_GEMM_TILES = {
+    16: [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 64, 4, 5)],
+    32: [(32, 64, 128, 4, 4), (32, 128, 128, 4, 4), (32, 128, 64, 4, 4)],
+    64: [(64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3)],
+    128: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)],
+}
+
+
+def _gemm_configs(k_meta: str, k_div: int) -> dict[int, list[triton.Config]]:
+    return {
+        bucket: [
+            _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, **{k_meta: bk // k_div}) for bm, bn, bk, w, s in tiles
+        ]
+        for bucket, tiles in _GEMM_TILES.items()
+    }
+
+
+_KEY = ["N", "K"]
+_w8_gemv_tuned = triton.autotune(_GEMV_W8_CONFIGS, key=_KEY)(_w8_gemv)
+_w4_gemv_tuned = triton.autotune(_GEMV_W4_CONFIGS, key=_KEY)(_w4_gemv)
+_w8_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w8_gemm) for b, c in _gemm_configs("BLOCK_K", 1).items()}
+_w4_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w4_gemm) for b, c in _gemm_configs("GROUPS", 32).items()}  # fmt: skip
+
+# Fixed configs for the interpreter: small tiles keep numpy fast, several loop iterations still run.
+_INTERPRET = {
+    "w8_gemv": dict(BLOCK_N=8, BLOCK_K=32),
+    "w4_gemv": dict(BLOCK_N=8, GROUPS=2),
+    "w8_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
+    "w4_gemm": dict(BLOCK_M=16, BLOCK_N=32, GROUPS=2, GROUP_M=2),
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _bucket(m: int) -> int:
+    return min(128, max(16, triton.next_power_of_2(m)))
+
+
+def _launch(name: str, kernel, tuned, grid, args: tuple) -> None:
+    if _interpreting():
+        meta = _INTERPRET[name]
+        kernel[grid(meta)](*args, **meta)
+    else:
+        tuned[grid](*args)
+
+
+def _prepare(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return x, torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+
+
+def w8a16_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bf16/fp16) times int8 or float8 w [N, K] with per-row scale [N]: y [M, N] in x's dtype."""
+    M, K = x.shape
+    N = w.shape[0]
+    x, y = _prepare(x, N)
+    if M == 0:
+        return y
+    args = (x, w, scale, y, M, N, K, x.stride(0), y.stride(0))
+    if M <= GEMV_MAX_M:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
+        _launch("w8_gemv", _w8_gemv, _w8_gemv_tuned, grid, args)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _launch("w8_gemm", _w8_gemm, _w8_gemm_tuned[_bucket(M)], grid, args)
+    return y
+
+
+def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times the Int4Blocks weight (packed [N, K/2] uint8, scale/zero [N, K/32]): y [M, N]."""
+    M, K = x.shape
+    N = packed.shape[0]
+    x, y = _prepare(x, N)
+    if M == 0:
+        return y
+    args = (x, packed, scale, zero, y, M, N, K, x.stride(0), y.stride(0))
+    if M <= GEMV_MAX_M:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
+        _launch("w4_gemv", _w4_gemv, _w4_gemv_tuned, grid, args)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _launch("w4_gemm", _w4_gemm, _w4_gemm_tuned[_bucket(M)], grid, args)
+    return y
+
+
+def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token fp8: (q [M, K] float8_e4m3fn, scale [M, 1] float32) with x ~= q * scale."""
+    M, K = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    if M:
+        block = 64 if _interpreting() else min(4096, triton.next_power_of_2(K))
+        _fp8_rows[(M,)](x, q, scale, K, x.stride(0), BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+    return q, scale

@@ -43,6 +43,7 @@ class ForwardBatch:
     prefix_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     page_size: int
+    rows: torch.Tensor | None = None  # the scheduler's page-table row of each sequence (not read by the model)
     attn_backend: Any = None  # the AttentionBackend that runs this step
     attn_metadata: Any = None  # filled by the attention backend's prepare()
 

@@ -106,6 +106,10 @@ class _Penalties:
     presence: torch.Tensor  # float32 [P]
 
 
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
     """Device-side sampling parameters of one step's batch, built by `build`.
@@ -113,14 +117,15 @@ class SamplingBatch:
     Invariants: every tensor has B rows and lives on the logits' device. Greedy rows hold temperature 1 so
     the sampled path stays finite for them (their result is replaced by argmax). Disabled filters hold
     neutral values (top_k = V, top_p = 1, min_p = 0), and the matching tensor is None when no row uses it.
-    The Python flags are fixed at build time so `sample` never has to ask the device.
+    The Python flags are fixed at build time so `sample` never has to ask the device. A batch of plain
+    greedy rows (no penalties, no logprobs) carries no tensors at all: `sample` only takes the argmax.
     """
 
     vocab_size: int
-    greedy: torch.Tensor  # bool [B]
-    temperature: torch.Tensor  # float32 [B]
-    seeds: torch.Tensor  # int64 [B], the 64-bit seed's bit pattern
-    steps: torch.Tensor  # int64 [B]
+    greedy: torch.Tensor | None  # bool [B]
+    temperature: torch.Tensor | None  # float32 [B]
+    seeds: torch.Tensor | None  # int64 [B], the 64-bit seed's bit pattern
+    steps: torch.Tensor | None  # int64 [B]
     top_k: torch.Tensor | None
     top_p: torch.Tensor | None
     min_p: torch.Tensor | None
@@ -141,6 +146,11 @@ class SamplingBatch:
             return torch.tensor(values, dtype=dtype, device=device)
 
         greedy = [p.greedy for p in params]
+        want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)
+        if all(greedy) and not want_logprobs and not any(_penalised(p) for p in params):
+            # Pure argmax: nothing per row reaches the device (a host-to-device copy per field would cost
+            # more than the step's sampling itself at small batch).
+            return cls(v, None, None, None, None, None, None, None, None, True, True, False, 0)
         top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
         top_p = [float(p.top_p) for p in params]
         min_p = [float(p.min_p) for p in params]
@@ -151,8 +161,7 @@ class SamplingBatch:
         top_p = [x if s else 1.0 for x, s in zip(top_p, sampled)]
         min_p = [x if s else 0.0 for x, s in zip(min_p, sampled)]
 
-        pen_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0
-                    or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+        pen_rows = [i for i, p in enumerate(params) if _penalised(p)]
         penalties = None
         if pen_rows:
             def padded(lists: list[list[int]]) -> torch.Tensor:
@@ -171,7 +180,6 @@ class SamplingBatch:
                 presence=tensor([p.presence_penalty for p in sel], torch.float32),
             )
 
-        want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)
         return cls(
             vocab_size=v,
             greedy=tensor(greedy, torch.bool),

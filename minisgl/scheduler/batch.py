@@ -19,7 +19,7 @@ def make_forward_batch(
 ) -> ForwardBatch:
     """Flatten `extend_lens[b]` new tokens of each request (starting at its `num_computed`) into one batch.
 
-    Called before the requests' `num_computed` is advanced. One host-to-device copy per tensor. In DECODE
+    Called before the requests' `num_computed` is advanced. In DECODE
     mode with `token_buf`, input ids are gathered on the device from each request's row of `token_buf`
     (the host may not know the last sampled token yet).
     """
@@ -44,23 +44,29 @@ def make_forward_batch(
     for n in extend_lens:
         cu.append(cu[-1] + n)
     max_pages = -(-max(seq_lens) // page_size)
-    rows = torch.tensor([r.row for r in reqs], dtype=torch.long, device=device)
+    rows = [r.row for r in reqs]
+    b, t = len(reqs), len(positions)
 
-    def t(x: list[int], dtype=torch.int64) -> torch.Tensor:
-        return torch.tensor(x, dtype=dtype, device=device)
-
+    # Two host-to-device copies per step (one per dtype) instead of one per field: at small batch each
+    # copy costs more host time than the data is worth.
+    longs = torch.tensor(rows + positions + out_loc + logits_index + ids, dtype=torch.int64).to(device)
+    ints = torch.tensor(prefix_lens + list(extend_lens) + seq_lens + cu, dtype=torch.int32).to(device)
+    rows_t, rest = longs[:b], longs[b:]
+    positions_t, out_loc_t = rest[:t], rest[t : 2 * t]
+    logits_index_t, ids_t = rest[2 * t : 2 * t + len(logits_index)], rest[2 * t + len(logits_index) :]
     return ForwardBatch(
         mode=mode,
-        input_ids=token_buf[rows] if from_device else t(ids),
-        positions=t(positions),
-        out_loc=t(out_loc),
-        page_table=page_table[rows, :max_pages],
-        prefix_lens=t(prefix_lens, torch.int32),
-        extend_lens=t(extend_lens, torch.int32),
-        seq_lens=t(seq_lens, torch.int32),
-        cu_extend_lens=t(cu, torch.int32),
-        logits_index=t(logits_index),
+        input_ids=token_buf[rows_t] if from_device else ids_t,
+        positions=positions_t,
+        out_loc=out_loc_t,
+        page_table=page_table[rows_t, :max_pages],
+        prefix_lens=ints[:b],
+        extend_lens=ints[b : 2 * b],
+        seq_lens=ints[2 * b : 3 * b],
+        cu_extend_lens=ints[3 * b :],
+        logits_index=logits_index_t,
         prefix_lens_cpu=prefix_lens,
         extend_lens_cpu=list(extend_lens),
         page_size=page_size,
+        rows=rows_t,
     )

@@ -235,7 +235,8 @@ class Scheduler:
         if not sampled:
             return None
         result = self._sample(logits, sampled)
-        self.token_buf[torch.tensor([r.row for r in sampled], device=self.token_buf.device)] = result.token_ids
+        rows = batch.rows if len(sampled) == len(reqs) else torch.tensor([r.row for r in sampled], device=self.token_buf.device)
+        self.token_buf[rows] = result.token_ids
         for r in sampled:
             r.pending += 1
         return self._to_host(sampled, result)

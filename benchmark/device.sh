@@ -35,10 +35,10 @@ for stage in "$@"; do
         step latency_qwen 60 python benchmark/latency.py --model $QWEN
         ;;
     throughput)
-        step offline_overlap 150 python benchmark/offline/bench.py --model $QWEN
-        step offline_no_overlap 120 env MINISGL_DISABLE_OVERLAP_SCHEDULING=1 python benchmark/offline/bench.py --model $QWEN
+        step offline_overlap 100 python benchmark/offline/bench.py --model $QWEN
+        step offline_no_overlap 100 env MINISGL_DISABLE_OVERLAP_SCHEDULING=1 python benchmark/offline/bench.py --model $QWEN
         step latency_qwen 60 python benchmark/latency.py --model $QWEN
-        step offline_hf 260 python benchmark/offline/bench_hf.py --model $QWEN
+        step offline_hf 300 python benchmark/offline/bench_hf.py --model $QWEN
         ;;
     llama8b)
         for q in none int4 fp8; do

@@ -52,6 +52,10 @@ def main() -> None:
                 min_new_tokens=new, do_sample=True, temperature=0.6, top_k=0, pad_token_id=pad,
             )
         tokens += sum(out_lens[i] for i in idx)  # useful tokens only: padding work is the baseline's cost
+        # Progress per batch, so a run cut off by a time limit still shows the rate it was going at.
+        elapsed = time.perf_counter() - start
+        print(f"[transformers] batch {b // args.batch_size + 1}: {tokens} tokens in {elapsed:.1f}s "
+              f"({tokens / elapsed:.1f} tok/s so far)", flush=True)
     seconds = time.perf_counter() - start
     print(f"[transformers] output tokens: {tokens}  seconds: {seconds:.2f}  output tok/s: {tokens / seconds:.1f}")
 

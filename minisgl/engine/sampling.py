@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from minisgl.engine.transfer import to_device
 from minisgl.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -143,7 +144,7 @@ class SamplingBatch:
         v = vocab_size
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
         greedy = [p.greedy for p in params]
         want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from minisgl.engine.transfer import to_device
 from minisgl.kernels.paging import load_kv_block, online_softmax_step
 
 _LOG2E = 1.4426950408889634
@@ -85,7 +86,7 @@ def extend_tiles(extend_lens: list[int], block_m: int, device: torch.device) -> 
         for m in range(0, n, block_m):
             seqs.append(b)
             starts.append(m)
-    return torch.tensor([seqs, starts], dtype=torch.int32).to(device, non_blocking=True)
+    return to_device([seqs, starts], torch.int32, device)
 
 
 def extend_attention(

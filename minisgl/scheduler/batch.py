@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from minisgl.engine.forward import ForwardBatch, ForwardMode
+from minisgl.engine.transfer import to_device
 from minisgl.scheduler.req import Req
 
 
@@ -49,8 +50,8 @@ def make_forward_batch(
 
     # Two host-to-device copies per step (one per dtype) instead of one per field: at small batch each
     # copy costs more host time than the data is worth.
-    longs = torch.tensor(rows + positions + out_loc + logits_index + ids, dtype=torch.int64).to(device)
-    ints = torch.tensor(prefix_lens + list(extend_lens) + seq_lens + cu, dtype=torch.int32).to(device)
+    longs = to_device(rows + positions + out_loc + logits_index + ids, torch.int64, device)
+    ints = to_device(prefix_lens + list(extend_lens) + seq_lens + cu, torch.int32, device)
     rows_t, rest = longs[:b], longs[b:]
     positions_t, out_loc_t = rest[:t], rest[t : 2 * t]
     logits_index_t, ids_t = rest[2 * t : 2 * t + len(logits_index)], rest[2 * t + len(logits_index) :]

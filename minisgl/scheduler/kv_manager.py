@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from minisgl.engine.transfer import to_device
 from minisgl.kvcache.base import PrefixCache
 from minisgl.kvcache.naive import NoPrefixCache
 from minisgl.kvcache.pool import PageAllocator
@@ -37,8 +38,8 @@ class KVManager:
         if self._queued:
             device = self._table.device
             rows, cols = zip(*self._queued)
-            idx = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-            self._table.index_put_(idx, torch.tensor(list(self._queued.values()), dtype=torch.int32, device=device))
+            idx = (to_device(list(rows), torch.int64, device), to_device(list(cols), torch.int64, device))
+            self._table.index_put_(idx, to_device(list(self._queued.values()), torch.int32, device))
             self._queued = {}
         return self._table
 

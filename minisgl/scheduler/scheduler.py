@@ -16,6 +16,7 @@ from minisgl.engine.config import EngineConfig
 from minisgl.engine.engine import Engine
 from minisgl.engine.forward import ForwardMode
 from minisgl.engine.sampling import SampleResult, SamplingBatch, sample
+from minisgl.engine.transfer import to_device
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import make_forward_batch
 from minisgl.scheduler.io import SchedulerStats, TokenOutput
@@ -235,7 +236,7 @@ class Scheduler:
         if not sampled:
             return None
         result = self._sample(logits, sampled)
-        rows = batch.rows if len(sampled) == len(reqs) else torch.tensor([r.row for r in sampled], device=self.token_buf.device)
+        rows = batch.rows if len(sampled) == len(reqs) else to_device([r.row for r in sampled], torch.int64, self.token_buf.device)
         self.token_buf[rows] = result.token_ids
         for r in sampled:
             r.pending += 1

@@ -41,11 +41,12 @@ for stage in "$@"; do
         step offline_hf 300 python benchmark/offline/bench_hf.py --model $QWEN
         ;;
     llama8b)
-        for q in none int4 fp8; do
-            step latency_llama_$q 90 python benchmark/latency.py --model $LLAMA --quantization $q
+        for q in none int4 fp8; do  # one graph (batch 1) keeps each run's capture short
+            step latency_llama_$q 80 python benchmark/latency.py --model $LLAMA --quantization $q \
+                --cuda-graph-max-bs 1 --decode-tokens 128
         done
         for q in none fp8; do
-            step offline_llama_$q 150 python benchmark/offline/bench.py --model $LLAMA --quantization $q
+            step offline_llama_$q 130 python benchmark/offline/bench.py --model $LLAMA --quantization $q
         done
         ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -24,15 +24,14 @@ from minisgl.quant import resolve_quant_config
 logger = logging.getLogger(__name__)
 
 
-def _return_large_frees_to_os() -> None:
-    """Loading streams weights through many same-sized transient buffers. glibc raises its mmap threshold
-    each time such a buffer is freed, after which they come from the heap and their memory stays with the
-    process: the load's peak RSS then drifts up by hundreds of MB. Pinning the threshold (M_MMAP_THRESHOLD)
-    keeps buffers of 1 MiB and more in mmap, returned to the OS as soon as they are freed."""
+def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
+    """glibc's M_MMAP_THRESHOLD / M_TRIM_THRESHOLD (fixing them turns off glibc's own adaptation)."""
     if sys.platform != "linux":
         return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap_bytes)
+        libc.mallopt(-1, trim_bytes)
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -93,7 +92,17 @@ class Engine:
         return CudaGraphRunner(self.model, self.attn_backend, max_bs, max_pages, self.page_size, self.device)
 
     def _load_model(self) -> torch.nn.Module:
-        _return_large_frees_to_os()
+        # Loading streams weights through many same-sized transient buffers; glibc would move them from mmap
+        # to its heap after the first few frees and keep their memory, raising the load's peak RSS by
+        # hundreds of MB. Small thresholds during the load return each buffer to the OS when freed; large ones
+        # afterwards keep a step's activations in the heap (mmap'ing them afresh every step costs page faults).
+        _set_malloc_thresholds(1 << 20, 1 << 20)
+        try:
+            return self._build_and_load()
+        finally:
+            _set_malloc_thresholds(32 << 20, 64 << 20)
+
+    def _build_and_load(self) -> torch.nn.Module:
         cls = model_class(self.model_config.architecture)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)

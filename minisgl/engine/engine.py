@@ -23,6 +23,9 @@ from minisgl.quant import resolve_quant_config
 
 logger = logging.getLogger(__name__)
 
+# Without --max-total-tokens the CPU pool takes this much at most: host memory is shared with everything else.
+_CPU_KV_CAP_BYTES = 4 << 30
+
 
 def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
     """glibc's M_MMAP_THRESHOLD / M_TRIM_THRESHOLD (fixing them turns off glibc's own adaptation)."""
@@ -34,9 +37,6 @@ def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
         libc.mallopt(-1, trim_bytes)
     except (OSError, AttributeError):  # not glibc
         pass
-
-# Without --max-total-tokens the CPU pool takes this much at most: host memory is shared with everything else.
-_CPU_KV_CAP_BYTES = 4 << 30
 
 
 class Engine:

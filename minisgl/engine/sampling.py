@@ -107,10 +107,6 @@ class _Penalties:
     presence: torch.Tensor  # float32 [P]
 
 
-def _penalised(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-
-
 @dataclass(frozen=True)
 class SamplingBatch:
     """Device-side sampling parameters of one step's batch, built by `build`.
@@ -148,10 +144,14 @@ class SamplingBatch:
 
         greedy = [p.greedy for p in params]
         want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)
-        if all(greedy) and not want_logprobs and not any(_penalised(p) for p in params):
+        if all(greedy) and not want_logprobs and not any(p.penalised for p in params):
             # Pure argmax: nothing per row reaches the device (a host-to-device copy per field would cost
             # more than the step's sampling itself at small batch).
-            return cls(v, None, None, None, None, None, None, None, None, True, True, False, 0)
+            return cls(
+                vocab_size=v, greedy=None, temperature=None, seeds=None, steps=None, top_k=None, top_p=None,
+                min_p=None, penalties=None, all_greedy=True, any_greedy=True, want_logprobs=False,
+                num_top_logprobs=0,
+            )
         top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
         top_p = [float(p.top_p) for p in params]
         min_p = [float(p.min_p) for p in params]
@@ -162,7 +162,7 @@ class SamplingBatch:
         top_p = [x if s else 1.0 for x, s in zip(top_p, sampled)]
         min_p = [x if s else 0.0 for x, s in zip(min_p, sampled)]
 
-        pen_rows = [i for i, p in enumerate(params) if _penalised(p)]
+        pen_rows = [i for i, p in enumerate(params) if p.penalised]
         penalties = None
         if pen_rows:
             def padded(lists: list[list[int]]) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`values` (a list, or a list of equal-length lists) as a tensor on `device`, copied asynchronously when that is a GPU.
+    """`values` (a list, or a list of equal-length lists) as a tensor on `device`, copied asynchronously
+    when that is a GPU.
 
     Safe to reuse or drop `values` at once: the data is in a pinned buffer that PyTorch's caching host
     allocator does not hand out again until the copy has run.

@@ -151,8 +151,7 @@ class Scheduler:
 
     def _needs_exact_state(self) -> bool:
         """Penalties read the output tokens; retraction must release exact state. Both need a drain first."""
-        if any(r.params.repetition_penalty != 1 or r.params.frequency_penalty or r.params.presence_penalty
-               for r in self.running):
+        if any(r.params.penalised for r in self.running):
             return True
         need = sum(self._pages_needed(r, 1) for r in self.running)
         return need > self.kv.available_pages
@@ -236,7 +235,10 @@ class Scheduler:
         if not sampled:
             return None
         result = self._sample(logits, sampled)
-        rows = batch.rows if len(sampled) == len(reqs) else to_device([r.row for r in sampled], torch.int64, self.token_buf.device)
+        if len(sampled) == len(reqs):
+            rows = batch.rows
+        else:
+            rows = to_device([r.row for r in sampled], torch.int64, self.token_buf.device)
         self.token_buf[rows] = result.token_ids
         for r in sampled:
             r.pending += 1

@@ -1,4 +1,4 @@
-"""Tensor parallelism on gloo (CPU): tp=2 must produce exactly the tokens tp=1 does."""
+"""Tensor parallelism: tp=2 must produce exactly the tokens tp=1 does (gloo on CPU; NCCL on two GPUs)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ def test_tp2_equals_tp1(arch, tmp_path):
     llm = LLM(path, device="cpu", dtype="float32", tp_size=2, page_size=4, skip_tokenizer_init=True)
     try:
         out = llm.generate(PROMPTS, GREEDY)
+    finally:
+        llm.shutdown()
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+
+
+@pytest.mark.gpu
+def test_tp2_equals_tp1_on_two_gpus(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    path = build_checkpoint(str(tmp_path), "llama")
+    prompts = random_prompts()
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ref = LLM(path, device="cuda", dtype="float32", max_total_tokens=16384).generate(prompts, greedy)
+    llm = LLM(path, device="cuda", dtype="float32", max_total_tokens=16384, tp_size=2)
+    try:
+        out = llm.generate(prompts, greedy)
     finally:
         llm.shutdown()
     assert [o.token_ids for o in out] == [o.token_ids for o in ref]

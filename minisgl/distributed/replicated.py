@@ -10,6 +10,7 @@ differences between ranks can never make their states diverge.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import multiprocessing as mp
 import os
@@ -27,6 +28,8 @@ from minisgl.scheduler.io import SchedulerStats, TokenOutput
 from minisgl.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+_LEAVE_TIMEOUT = datetime.timedelta(seconds=30)
 
 
 def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
@@ -52,6 +55,16 @@ def worker_main(config: EngineConfig, rank: int, init_addr: str) -> None:
             break
         _apply(scheduler, commands)
         scheduler.step()
+    _leave(tp)
+
+
+def _leave(tp) -> None:
+    """Tear down the group in step: every rank acknowledges the shutdown before any destroys its end.
+
+    Without this, rank 0 (which also hosts the rendezvous store) could tear down while a peer was still
+    reading the shutdown message; gloo then aborted the process at exit now and then.
+    """
+    dist.monitored_barrier(group=tp.cpu_group, timeout=_LEAVE_TIMEOUT)
     dist.destroy_process_group()
 
 
@@ -170,9 +183,9 @@ class TPScheduler:
             return
         try:
             _broadcast("shutdown", self.tp)
+            _leave(self.tp)
             for w in self.workers:
                 w.join(timeout=3)
-            dist.destroy_process_group()
         except Exception as e:  # noqa: BLE001
             logger.warning("tensor-parallel shutdown incomplete: %s", e)
 

@@ -143,7 +143,8 @@ class LMHead(nn.Module):
     Built with a `quant` config, the head computes through `proj`, a Linear over this rank's (padded)
     vocabulary slice whose weight `create_weights` allocates, quantized or dense. A tied head that stays dense
     drops `proj` and reads the embedding; a tied head that is quantized keeps its own quantized copy, loaded
-    from the embedding's tensor (the embedding itself stays dense).
+    from the embedding's tensor (the embedding itself stays dense). With `dense_from_rows` set, batches of at
+    least that many rows multiply by the dense embedding instead of the quantized copy.
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class LMHead(nn.Module):
         self.tp = tp
         self.tied = tied
         self.proj: Linear | None = None
+        self.dense_from_rows: int | None = None
         if quant is not None:
             self.per_rank = -(-vocab_size // tp.size)  # the same slicing as VocabEmbedding
             self.start = tp.rank * self.per_rank
@@ -191,6 +193,9 @@ class LMHead(nn.Module):
             self.embed.load(name, tensor)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(h) if self.proj is not None else F.linear(h, self.weight)
+        if self.proj is None or (self.dense_from_rows is not None and h.shape[0] >= self.dense_from_rows):
+            logits = F.linear(h, self.weight)
+        else:
+            logits = self.proj(h)
         logits = self.tp.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

@@ -8,7 +8,6 @@ import torch
 from checkpoints import build_checkpoint
 from engine_util import engine_prefill_logits, hf_model, random_prompts, teacher_forced_greedy
 from minisgl import LLM, SamplingParams
-from minisgl.attention import torch_backend
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_neox", "gpt_neox_serial"]
 PROMPTS = random_prompts()
@@ -64,13 +63,6 @@ def test_greedy_matches_transformers(arch_ckpt, engine_kwargs):
     llm = LLM(path, device="cpu", dtype="float32", **engine_kwargs)
     check_greedy(llm, hf)
     assert_no_leaks(llm)
-
-
-def test_decode_gathering_layer_by_layer_matches_transformers(arch_ckpt, monkeypatch):
-    """Past GATHER_ALL_BYTES (long contexts, big batches) the torch backend gathers each layer's K/V on its own."""
-    monkeypatch.setattr(torch_backend, "GATHER_ALL_BYTES", 0)
-    _, path, hf = arch_ckpt
-    check_greedy(LLM(path, device="cpu", dtype="float32", page_size=4), hf)
 
 
 def test_small_pool_retracts_and_stays_exact(arch_ckpt):

@@ -11,29 +11,18 @@ from minisgl.attention.base import AttentionBackend
 from minisgl.engine.forward import ForwardBatch
 
 
-# Decode gathers every layer's cached K/V in one copy per step while the copies are small: that saves ~6 small
-# ops per layer, which dominate when little is read. Past this size each layer gathers its own right before
-# use: the copies then outgrow the CPU caches, and gathering them all up front measured 3x slower at batch 16.
-GATHER_ALL_BYTES = 8 << 20
-
-
 @dataclass
 class TorchMetadata:
     """Per-step gather plan. `slots` is [B * L]: the KV slot of position p of sequence b at b * L + p, with
     positions past a sequence's end pointing at slot 0 (scratch).
 
     Decode only: `bias` is None when every sequence has the same length (nothing to mask), else 0 where a
-    position holds a real token and -inf elsewhere, [B * num_kv_heads, 1, L] in `keys`' dtype. `keys` and
-    `values` (when not None) are every layer's cache gathered before the forward, [layers, B * num_kv_heads,
-    L, head_dim]; the step's own token is not in the pool yet at that point, so each layer writes it in at
-    `new_at` (row, position) before attending."""
+    position holds a real token and -inf elsewhere, [B * num_kv_heads, 1, L] in the dtype attention computes
+    in."""
 
     slots: torch.Tensor
     max_len: int
     bias: torch.Tensor | None
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    new_at: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class TorchBackend(AttentionBackend):
@@ -41,8 +30,7 @@ class TorchBackend(AttentionBackend):
 
     Decode is written out as two batched matmuls over (sequence, kv head) with the GQA group folded into the
     query rows, instead of one SDPA call: on the CPU, SDPA's flash kernel is tuned for long queries and took
-    ~4x longer for one query per sequence. While the step's cache is small, decode gathers it for every layer at
-    once in `prepare` (see GATHER_ALL_BYTES). Extend runs one causal SDPA call per sequence.
+    ~4x longer for one query per sequence. Extend runs one causal SDPA call per sequence.
     """
 
     def prepare(self, batch: ForwardBatch) -> None:
@@ -65,22 +53,11 @@ class TorchBackend(AttentionBackend):
         return self.pool.dtype
 
     def _prepare_decode(self, batch: ForwardBatch, meta: TorchMetadata, valid: torch.Tensor) -> None:
-        b, hkv, length, d = batch.batch_size, self.num_kv_heads, meta.max_len, self.head_dim
-        dtype = self._work_dtype(b)
-        if min(batch.prefix_lens_cpu) != max(batch.prefix_lens_cpu):
-            bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
-            meta.bias = bias.repeat_interleave(hkv, dim=0).unsqueeze(1)
-        nbytes = 2 * self.pool.num_layers * b * hkv * length * d * dtype.itemsize
-        if nbytes > GATHER_ALL_BYTES:
-            return
-        layers = self.pool.num_layers
-        shape = (layers, b, hkv, length, d)
-        for name, cached in zip(("keys", "values"), self.pool.gather(meta.slots)):
-            work = torch.empty(shape, dtype=dtype, device=cached.device)
-            work.copy_(cached.view(layers, b, length, hkv, d).transpose(2, 3))
-            setattr(meta, name, work.view(layers, b * hkv, length, d))
-        rows = torch.arange(b * hkv, device=valid.device)
-        meta.new_at = (rows, (batch.seq_lens - 1).repeat_interleave(hkv))
+        if min(batch.prefix_lens_cpu) == max(batch.prefix_lens_cpu):
+            return  # every position of every sequence is real: no mask
+        bias = torch.zeros(valid.shape, dtype=self._work_dtype(batch.batch_size), device=valid.device)
+        bias.masked_fill_(~valid, float("-inf"))
+        meta.bias = bias.repeat_interleave(self.num_kv_heads, dim=0).unsqueeze(1)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch
@@ -88,7 +65,7 @@ class TorchBackend(AttentionBackend):
         self.pool.store(layer_id, batch.out_loc, k, v)
         meta: TorchMetadata = batch.attn_metadata
         if batch.is_decode:
-            return self._decode(q, k, v, layer_id, batch.batch_size, meta)
+            return self._decode(q, layer_id, batch.batch_size, meta)
         return self._extend(q, layer_id, batch, meta)
 
     def _gather(self, cache: torch.Tensor, slots: torch.Tensor, b: int, length: int) -> torch.Tensor:
@@ -96,25 +73,17 @@ class TorchBackend(AttentionBackend):
         x = cache.index_select(0, slots).view(b, length, self.num_kv_heads, self.head_dim)
         return x.transpose(1, 2).reshape(b * self.num_kv_heads, length, self.head_dim)
 
-    def _decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, b: int, meta: TorchMetadata
-    ) -> torch.Tensor:
-        hkv, d = self.num_kv_heads, self.head_dim
-        if meta.keys is not None:
-            keys, vals = meta.keys[layer_id], meta.values[layer_id]
-            keys.index_put_(meta.new_at, k.reshape(b * hkv, d).to(keys.dtype))
-            vals.index_put_(meta.new_at, v.reshape(b * hkv, d).to(vals.dtype))
-        else:
-            dtype = self._work_dtype(b)
-            keys = self._gather(self.pool.k(layer_id), meta.slots, b, meta.max_len).to(dtype)
-            vals = self._gather(self.pool.v(layer_id), meta.slots, b, meta.max_len).to(dtype)
+    def _decode(self, q: torch.Tensor, layer_id: int, b: int, meta: TorchMetadata) -> torch.Tensor:
+        hkv, d, dtype = self.num_kv_heads, self.head_dim, self._work_dtype(b)
+        keys = self._gather(self.pool.k(layer_id), meta.slots, b, meta.max_len).to(dtype)
+        vals = self._gather(self.pool.v(layer_id), meta.slots, b, meta.max_len).to(dtype)
         group = self.num_q_heads // hkv  # q heads h*group..(h+1)*group-1 read kv head h
-        qg = q.to(keys.dtype).reshape(b * hkv, group, d)
+        qg = q.to(dtype).reshape(b * hkv, group, d)
         if meta.bias is None:
             scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(self.scale)
         else:
             scores = torch.baddbmm(meta.bias, qg, keys.transpose(1, 2), alpha=self.scale)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(keys.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
         out = torch.bmm(probs, vals)
         return out.view(b, self.num_q_heads, d).to(q.dtype)
 

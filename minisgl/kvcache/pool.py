@@ -45,10 +45,6 @@ class KVPool:
     def v(self, layer: int) -> torch.Tensor:
         return self._v[layer]
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's K and V at `slots`, in one copy each: [num_layers, len(slots), heads, dim]."""
-        return self._k.index_select(1, slots), self._v.index_select(1, slots)
-
     def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.is_cuda:
             from minisgl.kernels.kv_store import store_kv

@@ -54,6 +54,12 @@ class QuantMethod(ABC):
         return (x.float() @ self.dequantize(layer).t()).to(x.dtype)
 
 
+# torch's packed CPU weight-only kernels cost about linearly in the rows of x; from this many rows on (prefill
+# chunks) expanding the weight to the activations' dtype and running a dense matmul is faster: measured on a
+# 3072 x 576 int4 layer, 21.8 ms packed vs 11.6 ms expand + dense at 1024 rows, about even at 256.
+CPU_DENSE_MIN_ROWS = 512
+
+
 def rows_to_device(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A float32 copy of one streamed weight slice on the device that quantizes it."""
     return weight.to(device=device, dtype=torch.float32)

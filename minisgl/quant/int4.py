@@ -6,16 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.quant.base import QuantMethod, rows_to_device
+from minisgl.quant.base import CPU_DENSE_MIN_ROWS, QuantMethod, rows_to_device
 from minisgl.quant.blocks import GROUP, Int4Blocks, QuantizedBlocks, as_dense, pack_int4
 
 # torch's CPU int4 layout interleaves blocks of 64 output rows; layers are padded to a multiple of it.
 _CPU_ROW_BLOCK = 64
 _CPU_PACK_ROWS = 1024  # rows converted at a time, bounding the int32 temporary the conversion needs
-# torch's packed CPU kernel costs about linearly in the rows of x; from this many rows on (prefill chunks) it is
-# faster to expand the weight to the activations' dtype and run a dense matmul: measured on a 3072 x 576 layer,
-# 21.8 ms packed vs 11.6 ms expand + dense at 1024 rows, about even at 256.
-_CPU_DENSE_MIN_ROWS = 512
 
 
 def quantize_int4(w: torch.Tensor, scale_dtype: torch.dtype) -> Int4Blocks:
@@ -92,7 +88,7 @@ class Int4Method(QuantMethod):
             from minisgl.quant.triton_kernels import w4a16_linear
 
             return w4a16_linear(x, layer.qweight, layer.qscale, layer.qzero)
-        if x.shape[0] >= _CPU_DENSE_MIN_ROWS:
+        if x.shape[0] >= CPU_DENSE_MIN_ROWS:
             y = torch.nn.functional.linear(x, _expand_cpu(layer.qweight, layer.qscale_zero, x.dtype))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.quant.base import QuantMethod, rows_to_device
+from minisgl.quant.base import CPU_DENSE_MIN_ROWS, QuantMethod, rows_to_device
 from minisgl.quant.blocks import QuantizedBlocks, as_dense
 
 
@@ -24,7 +24,8 @@ class Int8Method(QuantMethod):
     float32 on CUDA).
 
     CPU: torch's packed weight-only kernel (aten._weight_int8pack_mm), with bf16 activations. It reads K in
-    steps of 16 and returns garbage for other K, so such layers stay dense. CUDA: the Triton W8A16 kernels.
+    steps of 16 and returns garbage for other K, so such layers stay dense. Prefill-sized inputs expand the
+    weight and multiply densely instead (see CPU_DENSE_MIN_ROWS). CUDA: the Triton W8A16 kernels.
     Pre-quantized Q8_0 blocks (one scale per 32 values) are requantized to one scale per channel.
     """
 
@@ -51,6 +52,8 @@ class Int8Method(QuantMethod):
             from minisgl.quant.triton_kernels import w8a16_linear
 
             return w8a16_linear(x, layer.qweight, layer.qscale)
+        if x.shape[0] >= CPU_DENSE_MIN_ROWS:
+            return torch.nn.functional.linear(x, layer.qweight.to(x.dtype) * layer.qscale.to(x.dtype).unsqueeze(1))
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.qweight, layer.qscale)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     python benchmark/quant_linears_cpu.py                       # the embedded default model (SmolLM2-135M GGUF)
     python benchmark/quant_linears_cpu.py --tokens 1 16
+    python benchmark/quant_linears_cpu.py --tokens 1024 --repeats 5 --cases "bf16 dense" int8 int4
 
 Each layer of the loaded model is called on a [tokens, in_features] activation in the model's dtype, exactly as
 the forward pass calls it; the figure is the median over repeats of the sum over layers, the LM head apart.
@@ -46,8 +47,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1])
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--cases", nargs="+", default=[c[0] for c in CASES], help="labels of CASES to run")
     args = ap.parse_args()
     for label, dtype, quantization in CASES:
+        if label not in args.cases:
+            continue
         llm = LLM(args.model, device="cpu", dtype=dtype, quantization=quantization, max_total_tokens=256)
         model, dtype = llm.scheduler.engine.model, llm.scheduler.engine.dtype
         heads = [m for m in model.modules() if isinstance(m, LMHead)]

@@ -21,7 +21,8 @@ def _dense_head_rows(device: torch.device) -> int | None:
     The dense embedding holds the file's own values; the copy re-rounds them to one int8 scale per row, to make
     small decode batches fast. torch's packed CPU kernels cost about linearly in the rows, a dense matmul does not:
     SmolLM2's 49152 x 576 head (benchmark/quant_linears_cpu.py) took 2.6 ms in int8 and 3.9 ms in bf16 for one
-    row, 3.1 and 4.7 ms for 4, 5.6 and 5.4 ms for 7, 13.3 and 5.9 ms for 16. The Triton kernels on CUDA have no such cliff.
+    row, 3.1 and 4.7 ms for 4, 5.6 and 5.4 ms for 7, 13.3 and 5.9 ms for 16. The Triton kernels on CUDA have no
+    such cliff.
     """
     return 8 if device.type == "cpu" else None
 

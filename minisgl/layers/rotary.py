@@ -42,9 +42,9 @@ class Rope(NamedTuple):
 
 
 class RotaryEmbedding(nn.Module):
-    """The cos/sin table of a model. Like HF, angles are computed in float32 and the table is then cast to the
-    model dtype (the default dtype when the model is built), so half-precision models rotate in their own
-    dtype as HF's do."""
+    """The cos/sin table of a model, for positions 0..max_positions-1 (the engine never runs a sequence past the
+    model's max length). Like HF, angles are computed in float32 and the table is then cast to the model dtype
+    (the default dtype when the model is built), so half-precision models rotate in their own dtype as HF's do."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device):
         super().__init__()
@@ -52,21 +52,12 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.dtype = torch.get_default_dtype()
         self.inv_freq = inv_frequencies(rope).to(device)
-        self._build(max_positions)
-
-    def _build(self, n: int) -> None:
-        t = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
-        freqs = torch.outer(t, self.inv_freq)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), self.inv_freq)
         self.cos = freqs.cos().to(self.dtype)
         self.sin = freqs.sin().to(self.dtype)
 
     def lookup(self, positions: torch.Tensor) -> Rope:
         return Rope(self.cos[positions], self.sin[positions])
-
-    def ensure(self, max_position: int) -> None:
-        """Grow the table to cover `max_position` (call outside of CUDA-graph capture)."""
-        if max_position >= self.cos.shape[0]:
-            self._build(max(max_position + 1, 2 * self.cos.shape[0]))
 
 
 def apply_rotary(x: torch.Tensor, rope: Rope) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -139,6 +140,16 @@ def start_server(args: list[str], log_path: str, api_key: str | None = None, tim
         time.sleep(0.2)
     server.kill()
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()[-4000:]}")
+
+
+def serve(tmp_path_factory: Any, name: str, args: list[str], **kwargs: Any) -> Iterator[Server]:
+    """Body of a module-scoped server fixture (`yield from serve(...)`): start the server with its log in a fresh
+    temp dir named `name`, hand it out, and kill it and its children afterwards."""
+    server = start_server(args, str(tmp_path_factory.mktemp(name) / "server.log"), **kwargs)
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 def wait_for(cond: Any, timeout: float, interval: float = 0.1) -> bool:

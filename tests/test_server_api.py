@@ -12,7 +12,7 @@ import math
 import httpx
 import pytest
 
-from server_util import TINY_ARGS, chat_ids, hf_greedy, start_server, tiny_checkpoint
+from server_util import TINY_ARGS, chat_ids, hf_greedy, serve, tiny_checkpoint
 
 NAME = "tiny"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a capital city."}]
@@ -27,12 +27,7 @@ def ckpt(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    log = str(tmp_path_factory.mktemp("server-api") / "server.log")
-    s = start_server(["--model", ckpt, *TINY_ARGS, "--served-model-name", NAME], log)
-    try:
-        yield s
-    finally:
-        s.kill()
+    yield from serve(tmp_path_factory, "server-api", ["--model", ckpt, *TINY_ARGS, "--served-model-name", NAME])
 
 
 @pytest.fixture(scope="module")

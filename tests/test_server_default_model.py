@@ -7,17 +7,13 @@ import os
 import pytest
 
 from minisgl.models.default_model import default_model_path
-from server_util import start_server
+from server_util import serve
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log = str(tmp_path_factory.mktemp("server-default") / "server.log")
-    s = start_server(["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "4096"], log)
-    try:
-        yield s
-    finally:
-        s.kill()
+    args = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "4096"]
+    yield from serve(tmp_path_factory, "server-default", args)
 
 
 def test_default_model_is_listed_and_chats(server):

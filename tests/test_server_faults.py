@@ -13,7 +13,7 @@ import sys
 import httpx
 import pytest
 
-from server_util import (REPO, TINY_ARGS, free_port, minisgl_env, start_server, tiny_checkpoint, wait_for,
+from server_util import (REPO, TINY_ARGS, free_port, minisgl_env, serve, tiny_checkpoint, wait_for,
                          wait_gone)
 
 MAX_TOKENS = 16000  # seconds of decoding: only an abort ends such a request within the test
@@ -22,12 +22,7 @@ MAX_TOKENS = 16000  # seconds of decoding: only an abort ends such a request wit
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = tiny_checkpoint(tmp_path_factory, long=True)
-    log = str(tmp_path_factory.mktemp("server-faults") / "server.log")
-    s = start_server(["--model", ckpt, *TINY_ARGS, "--disable-radix-cache"], log)
-    try:
-        yield s
-    finally:
-        s.kill()
+    yield from serve(tmp_path_factory, "server-faults", ["--model", ckpt, *TINY_ARGS, "--disable-radix-cache"])
 
 
 def body(server, stream: bool) -> dict:

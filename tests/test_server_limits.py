@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from server_util import TINY_ARGS, start_server, tiny_checkpoint, wait_for, wait_gone
+from server_util import TINY_ARGS, serve, tiny_checkpoint, wait_for, wait_gone
 
 KEY = "sk-test-key"
 TIMEOUT_S = 8  # the running request must outlive the queue checks even on a busy 2-core machine
@@ -24,13 +24,9 @@ LONG = dict(model=None, messages=[{"role": "user", "content": "go on"}], max_tok
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = tiny_checkpoint(tmp_path_factory, long=True)
-    log = str(tmp_path_factory.mktemp("server-limits") / "server.log")
-    s = start_server(["--model", ckpt, *TINY_ARGS, "--max-running-requests", "1", "--max-queued-requests", "2",
-                      "--request-timeout", str(TIMEOUT_S)], log, api_key=KEY)
-    try:
-        yield s
-    finally:
-        s.kill()
+    args = ["--model", ckpt, *TINY_ARGS, "--max-running-requests", "1", "--max-queued-requests", "2",
+            "--request-timeout", str(TIMEOUT_S)]
+    yield from serve(tmp_path_factory, "server-limits", args, api_key=KEY)
 
 
 def long_request(server) -> dict:

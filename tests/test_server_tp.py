@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from server_util import TINY_ARGS, chat_ids, hf_greedy, start_server, tiny_checkpoint, wait_gone
+from server_util import TINY_ARGS, chat_ids, hf_greedy, serve, start_server, tiny_checkpoint, wait_gone
 
 MESSAGES = [{"role": "user", "content": "Name a capital city."}]
 N_TOKENS = 10
@@ -18,12 +18,7 @@ def ckpt(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    log = str(tmp_path_factory.mktemp("server-tp") / "server.log")
-    s = start_server(["--model", ckpt, *TINY_ARGS, "--tp", "2", "--page-size", "4"], log)
-    try:
-        yield s
-    finally:
-        s.kill()
+    yield from serve(tmp_path_factory, "server-tp", ["--model", ckpt, *TINY_ARGS, "--tp", "2", "--page-size", "4"])
 
 
 def test_tp2_greedy_equals_single_rank(server, ckpt):

@@ -112,15 +112,21 @@ class Linear(nn.Module):
         return y
 
 
+def vocab_slice(vocab_size: int, tp: TPInfo) -> tuple[int, int, int]:
+    """(rows per rank, this rank's first vocabulary id, how many of its rows are real ids): each rank holds an
+    equal, padded slice of the vocabulary; the last rank's padding rows hold zeros."""
+    per_rank = -(-vocab_size // tp.size)
+    start = tp.rank * per_rank
+    return per_rank, start, max(0, min(per_rank, vocab_size - start))
+
+
 class VocabEmbedding(nn.Module):
     """Token embedding, split over ranks by vocabulary range; out-of-range rows contribute zeros."""
 
     def __init__(self, vocab_size: int, dim: int, tp: TPInfo = TPInfo()):
         super().__init__()
         self.tp = tp
-        self.per_rank = -(-vocab_size // tp.size)
-        self.start = tp.rank * self.per_rank
-        self.rows = max(0, min(self.per_rank, vocab_size - self.start))
+        self.per_rank, self.start, self.rows = vocab_slice(vocab_size, tp)
         self.weight = nn.Parameter(torch.empty(self.per_rank, dim), requires_grad=False)
 
     def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
@@ -162,9 +168,7 @@ class LMHead(nn.Module):
         self.proj: Linear | None = None
         self.dense_from_rows: int | None = None
         if quant is not None:
-            self.per_rank = -(-vocab_size // tp.size)  # the same slicing as VocabEmbedding
-            self.start = tp.rank * self.per_rank
-            self.rows = max(0, min(self.per_rank, vocab_size - self.start))
+            self.per_rank, self.start, self.rows = vocab_slice(vocab_size, tp)  # as VocabEmbedding slices
             self.proj = Linear(dim, self.per_rank, quant=quant)
         elif tied is None:
             self.embed = VocabEmbedding(vocab_size, dim, tp)

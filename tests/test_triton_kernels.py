@@ -272,7 +272,7 @@ def test_rotary_in_place(dtype, hq, hkv, head_dim, rotary_dim):
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # the table is built in the model dtype, as the engine builds it
     try:
-        rotary = RotaryEmbedding(RopeConfig(theta=10000.0, rotary_dim=rotary_dim), head_dim, 2048, DEVICE)
+        rotary = RotaryEmbedding(RopeConfig(theta=10000.0, rotary_dim=rotary_dim), 2048, DEVICE)
     finally:
         torch.set_default_dtype(default)
     positions = torch.randint(0, 2048, (tokens,), generator=gen).to(DEVICE)
@@ -310,7 +310,7 @@ def test_rotary_in_place_neox_layout(dtype):
     [T, heads, 2, D] view; v and the non-rotary dims must stay untouched."""
     gen = torch.Generator().manual_seed(3)
     tokens, heads, head_dim, rotary_dim = 7, 3, 32, 8
-    rotary = RotaryEmbedding(RopeConfig(theta=10000.0, rotary_dim=rotary_dim), head_dim, 512, DEVICE)
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0, rotary_dim=rotary_dim), 512, DEVICE)
     rope = rotary.lookup(torch.randint(0, 512, (tokens,), generator=gen).to(DEVICE))
     qkv = torch.randn(tokens, heads * 3 * head_dim, generator=gen).to(dtype).to(DEVICE).view(tokens, heads, 3, head_dim)
     before = qkv.cpu().double()

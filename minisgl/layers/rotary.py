@@ -46,15 +46,13 @@ class RotaryEmbedding(nn.Module):
     model's max length). Like HF, angles are computed in float32 and the table is then cast to the model dtype
     (the default dtype when the model is built), so half-precision models rotate in their own dtype as HF's do."""
 
-    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device):
+    def __init__(self, rope: RopeConfig, max_positions: int, device: torch.device):
         super().__init__()
-        self.rotary_dim = rope.rotary_dim
-        self.head_dim = head_dim
-        self.dtype = torch.get_default_dtype()
-        self.inv_freq = inv_frequencies(rope).to(device)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), self.inv_freq)
-        self.cos = freqs.cos().to(self.dtype)
-        self.sin = freqs.sin().to(self.dtype)
+        dtype = torch.get_default_dtype()
+        inv_freq = inv_frequencies(rope).to(device)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
+        self.cos = freqs.cos().to(dtype)
+        self.sin = freqs.sin().to(dtype)
 
     def lookup(self, positions: torch.Tensor) -> Rope:
         return Rope(self.cos[positions], self.sin[positions])

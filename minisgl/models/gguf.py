@@ -424,7 +424,10 @@ def iter_gguf_weights(
             w = dequantize_tensor(path, info).to(dtype)
         if arch in _PERMUTED_QK_ARCHS and (".attn_q." in info.name or ".attn_k." in info.name):
             heads = n_heads if ".attn_q." in info.name else n_kv
-            w = w.map_rows(lambda t: unpermute_qk(t, heads)) if not isinstance(w, torch.Tensor) else unpermute_qk(w, heads)
+            if isinstance(w, torch.Tensor):
+                w = unpermute_qk(w, heads)
+            else:
+                w = w.map_rows(lambda t: unpermute_qk(t, heads))
         yield name, w
 
 

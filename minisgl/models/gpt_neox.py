@@ -73,7 +73,7 @@ class GPTNeoXModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPInfo, device: torch.device, quant: QuantConfig | None = None):
         super().__init__()
         self.embed_in = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.max_position_embeddings, device)
         self.layers = nn.ModuleList(NeoXLayer(cfg, i, tp, quant) for i in range(cfg.num_layers))
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
 

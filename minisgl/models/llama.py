@@ -102,7 +102,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp, make_mlp(i), quant) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, device)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.max_position_embeddings, device)
 
 
 class LlamaForCausalLM(CausalLM):

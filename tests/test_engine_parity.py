@@ -8,6 +8,7 @@ import torch
 from checkpoints import build_checkpoint
 from engine_util import engine_prefill_logits, hf_model, random_prompts, teacher_forced_greedy
 from minisgl import LLM, SamplingParams
+from minisgl.kernels import native
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_neox", "gpt_neox_serial"]
 PROMPTS = random_prompts()
@@ -61,6 +62,16 @@ def test_prefill_logits_match(arch_ckpt, rope_form, tmp_path):
 def test_greedy_matches_transformers(arch_ckpt, engine_kwargs):
     _, path, hf = arch_ckpt
     llm = LLM(path, device="cpu", dtype="float32", **engine_kwargs)
+    check_greedy(llm, hf)
+    assert_no_leaks(llm)
+
+
+def test_torch_ops_fallback_matches_transformers(arch_ckpt, monkeypatch):
+    """Without the native CPU kernels (no C++ compiler): torch ops in the layers and the torch attention backend."""
+    monkeypatch.setattr(native, "_lib", lambda: None)
+    _, path, hf = arch_ckpt
+    llm = LLM(path, device="cpu", dtype="float32", page_size=4)
+    assert type(llm.scheduler.engine.attn_backend).__name__ == "TorchBackend"
     check_greedy(llm, hf)
     assert_no_leaks(llm)
 

@@ -7,11 +7,15 @@ import torch
 from minisgl.attention.base import AttentionBackend
 from minisgl.kvcache.pool import KVPool
 
-BACKENDS = ("torch", "triton", "flashinfer")
+BACKENDS = ("torch", "cpu", "triton", "flashinfer")
 
 
 def default_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" else "torch"
+    if device.type == "cuda":
+        return "triton"
+    from minisgl.kernels import native
+
+    return "cpu" if native.available() else "torch"
 
 
 def create_backend(
@@ -19,6 +23,8 @@ def create_backend(
 ) -> AttentionBackend:
     if name == "torch":
         from minisgl.attention.torch_backend import TorchBackend as cls
+    elif name == "cpu":
+        from minisgl.attention.cpu_backend import CpuBackend as cls
     elif name == "triton":
         from minisgl.attention.triton_backend import TritonBackend as cls
     elif name == "flashinfer":

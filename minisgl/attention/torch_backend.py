@@ -25,6 +25,17 @@ class TorchMetadata:
     bias: torch.Tensor | None
 
 
+def slot_table(batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, valid), both [B, L] with L the longest sequence: the KV slot of position p of sequence b (int64;
+    slot 0, the scratch page, past the sequence's end) and whether p < seq_lens[b]."""
+    ps = batch.page_size
+    max_len = max(p + e for p, e in zip(batch.prefix_lens_cpu, batch.extend_lens_cpu))
+    pos = torch.arange(max_len, device=batch.page_table.device)
+    slots = batch.page_table[:, pos // ps].long() * ps + pos % ps
+    valid = pos.unsqueeze(0) < batch.seq_lens.unsqueeze(1)
+    return slots.masked_fill_(~valid, 0), valid
+
+
 class TorchBackend(AttentionBackend):
     """Gathers each sequence's KV through the page table, then attends with plain tensor ops.
 
@@ -34,13 +45,8 @@ class TorchBackend(AttentionBackend):
     """
 
     def prepare(self, batch: ForwardBatch) -> None:
-        ps = batch.page_size
-        max_len = max(p + e for p, e in zip(batch.prefix_lens_cpu, batch.extend_lens_cpu))
-        pos = torch.arange(max_len, device=batch.page_table.device)
-        slots = batch.page_table[:, pos // ps].long() * ps + pos % ps
-        valid = pos.unsqueeze(0) < batch.seq_lens.unsqueeze(1)
-        slots = slots.masked_fill(~valid, 0).reshape(-1)
-        meta = TorchMetadata(slots=slots, max_len=max_len, bias=None)
+        slots, valid = slot_table(batch)
+        meta = TorchMetadata(slots=slots.reshape(-1), max_len=slots.shape[1], bias=None)
         if batch.is_decode:
             self._prepare_decode(batch, meta, valid)
         batch.attn_metadata = meta

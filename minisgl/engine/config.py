@@ -22,7 +22,7 @@ class EngineConfig:
     max_running_requests: int = 256
     max_model_len: int | None = None  # default: the model's context length
     disable_radix_cache: bool = False
-    attention_backend: str | None = None  # torch | triton | flashinfer; None = best for the device
+    attention_backend: str | None = None  # torch | cpu | triton | flashinfer; None = best for the device
     load_format: str = "auto"  # auto | dummy
     quantization: str | None = None  # none | int8 | int4 | fp8; None = a GGUF keeps its own precision, else none
     quantize_lm_head: bool = False

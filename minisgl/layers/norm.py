@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisgl.kernels import native
+
 
 class RMSNorm(nn.Module):
     """RMSNorm as one fused op. It accumulates in float32 like HF; for half-precision inputs it rounds once
@@ -24,6 +26,8 @@ class RMSNorm(nn.Module):
             from minisgl.kernels.norm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps)
+        if native.fits(x, self.weight):
+            return native.rmsnorm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
     def forward_with_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +36,8 @@ class RMSNorm(nn.Module):
             from minisgl.kernels.norm import fused_add_rmsnorm
 
             return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        if native.fits(x, residual, self.weight) and x.is_contiguous() and residual.is_contiguous():
+            return native.fused_add_rmsnorm(x, residual, self.weight, self.eps)  # in place, like the CUDA kernel
         residual = x + residual
         return self.forward(residual), residual
 

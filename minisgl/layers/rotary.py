@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from minisgl.kernels import native
 from minisgl.models.config import RopeConfig
 
 
@@ -65,6 +66,8 @@ def apply_rotary(x: torch.Tensor, rope: Rope) -> None:
         from minisgl.kernels.rotary import rotary_
 
         return rotary_(x, rope.cos, rope.sin)
+    if x.dim() == 3 and x.stride(1) == x.shape[2] and native.fits(x, rope.cos, rope.sin):
+        return native.rotary_(x, rope.cos, rope.sin)
     half = rope.cos.shape[-1]
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
     cos, sin = rope.cos.view(shape), rope.sin.view(shape)

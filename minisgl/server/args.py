@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on prompt + output tokens (default: the model's)")
     e.add_argument("--disable-radix-cache", action="store_true", help="do not reuse KV of shared prompt prefixes")
     e.add_argument("--attention-backend", default=d.attention_backend,
-                   help="torch, triton or flashinfer (default: the best for the device)")
+                   help="torch, cpu, triton or flashinfer (default: triton on CUDA, cpu on the CPU)")
     e.add_argument("--seed", type=int, default=d.seed, help="seed for requests that do not set their own")
 
     s = p.add_argument_group("server")

@@ -1,0 +1,132 @@
+"""The native CPU kernels (minisgl/kernels/native.cpp) against plain torch written the way HF's modules compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minisgl.kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernels did not build")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    # fp32: accumulation order only. bf16: a sum that lands near a rounding boundary may round the other way.
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def hf_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (7, 100), (3, 5, 64)])
+def test_rmsnorm(dtype, shape):
+    wide = torch.randn(*shape[:-1], shape[-1] + 24).to(dtype)
+    x = wide[..., 8 : 8 + shape[-1]]  # rows strided, as a slice of a fused projection is
+    w = (torch.rand(shape[-1]) + 0.5).to(dtype)
+    out = native.rmsnorm(x, w, 1e-6)
+    assert out.shape == x.shape and out.is_contiguous()
+    close(out, hf_rmsnorm(x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rmsnorm_in_place(dtype):
+    x, residual = torch.randn(6, 200).to(dtype), torch.randn(6, 200).to(dtype)
+    w = (torch.rand(200) + 0.5).to(dtype)
+    summed = x + residual
+    out, res = native.fused_add_rmsnorm(x, residual, w, 1e-5)
+    assert out.data_ptr() == x.data_ptr() and res.data_ptr() == residual.data_ptr()
+    assert torch.equal(res, summed)  # one rounding of the sum, as torch's add
+    close(out, hf_rmsnorm(summed, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,half", [(64, 32), (128, 64), (32, 8)], ids=["d64", "d128", "partial"])
+def test_rotary(dtype, head_dim, half):
+    t, heads = 5, 4
+    qkv = torch.randn(t, (heads + 2) * head_dim).to(dtype)
+    x = qkv[:, : heads * head_dim].view(t, heads, head_dim)  # token rows strided
+    angles = torch.rand(t, half) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    c, s = cos[:, None, :], sin[:, None, :]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    ref = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, rest), dim=-1)  # HF: x cos + rotate_half(x) sin
+    untouched = qkv[:, heads * head_dim :].clone()
+    native.rotary_(x, cos, sin)
+    close(x, ref, dtype)
+    assert torch.equal(qkv[:, heads * head_dim :], untouched)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    x = (torch.randn(9, 2 * 300) * 4).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    close(native.silu_and_mul(x), F.silu(gate) * up, dtype)
+
+
+def reference_attention(q, k_cache, v_cache, slots, lens, scale):
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k_cache.shape[1]
+    for b in range(q.shape[0]):
+        idx = slots[b, : lens[b]]
+        keys = k_cache[idx].double().repeat_interleave(group, dim=1)  # [n, Hq, D]
+        vals = v_cache[idx].double().repeat_interleave(group, dim=1)
+        probs = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double() * scale, keys), dim=-1)
+        out[b] = torch.einsum("hn,nhd->hd", probs, vals)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch,q_heads,kv_heads,head_dim,layout",
+    [
+        (5, 9, 3, 64, "fused"),  # GQA, q/k/v slices of one projection (Llama)
+        (3, 4, 4, 128, "fused"),
+        (4, 6, 2, 40, "per_head"),  # a head size with no specialisation; heads interleaved as GPT-NeoX's
+        (16, 9, 3, 64, "fused"),  # large enough to split over threads
+    ],
+)
+def test_decode_attention(dtype, batch, q_heads, kv_heads, head_dim, layout):
+    torch.manual_seed(0)
+    page, pages = 4, 1 + batch * 80
+    k_cache = torch.randn(pages * page, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(pages * page, kv_heads, head_dim).to(dtype)
+    lens = torch.randint(1, 300 if batch == 16 else 40, (batch,))
+    lens[0] = 1  # a sequence that sees only its new token
+    table = torch.randperm(pages - 1)[: batch * 80].view(batch, 80) + 1  # page 0 is scratch
+    max_len = int(lens.max())
+    pos = torch.arange(max_len)
+    slots = table[:, pos // page] * page + pos % page
+    slots = slots.masked_fill(pos >= lens[:, None], 0).contiguous()
+    out_loc = slots[torch.arange(batch), lens - 1].clone()  # the new token is each sequence's last position
+    if layout == "fused":
+        qkv = torch.randn(batch, (q_heads + 2 * kv_heads) * head_dim).to(dtype)
+        q = qkv[:, : q_heads * head_dim].view(batch, q_heads, head_dim)
+        k = qkv[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].view(batch, kv_heads, head_dim)
+        v = qkv[:, (q_heads + kv_heads) * head_dim :].view(batch, kv_heads, head_dim)
+    else:
+        kv = torch.randn(batch, kv_heads, 3, head_dim).to(dtype)  # heads further apart than head_dim
+        k, v = kv[:, :, 0], kv[:, :, 2]
+        q = torch.randn(batch, q_heads, 2, head_dim).to(dtype)[:, :, 1]
+    scale = head_dim**-0.5
+    out = native.decode_attention(q, k, v, out_loc, k_cache, v_cache, slots, lens, scale)
+    assert torch.equal(k_cache[out_loc], k) and torch.equal(v_cache[out_loc], v)
+    close(out, reference_attention(q, k_cache, v_cache, slots, lens, scale), dtype)
+
+
+def test_without_a_compiler_the_layers_keep_torch_ops(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MINISGL_CACHE_DIR", str(tmp_path))
+    native._lib.cache_clear()
+    try:
+        assert not native.available()
+        assert not native.fits(torch.zeros(2, 4))
+    finally:
+        native._lib.cache_clear()  # the next caller builds (or finds) the real library again

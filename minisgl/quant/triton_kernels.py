@@ -220,6 +220,10 @@ _GEMV_W4_CONFIGS = [
     _cfg(8, 3, BLOCK_N=16, GROUPS=16),
     _cfg(8, 3, BLOCK_N=32, GROUPS=8),
     _cfg(4, 4, BLOCK_N=8, GROUPS=32),
+    # Few warps and rows per program: more programs in flight; best on Llama-8B's shapes in a wider sweep.
+    _cfg(2, 2, BLOCK_N=2, GROUPS=64),
+    _cfg(1, 2, BLOCK_N=2, GROUPS=64),
+    _cfg(1, 4, BLOCK_N=4, GROUPS=16),
 ]
 # GEMM configs per M bucket (the smallest power of two >= M, 16 at least, 128 at most).
 _GEMM_TILES = {

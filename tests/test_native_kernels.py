@@ -130,3 +130,30 @@ def test_without_a_compiler_the_layers_keep_torch_ops(monkeypatch, tmp_path):
         assert not native.fits(torch.zeros(2, 4))
     finally:
         native._lib.cache_clear()  # the next caller builds (or finds) the real library again
+
+
+def int4_layer(rows: int, cols: int):
+    from minisgl.layers.linear import Linear
+    from minisgl.quant import QuantConfig, make_method
+
+    layer = Linear(cols, rows, quant=QuantConfig("int4"))
+    layer.create_weights(make_method("int4", torch.device("cpu"), torch.bfloat16))
+    layer.write_rows(0, torch.randn(rows, cols) * 0.05)
+    layer.finalize()  # torch's packed CPU layout, rows padded to 64
+    return layer
+
+
+@pytest.mark.skipif(not native.has_int4_gemm(), reason="the int4 kernel needs AVX-512")
+@pytest.mark.parametrize("rows,cols", [(100, 64), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 16])
+def test_int4_gemm_matches_torch_kernel(rows, cols, batch):
+    torch.manual_seed(rows + batch)
+    layer = int4_layer(rows, cols)
+    x = torch.randn(batch, cols).to(torch.bfloat16)
+    ours = native.int4_gemm(x, layer.qweight, layer.qscale_zero, rows)
+    assert ours.shape == (batch, rows)
+    dense = x.float() @ layer.method.dequantize(layer).float().t()
+    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.qweight, 32, layer.qscale_zero)[:, :rows]
+    # Both round one fp32 sum to bf16; their sums differ only in order.
+    torch.testing.assert_close(ours.float(), dense, rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(ours, theirs, rtol=2**-7, atol=1e-3)

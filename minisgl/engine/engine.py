@@ -16,6 +16,7 @@ from minisgl.engine.config import EngineConfig
 from minisgl.engine.forward import ForwardBatch
 from minisgl.kvcache.pool import KVPool
 from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
+from minisgl.models import native_decoder
 from minisgl.models.hub import resolve_model_path
 from minisgl.models.registry import model_class
 from minisgl.models.weights import fill_dummy_weights, iter_weights
@@ -73,6 +74,10 @@ class Engine:
         name = config.attention_backend or default_backend(self.device)
         self.attn_backend = create_backend(name, self.pool, num_q_heads, num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         logger.info("KV pool: %d pages of %d tokens, attention backend %s", num_pages, self.page_size, name)
+        if self.device.type == "cpu":
+            self.model.native_decoder = native_decoder.build(self.model, self.pool, self.attn_backend)
+            if self.model.native_decoder is not None:
+                logger.info("decode runs each decoder layer as one native call")
         self.graph_runner = self._maybe_capture_graphs(config)
 
     def _maybe_capture_graphs(self, config: EngineConfig):

@@ -1,7 +1,8 @@
-"""CPU kernels in C++ (native.cpp) for the small ops of a decode step, loaded with ctypes.
+"""CPU kernels in C++ (csrc/) for a decode step, loaded with ctypes: its small ops, an int4 matmul, and a whole
+Llama-family decoder layer.
 
-The source is compiled on first use with the system C++ compiler (`$CXX`, else g++ or c++), about a second,
-into `$MINISGL_CACHE_DIR` (default ~/.cache/minisgl) under a name that hashes the source, the flags and the
+The sources are compiled on first use with the system C++ compiler (`$CXX`, else g++ or c++), about a second,
+into `$MINISGL_CACHE_DIR` (default ~/.cache/minisgl) under a name that hashes the sources, the flags and the
 CPU's feature flags, so a copied cache never runs code built for another CPU. Without a compiler, or with
 `MINISGL_NATIVE=0`, `available()` is False and callers keep their torch ops.
 
@@ -26,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("native.cpp")
+_SOURCES = Path(__file__).with_name("csrc")  # api.cpp includes the headers beside it
 # Reassociation lets the compiler vectorise the fp32 reductions; no -ffast-math, so NaN and inf keep meaning.
 # -fopenmp: the library needs libgomp.so.1, which resolves to the copy torch has already loaded, so its parallel
 # loops run on torch's own threads.
@@ -42,6 +43,9 @@ _SIGNATURES = {
     "minisgl_silu_and_mul": [_int, _ptr, _ptr, _i64, _i64],
     "minisgl_decode_attention": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr,
                                  _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],  # fmt: skip
+    "minisgl_int4_gemm": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr],
+    "minisgl_has_int4_gemm": [],
+    "minisgl_decoder_layer": [_ptr, _ptr, _ptr, _ptr, _int],
 }
 
 
@@ -56,8 +60,8 @@ def _cpu_flags() -> str:
 
 
 def _build(cxx: str) -> Path:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join([cxx, *_FLAGS]).encode(), _cpu_flags().encode()]))
+    sources = [f.read_bytes() for f in sorted(_SOURCES.iterdir()) if f.suffix in (".h", ".cpp")]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join([cxx, *_FLAGS]).encode(), _cpu_flags().encode()]))
     cache = Path(os.environ.get("MINISGL_CACHE_DIR") or Path.home() / ".cache" / "minisgl")
     target = cache / f"native-{key.hexdigest()[:16]}.so"
     if not target.exists():
@@ -65,7 +69,8 @@ def _build(cxx: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            subprocess.run([cxx, *_FLAGS, "-o", tmp, str(_SOURCE)], check=True, capture_output=True, text=True)
+            cmd = [cxx, *_FLAGS, "-o", tmp, str(_SOURCES / "api.cpp")]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
             os.replace(tmp, target)  # atomic: processes building at once each install a whole library
         finally:
             if os.path.exists(tmp):
@@ -90,11 +95,18 @@ def _lib() -> ctypes.CDLL | None:
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
+    lib.minisgl_has_int4_gemm.restype = _int
     return lib
 
 
 def available() -> bool:
     return _lib() is not None
+
+
+def has_int4_gemm() -> bool:
+    """Whether the library has the AVX-512 int4 kernels, int4_gemm and decoder_layer (it is compiled for the CPU
+    it runs on)."""
+    return available() and bool(_lib().minisgl_has_int4_gemm())
 
 
 def fits(*tensors: torch.Tensor) -> bool:
@@ -167,3 +179,47 @@ def decode_attention(
         scale,
     )  # fmt: skip
     return out
+
+
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] (bf16, contiguous) times an int4 weight in torch's packed CPU layout (qweight uint8 [Np, K/2],
+    scale_zero bf16 [K/32, Np, 2]): the product aten._weight_int4pack_mm_for_cpu computes, [M, out_features]."""
+    rows, k_len = x.shape
+    y = x.new_empty((rows, out_features))
+    _lib().minisgl_int4_gemm(x.data_ptr(), rows, k_len, qweight.data_ptr(), scale_zero.data_ptr(), out_features,
+                             scale_zero.shape[1], y.data_ptr())  # fmt: skip
+    return y
+
+
+class Int4Weight(ctypes.Structure):
+    """An int4 linear in torch's packed CPU layout (quant/int4.py), as csrc/decoder.h reads it."""
+
+    _fields_ = [("packed", _ptr), ("scale_zero", _ptr), ("rows", _i64), ("padded_rows", _i64), ("k", _i64)]
+
+
+class DecoderWeights(ctypes.Structure):
+    """One decoder layer's weights and KV cache, as csrc/decoder.h reads them. It holds raw pointers: the
+    tensors they point into must outlive it."""
+
+    _fields_ = [
+        ("input_norm", _ptr), ("post_norm", _ptr),
+        ("qkv", Int4Weight), ("o", Int4Weight), ("gate_up", Int4Weight), ("down", Int4Weight),
+        ("k_cache", _ptr), ("v_cache", _ptr),
+        ("hidden", _i64), ("q_heads", _i64), ("kv_heads", _i64), ("head_dim", _i64), ("inter", _i64),
+        ("rotary_half", _i64),
+        ("eps", ctypes.c_double), ("scale", ctypes.c_double),
+    ]  # fmt: skip
+
+
+class DecodeStep(ctypes.Structure):
+    """What a decode step gives every layer: cos/sin [B, half] (bf16), out_loc [B], slots [B, L], lens [B]
+    (int64, see attention/cpu_backend.py)."""
+
+    _fields_ = [("cos", _ptr), ("sin", _ptr), ("out_loc", _ptr), ("slots", _ptr), ("lens", _ptr),
+                ("batch", _i64), ("max_len", _i64)]  # fmt: skip
+
+
+def decoder_layer(weights: DecoderWeights, step: DecodeStep, h: torch.Tensor, residual: torch.Tensor, first: bool):
+    """Run one decoder layer's decode step in place: h [B, hidden] (bf16, contiguous) in, the layer's MLP output
+    out; residual updated (with first, only written: the first layer has none yet)."""
+    _lib().minisgl_decoder_layer(ctypes.byref(weights), ctypes.byref(step), h.data_ptr(), residual.data_ptr(), first)

@@ -1,74 +1,17 @@
-// CPU kernels for the small ops of a decode step: RMSNorm (plain and fused with the residual add), rotary
-// embedding, SiLU-and-mul, and paged decode attention with its KV store.
-//
-// Why native code: at batch 1 these ops touch a few KB each, so torch's per-op cost (dispatch, dtype casts,
-// temporaries) is most of their time; a decode step ran ~25 of them per layer. Here each is one call.
+// The small ops of a decode step: RMSNorm (plain and fused with the residual add), rotary embedding,
+// SiLU-and-mul, and paged decode attention with its KV store.
 //
 // Numerics follow HF's eager modules for bf16: every intermediate HF materialises as a bf16 tensor is rounded
 // to bf16 here too (round to nearest even), sums and dot products accumulate in fp32. For fp32 the rounding
-// is the identity. Every kernel is single-threaded: torch's thread pool stays free and no second OpenMP
-// runtime spins beside it.
-//
-// Layout contract (checked by the Python wrappers in native.py): the last dim of every tensor is contiguous;
-// `*_stride` arguments are row strides in elements.
+// is the identity. `*_stride` arguments are row strides in elements; the last dim is always contiguous.
+#pragma once
 
 #include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
-namespace {
+#include "numerics.h"
 
-using bf16 = uint16_t;
-
-inline float to_float(float x) { return x; }
-inline float to_float(bf16 x) {
-    uint32_t u = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline void from_float(float x, float* out) { *out = x; }
-inline void from_float(float x, bf16* out) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN (quiet)
-        *out = bf16((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-    *out = bf16(u >> 16);
-}
-
-// x rounded to T's precision and back: where HF would store a T tensor between two ops.
-template <typename T>
-inline float round_as(float x) {
-    T t;
-    from_float(x, &t);
-    return to_float(t);
-}
-
-// exp(x) to ~2 ulp for x in float range, written so the compiler vectorises it (std::exp is a scalar call).
-inline float fast_exp(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = std::nearbyint(x * 1.44269504088896341f);  // x = n ln2 + r, |r| <= ln2 / 2
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    const float r2 = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    const int32_t bits = (int32_t(n) + 127) << 23;  // 2^n
-    float scale;
-    std::memcpy(&scale, &bits, 4);
-    return p * scale;
-}
+namespace minisgl {
 
 template <typename T>
 float inv_rms(const T* x, int64_t dim, float eps) {
@@ -238,54 +181,4 @@ void decode_attention_any(const T* q, int64_t q_stride, int64_t q_hstride, const
         run(decode_attention<T, 0>);
 }
 
-}  // namespace
-
-// C entry points: `bf16` selects the element type (0: float32, 1: bfloat16) of every floating tensor argument.
-extern "C" {
-
-void minisgl_rmsnorm(int bf16, const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride,
-                     int64_t rows, int64_t dim, float eps) {
-    if (bf16)
-        rmsnorm((const ::bf16*)x, x_stride, (const ::bf16*)w, (::bf16*)out, out_stride, rows, dim, eps);
-    else
-        rmsnorm((const float*)x, x_stride, (const float*)w, (float*)out, out_stride, rows, dim, eps);
-}
-
-void minisgl_add_rmsnorm(int bf16, void* x, void* residual, const void* w, int64_t rows, int64_t dim, float eps) {
-    if (bf16)
-        add_rmsnorm((::bf16*)x, (::bf16*)residual, (const ::bf16*)w, rows, dim, eps);
-    else
-        add_rmsnorm((float*)x, (float*)residual, (const float*)w, rows, dim, eps);
-}
-
-void minisgl_rotary(int bf16, void* x, int64_t x_stride, int64_t heads, int64_t head_dim, const void* cos,
-                    const void* sin, int64_t half, int64_t rows) {
-    if (bf16)
-        rotary((::bf16*)x, x_stride, heads, head_dim, (const ::bf16*)cos, (const ::bf16*)sin, half, rows);
-    else
-        rotary((float*)x, x_stride, heads, head_dim, (const float*)cos, (const float*)sin, half, rows);
-}
-
-void minisgl_silu_and_mul(int bf16, const void* x, void* out, int64_t rows, int64_t inter) {
-    if (bf16)
-        silu_and_mul((const ::bf16*)x, (::bf16*)out, rows, inter);
-    else
-        silu_and_mul((const float*)x, (float*)out, rows, inter);
-}
-
-void minisgl_decode_attention(int bf16, const void* q, int64_t q_stride, int64_t q_hstride, const void* k,
-                              int64_t k_stride, int64_t k_hstride, const void* v, int64_t v_stride, int64_t v_hstride,
-                              const int64_t* out_loc, void* k_cache, void* v_cache, const int64_t* slots,
-                              const int64_t* lens, void* out, int64_t batch, int64_t max_len, int64_t q_heads,
-                              int64_t kv_heads, int64_t head_dim, float scale) {
-    if (bf16)
-        decode_attention_any((const ::bf16*)q, q_stride, q_hstride, (const ::bf16*)k, k_stride, k_hstride,
-                             (const ::bf16*)v, v_stride, v_hstride, out_loc, (::bf16*)k_cache, (::bf16*)v_cache,
-                             slots, lens, (::bf16*)out, batch, max_len, q_heads, kv_heads, head_dim, scale);
-    else
-        decode_attention_any((const float*)q, q_stride, q_hstride, (const float*)k, k_stride, k_hstride,
-                             (const float*)v, v_stride, v_hstride, out_loc, (float*)k_cache, (float*)v_cache, slots,
-                             lens, (float*)out, batch, max_len, q_heads, kv_heads, head_dim, scale);
-}
-
-}  // extern "C"
+}  // namespace minisgl

@@ -1,0 +1,84 @@
+// The C entry points of the native CPU kernels, loaded by minisgl/kernels/native.py with ctypes.
+//
+// Why native code: at batch 1 a decode step's small ops touch a few KB each, so torch's per-op cost (dispatch,
+// dtype casts, temporaries) was most of their time; a decode step ran ~25 of them per layer. Here each is one
+// call. Parallel loops run on torch's own OpenMP threads (this library resolves libgomp to the copy torch has
+// loaded), so no second thread pool spins beside torch's.
+
+#include "decoder.h"
+#include "int4.h"
+#include "ops.h"
+
+using namespace minisgl;
+
+// C entry points: `is_bf16` selects the element type (0: float32, 1: bfloat16) of every floating tensor argument.
+extern "C" {
+
+void minisgl_rmsnorm(int is_bf16, const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride,
+                     int64_t rows, int64_t dim, float eps) {
+    if (is_bf16)
+        rmsnorm((const bf16*)x, x_stride, (const bf16*)w, (bf16*)out, out_stride, rows, dim, eps);
+    else
+        rmsnorm((const float*)x, x_stride, (const float*)w, (float*)out, out_stride, rows, dim, eps);
+}
+
+void minisgl_add_rmsnorm(int is_bf16, void* x, void* residual, const void* w, int64_t rows, int64_t dim, float eps) {
+    if (is_bf16)
+        add_rmsnorm((bf16*)x, (bf16*)residual, (const bf16*)w, rows, dim, eps);
+    else
+        add_rmsnorm((float*)x, (float*)residual, (const float*)w, rows, dim, eps);
+}
+
+void minisgl_rotary(int is_bf16, void* x, int64_t x_stride, int64_t heads, int64_t head_dim, const void* cos,
+                    const void* sin, int64_t half, int64_t rows) {
+    if (is_bf16)
+        rotary((bf16*)x, x_stride, heads, head_dim, (const bf16*)cos, (const bf16*)sin, half, rows);
+    else
+        rotary((float*)x, x_stride, heads, head_dim, (const float*)cos, (const float*)sin, half, rows);
+}
+
+void minisgl_silu_and_mul(int is_bf16, const void* x, void* out, int64_t rows, int64_t inter) {
+    if (is_bf16)
+        silu_and_mul((const bf16*)x, (bf16*)out, rows, inter);
+    else
+        silu_and_mul((const float*)x, (float*)out, rows, inter);
+}
+
+void minisgl_decode_attention(int is_bf16, const void* q, int64_t q_stride, int64_t q_hstride, const void* k,
+                              int64_t k_stride, int64_t k_hstride, const void* v, int64_t v_stride, int64_t v_hstride,
+                              const int64_t* out_loc, void* k_cache, void* v_cache, const int64_t* slots,
+                              const int64_t* lens, void* out, int64_t batch, int64_t max_len, int64_t q_heads,
+                              int64_t kv_heads, int64_t head_dim, float scale) {
+    if (is_bf16)
+        decode_attention_any((const bf16*)q, q_stride, q_hstride, (const bf16*)k, k_stride, k_hstride,
+                             (const bf16*)v, v_stride, v_hstride, out_loc, (bf16*)k_cache, (bf16*)v_cache,
+                             slots, lens, (bf16*)out, batch, max_len, q_heads, kv_heads, head_dim, scale);
+    else
+        decode_attention_any((const float*)q, q_stride, q_hstride, (const float*)k, k_stride, k_hstride,
+                             (const float*)v, v_stride, v_hstride, out_loc, (float*)k_cache, (float*)v_cache, slots,
+                             lens, (float*)out, batch, max_len, q_heads, kv_heads, head_dim, scale);
+}
+
+// 1 when this build has the AVX-512 int4 kernel (the compiler targeted a CPU with AVX-512F), else 0.
+int minisgl_has_int4_gemm() {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void minisgl_int4_gemm(const void* x, int64_t rows, int64_t k_len, const uint8_t* w, const uint32_t* scale_zero,
+                       int64_t n, int64_t padded_rows, void* y) {
+#if defined(__AVX512F__)
+    int4_gemm((const bf16*)x, rows, k_len, w, scale_zero, n, padded_rows, (bf16*)y);
+#endif
+}
+
+void minisgl_decoder_layer(const void* weights, const void* step, void* h, void* residual, int first) {
+#if defined(__AVX512F__)
+    decoder_layer(*(const DecoderWeights*)weights, *(const DecodeStep*)step, (bf16*)h, (bf16*)residual, first != 0);
+#endif
+}
+
+}  // extern "C"

@@ -1,0 +1,85 @@
+"""Llama-family decode on the CPU in one native call per decoder layer (kernels/csrc/decoder.h).
+
+With the native kernels, the module path already runs each op of a layer in C++; at batch 1 what remains is the
+interpreter between a dozen calls per layer, about as long as the int4 matmuls themselves. For a model that
+qualifies (see `build`), a decode step hands each layer to `native.decoder_layer`, which runs the same kernels
+in the same order with the same bf16 rounding. Prefill, and any model or batch that does not qualify, keep the
+module path; tests hold the two to the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minisgl.attention.base import AttentionBackend
+from minisgl.attention.cpu_backend import CpuBackend, CpuDecodeMetadata
+from minisgl.engine.forward import ForwardBatch
+from minisgl.kernels import native
+from minisgl.kvcache.pool import KVPool
+from minisgl.layers.linear import Linear
+from minisgl.layers.rotary import Rope
+
+# Above this many sequences the matmuls dominate and torch's int4 kernel, which reuses each weight across
+# more rows at once, is as fast; the module path then costs nothing extra.
+MAX_BATCH = 8
+
+
+def _int4(linear: Linear) -> native.Int4Weight | None:
+    if linear.bias is not None or linear.tp.size != 1 or not hasattr(linear, "qscale_zero"):
+        return None
+    if linear.qscale_zero.dtype != torch.bfloat16:
+        return None
+    return native.Int4Weight(linear.qweight.data_ptr(), linear.qscale_zero.data_ptr(), linear.out_features,
+                             linear.qscale_zero.shape[1], linear.in_features)  # fmt: skip
+
+
+class NativeDecoder:
+    """The decode-step runner of one model: a `native.DecoderWeights` per layer, built once."""
+
+    def __init__(self, layers: list[native.DecoderWeights]):
+        self.layers = layers
+
+    def applies(self, batch: ForwardBatch) -> bool:
+        return isinstance(batch.attn_metadata, CpuDecodeMetadata) and batch.batch_size <= MAX_BATCH
+
+    def run(self, rope: Rope, h: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """All layers on h [B, hidden] (the embeddings, overwritten); returns (h, residual) as the module path's
+        last layer does."""
+        meta: CpuDecodeMetadata = batch.attn_metadata
+        cos, sin, out_loc = rope.cos.contiguous(), rope.sin.contiguous(), batch.out_loc.long()
+        step = native.DecodeStep(cos.data_ptr(), sin.data_ptr(), out_loc.data_ptr(), meta.slots.data_ptr(),
+                                 meta.lens.data_ptr(), batch.batch_size, meta.slots.shape[1])  # fmt: skip
+        residual = torch.empty_like(h)
+        for i, weights in enumerate(self.layers):
+            native.decoder_layer(weights, step, h, residual, first=i == 0)
+        return h, residual
+
+
+def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> NativeDecoder | None:
+    """A NativeDecoder for `model` (a LlamaForCausalLM), or None unless every layer qualifies: int4 weights in
+    torch's packed CPU layout without biases, one rank, bf16, no q/k norm, a gated MLP, and the cpu attention
+    backend decoding natively, on a CPU with AVX-512 (the int4 kernel's)."""
+    from minisgl.models.llama import GatedMLP, LlamaForCausalLM
+
+    if not isinstance(model, LlamaForCausalLM) or not (native.has_int4_gemm() and isinstance(backend, CpuBackend) and backend.native_decode):
+        return None
+    if pool.dtype != torch.bfloat16 or model.model.rotary.cos.dtype != torch.bfloat16:
+        return None
+    layers = []
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qk_norm or not isinstance(mlp, GatedMLP):
+            return None
+        linears = [_int4(attn.qkv_proj), _int4(attn.o_proj), _int4(mlp.gate_up_proj), _int4(mlp.down_proj)]
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if any(w is None for w in linears) or any(n.dtype != torch.bfloat16 for n in norms):
+            return None
+        layers.append(
+            native.DecoderWeights(
+                norms[0].data_ptr(), norms[1].data_ptr(), *linears, pool.k(i).data_ptr(), pool.v(i).data_ptr(),
+                model.config.hidden_size, attn.num_q, attn.num_kv, attn.head_dim, mlp.down_proj.in_features,
+                model.model.rotary.cos.shape[1], layer.input_layernorm.eps, backend.scale,
+            )  # fmt: skip
+        )
+    return NativeDecoder(layers)

@@ -1,0 +1,81 @@
+"""CPU decode with one native call per decoder layer (models/native_decoder.py) against the module path on the
+same int4 model: the same logits at every decode step, to bf16 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import build_checkpoint
+from engine_util import random_prompts
+from minisgl import LLM, SamplingParams
+from minisgl.engine.engine import Engine
+from minisgl.kernels import native
+from minisgl.models import native_decoder
+
+pytestmark = pytest.mark.skipif(not native.has_int4_gemm(), reason="the native decoder needs AVX-512")
+
+PROMPTS = random_prompts(n=6, hi=60, seed=11)
+STEPS = 8
+
+
+def decode_logits(llm: LLM, prompts: list[list[int]], monkeypatch) -> list[torch.Tensor]:
+    """The logits of each decode step while generating STEPS greedy tokens per prompt."""
+    seen: list[torch.Tensor] = []
+    forward = Engine.forward
+
+    def recording(self, batch):
+        out = forward(self, batch)
+        if batch.is_decode:
+            seen.append(out.clone())
+        return out
+
+    monkeypatch.setattr(Engine, "forward", recording)
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True))
+    monkeypatch.setattr(Engine, "forward", forward)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def int4_llama(tmp_path_factory):
+    path = build_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama3")
+    return LLM(path, device="cpu", dtype="bfloat16", quantization="int4", page_size=4)
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_native_decoder_matches_module_path(int4_llama, batch, monkeypatch):
+    model = int4_llama.scheduler.engine.model
+    runner = model.native_decoder
+    assert runner is not None, "a bf16 int4 Llama on an AVX-512 CPU qualifies"
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda *a, run=runner.run: calls.append(1) or run(*a))
+    ours = decode_logits(int4_llama, PROMPTS[:batch], monkeypatch)
+    assert len(calls) == STEPS - 1  # the first token comes from prefill
+    monkeypatch.setattr(model, "native_decoder", None)
+    theirs = decode_logits(int4_llama, PROMPTS[:batch], monkeypatch)
+    assert len(ours) == len(theirs) == STEPS - 1
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        # The two paths differ only in the order of the int4 matmul's sums, so at most a bf16 rounding flip
+        # per value, compounding over the layers: far below the spread of the logits.
+        assert (a - b).abs().max() <= 0.02 * b.abs().max(), f"step {step}"
+        if not torch.equal(a.argmax(-1), b.argmax(-1)):
+            break  # greedy took another token: later steps decode different sequences
+
+
+def test_what_does_not_qualify_keeps_the_module_path(tmp_path):
+    path = build_checkpoint(str(tmp_path / "llama"), "llama")
+    fp32 = LLM(path, device="cpu", dtype="float32", quantization="int4")
+    assert fp32.scheduler.engine.model.native_decoder is None  # the kernel is bf16 only
+    dense = LLM(path, device="cpu", dtype="bfloat16", quantization="none")
+    assert dense.scheduler.engine.model.native_decoder is None
+    qwen3 = build_checkpoint(str(tmp_path / "qwen3"), "qwen3")  # q/k norm
+    assert LLM(qwen3, device="cpu", dtype="bfloat16", quantization="int4").scheduler.engine.model.native_decoder is None
+
+
+def test_large_batches_take_the_module_path(int4_llama, monkeypatch):
+    runner = int4_llama.scheduler.engine.model.native_decoder
+    monkeypatch.setattr(native_decoder, "MAX_BATCH", 2)
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda *a, run=runner.run: calls.append(1) or run(*a))
+    int4_llama.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert not calls

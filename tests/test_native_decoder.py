@@ -13,7 +13,7 @@ from minisgl.engine.engine import Engine
 from minisgl.kernels import native
 from minisgl.models import native_decoder
 
-pytestmark = pytest.mark.skipif(not native.has_int4_gemm(), reason="the native decoder needs AVX-512")
+pytestmark = pytest.mark.skipif(not native.has_avx512(), reason="the native decoder needs AVX-512")
 
 PROMPTS = random_prompts(n=6, hi=60, seed=11)
 STEPS = 8

@@ -143,7 +143,7 @@ def int4_layer(rows: int, cols: int):
     return layer
 
 
-@pytest.mark.skipif(not native.has_int4_gemm(), reason="the int4 kernel needs AVX-512")
+@pytest.mark.skipif(not native.has_avx512(), reason="the int4 kernel needs AVX-512")
 @pytest.mark.parametrize("rows,cols", [(100, 64), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 16])
 def test_int4_gemm_matches_torch_kernel(rows, cols, batch):
@@ -157,3 +157,17 @@ def test_int4_gemm_matches_torch_kernel(rows, cols, batch):
     # Both round one fp32 sum to bf16; their sums differ only in order.
     torch.testing.assert_close(ours.float(), dense, rtol=2**-7, atol=1e-3)
     torch.testing.assert_close(ours, theirs, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.skipif(not native.has_avx512(), reason="the int8 kernel needs AVX-512")
+@pytest.mark.parametrize("rows,cols", [(4099, 576), (30, 48)])
+@pytest.mark.parametrize("batch", [1, 2, 5, 9])
+def test_int8_gemm_matches_torch_kernel(rows, cols, batch):
+    torch.manual_seed(rows + batch)
+    qweight = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    scale = (torch.rand(rows) * 0.01 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(batch, cols).to(torch.bfloat16)
+    ours = native.int8_gemm(x, qweight, scale)
+    dense = (x.float() @ qweight.float().t()) * scale.float()
+    torch.testing.assert_close(ours.float(), dense, rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(ours, torch.ops.aten._weight_int8pack_mm(x, qweight, scale), rtol=2**-7, atol=1e-3)

@@ -44,7 +44,8 @@ _SIGNATURES = {
     "minisgl_decode_attention": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr,
                                  _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],  # fmt: skip
     "minisgl_int4_gemm": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr],
-    "minisgl_has_int4_gemm": [],
+    "minisgl_int8_gemm": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
+    "minisgl_has_avx512": [],
     "minisgl_decoder_layer": [_ptr, _ptr, _ptr, _ptr, _int],
 }
 
@@ -95,7 +96,7 @@ def _lib() -> ctypes.CDLL | None:
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
-    lib.minisgl_has_int4_gemm.restype = _int
+    lib.minisgl_has_avx512.restype = _int
     return lib
 
 
@@ -103,10 +104,10 @@ def available() -> bool:
     return _lib() is not None
 
 
-def has_int4_gemm() -> bool:
-    """Whether the library has the AVX-512 int4 kernels, int4_gemm and decoder_layer (it is compiled for the CPU
-    it runs on)."""
-    return available() and bool(_lib().minisgl_has_int4_gemm())
+def has_avx512() -> bool:
+    """Whether the library has the AVX-512 kernels: int4_gemm, int8_gemm and decoder_layer (it is compiled for
+    the CPU it runs on)."""
+    return available() and bool(_lib().minisgl_has_avx512())
 
 
 def fits(*tensors: torch.Tensor) -> bool:
@@ -179,6 +180,16 @@ def decode_attention(
         scale,
     )  # fmt: skip
     return out
+
+
+def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bf16, contiguous; K a multiple of 16, at most 4096) times int8 qweight [N, K] with per-row scale
+    [N] (bf16): the product aten._weight_int8pack_mm computes, [M, N]."""
+    rows, k_len = x.shape
+    y = x.new_empty((rows, qweight.shape[0]))
+    _lib().minisgl_int8_gemm(x.data_ptr(), rows, k_len, qweight.data_ptr(), scale.data_ptr(), qweight.shape[0],
+                             y.data_ptr())  # fmt: skip
+    return y
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -62,7 +62,9 @@ def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> NativeDe
     backend decoding natively, on a CPU with AVX-512 (the int4 kernel's)."""
     from minisgl.models.llama import GatedMLP, LlamaForCausalLM
 
-    if not isinstance(model, LlamaForCausalLM) or not (native.has_int4_gemm() and isinstance(backend, CpuBackend) and backend.native_decode):
+    if not isinstance(model, LlamaForCausalLM) or not native.has_avx512():
+        return None
+    if not (isinstance(backend, CpuBackend) and backend.native_decode):
         return None
     if pool.dtype != torch.bfloat16 or model.model.rotary.cos.dtype != torch.bfloat16:
         return None

@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minisgl.kernels import native
 from minisgl.quant.base import CPU_DENSE_MIN_ROWS, QuantMethod, rows_to_device
 from minisgl.quant.blocks import QuantizedBlocks, as_dense
+
+NATIVE_MAX_ROWS = 8
+
+
+def _native_fits(x: torch.Tensor, layer: nn.Module) -> bool:
+    return x.dtype == layer.qscale.dtype == torch.bfloat16 and x.shape[1] <= 4096 and native.has_avx512()
 
 
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,8 +31,10 @@ class Int8Method(QuantMethod):
     float32 on CUDA).
 
     CPU: torch's packed weight-only kernel (aten._weight_int8pack_mm), with bf16 activations. It reads K in
-    steps of 16 and returns garbage for other K, so such layers stay dense. Prefill-sized inputs expand the
-    weight and multiply densely instead (see CPU_DENSE_MIN_ROWS). CUDA: the Triton W8A16 kernels.
+    steps of 16 and returns garbage for other K, so such layers stay dense. Below NATIVE_MAX_ROWS rows, the
+    native AVX-512 kernel computes the same product (~20% faster on the default model's LM head at one row);
+    prefill-sized inputs expand the weight and multiply densely instead (see CPU_DENSE_MIN_ROWS).
+    CUDA: the Triton W8A16 kernels.
     Pre-quantized Q8_0 blocks (one scale per 32 values) are requantized to one scale per channel.
     """
 
@@ -54,6 +63,8 @@ class Int8Method(QuantMethod):
             return w8a16_linear(x, layer.qweight, layer.qscale)
         if x.shape[0] >= CPU_DENSE_MIN_ROWS:
             return torch.nn.functional.linear(x, layer.qweight.to(x.dtype) * layer.qscale.to(x.dtype).unsqueeze(1))
+        if x.shape[0] < NATIVE_MAX_ROWS and _native_fits(x, layer):
+            return native.int8_gemm(x.contiguous(), layer.qweight, layer.qscale)
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.qweight, layer.qscale)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:

@@ -7,6 +7,7 @@
 
 #include "decoder.h"
 #include "int4.h"
+#include "int8.h"
 #include "ops.h"
 
 using namespace minisgl;
@@ -59,8 +60,9 @@ void minisgl_decode_attention(int is_bf16, const void* q, int64_t q_stride, int6
                              lens, (float*)out, batch, max_len, q_heads, kv_heads, head_dim, scale);
 }
 
-// 1 when this build has the AVX-512 int4 kernel (the compiler targeted a CPU with AVX-512F), else 0.
-int minisgl_has_int4_gemm() {
+// 1 when this build has the AVX-512 kernels (int4, int8, the decoder layer): the compiler targeted a CPU with
+// AVX-512F. Else 0.
+int minisgl_has_avx512() {
 #if defined(__AVX512F__)
     return 1;
 #else
@@ -72,6 +74,13 @@ void minisgl_int4_gemm(const void* x, int64_t rows, int64_t k_len, const uint8_t
                        int64_t n, int64_t padded_rows, void* y) {
 #if defined(__AVX512F__)
     int4_gemm((const bf16*)x, rows, k_len, w, scale_zero, n, padded_rows, (bf16*)y);
+#endif
+}
+
+void minisgl_int8_gemm(const void* x, int64_t rows, int64_t k_len, const int8_t* w, const void* scale, int64_t n,
+                       void* y) {
+#if defined(__AVX512F__)
+    int8_gemm((const bf16*)x, rows, k_len, w, (const bf16*)scale, n, (bf16*)y);
 #endif
 }
 

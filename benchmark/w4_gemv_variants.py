@@ -103,13 +103,52 @@ def _mantissa(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_x
 
 
 
+@triton.jit
+def _words(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
+           BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+    # The current kernel's arithmetic, but the weight read as int32 words [BLOCK_N, GROUPS, 4] (16 bytes per
+    # group, so one 128-bit load per thread and group), bytes split out with shifts.
+    pid = tl.program_id(0)
+    m = pid % M
+    n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    g = tl.arange(0, GROUPS)
+    w4 = tl.arange(0, 4)
+    shifts = tl.arange(0, 4) * 8
+    num_groups: tl.constexpr = K // 32
+    n64 = n.to(tl.int64)
+    w_ptrs = w_ptr + n64[:, None, None] * (K // 8) + g[None, :, None] * 4 + w4[None, None, :]
+    sz_off = n64[:, None] * num_groups + g[None, :]
+    # byte i of word w holds columns 32g + 4w + i (low nibble) and 32g + 16 + 4w + i (high nibble)
+    x_ptrs = x_ptr + m * stride_xm + g[:, None, None] * 32 + w4[None, :, None] * 4 + w4[None, None, :]
+    acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    for g0 in range(0, num_groups, GROUPS):
+        word = tl.load(w_ptrs, mask=n_ok[:, None, None], other=0)
+        s = tl.load(s_ptr + sz_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        x_lo = tl.load(x_ptrs).to(tl.float32)
+        x_hi = tl.load(x_ptrs + 16).to(tl.float32)
+        b = (word[:, :, :, None] >> shifts[None, None, None, :]) & 0xFF
+        q_lo = (b & 0xF).to(tl.float32)
+        q_hi = (b >> 4).to(tl.float32)
+        xq = tl.sum(tl.sum(q_lo * x_lo[None] + q_hi * x_hi[None], axis=3), axis=2)
+        xs = tl.sum(tl.sum(x_lo + x_hi, axis=2), axis=1)[None, :]
+        acc += s * (xq - 8.0 * xs) + z * xs
+        w_ptrs += GROUPS * 4
+        x_ptrs += GROUPS * 32
+        sz_off += GROUPS
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
 SWEEPS = {
     "narrow": [(bn, gr, w, 3) for bn, gr in [(4, 32), (8, 16), (8, 32), (16, 8), (16, 16), (2, 64)] for w in (4, 8)],
     "wide": [(bn, gr, w, st) for bn, gr in [(1, 32), (2, 32), (2, 64), (4, 16), (4, 32), (8, 16), (8, 32), (16, 8),
                                              (16, 16)] for w in (1, 2, 4, 8) for st in (2, 4)],
 }  # fmt: skip
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-VARIANTS = {"current": (tk._w4_gemv, False), "magic": (_magic, False), "mantissa": (_mantissa, True)}
+VARIANTS = {"current": (tk._w4_gemv, False), "magic": (_magic, False), "mantissa": (_mantissa, True),
+            "words": (_words, True)}
 
 
 def best_config(kernel, words: bool, shape, tensors, sweep):

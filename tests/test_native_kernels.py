@@ -1,4 +1,4 @@
-"""The native CPU kernels (minisgl/kernels/native.cpp) against plain torch written the way HF's modules compute."""
+"""The native CPU kernels (minisgl/kernels/csrc) against plain torch written the way HF's modules compute."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from minisgl.kernels import native
 
 
 class CpuDecodeMetadata(NamedTuple):
+    """A decode step's gather plan for the native kernel (and the native decoder layer)."""
+
     slots: torch.Tensor  # [B, L] int64, see slot_table
     lens: torch.Tensor  # [B] int64
 

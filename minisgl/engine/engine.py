@@ -15,8 +15,8 @@ from minisgl.distributed.info import TPInfo
 from minisgl.engine.config import EngineConfig
 from minisgl.engine.forward import ForwardBatch
 from minisgl.kvcache.pool import KVPool
-from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
 from minisgl.models import native_decoder
+from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
 from minisgl.models.hub import resolve_model_path
 from minisgl.models.registry import model_class
 from minisgl.models.weights import fill_dummy_weights, iter_weights

@@ -10,8 +10,9 @@ from minisgl.kernels import native
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as one fused op. It accumulates in float32 like HF; for half-precision inputs it rounds once
-    (after the weight multiply) where HF rounds twice, which is within that dtype's tolerance."""
+    """RMSNorm as one fused op. It accumulates in float32 like HF. For half-precision inputs the native CPU
+    kernel rounds where HF does (before and after the weight multiply); the Triton kernel and the torch
+    fallback round once, after it, which is within that dtype's tolerance."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU evaluation, in stages that each fit one device call (<= 10 minutes). Run from the repo root:
-#   OUT=/some/dir benchmark/device.sh tests|throughput|llama8b ...
+#   OUT=/some/dir benchmark/device.sh tests|kernels|quick|throughput|llama8b ...
 # Every stage writes its full log to $OUT/<stage>.log; the figures go to docs/benchmarks.md by hand.
-#   tests       GPU-marked tests (Triton kernels natively, engine triton vs torch, graphs, overlap, quant)
-#               and the kernel micro-benchmarks
+#   tests       GPU-marked tests (Triton kernels natively, engine triton vs torch, graphs, overlap, quant):
+#               ~6.5 minutes on an H100, so alone in its call
+#   kernels     the kernel micro-benchmarks (attention, norms, quantized linears)
 #   quick       offline benchmark and batch-1 latency on Qwen3-0.6B dummy only
 #   throughput  offline benchmark on Qwen3-0.6B dummy (overlap on and off), transformers' generate on the
 #               same workload, batch-1 latency
@@ -26,7 +27,9 @@ for stage in "$@"; do
     case $stage in
     tests)
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-        step gpu_tests 240 python -m pytest -o addopts= -q -rfE --durations=15 -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+        step gpu_tests 560 python -m pytest -o addopts= -q -rfE --durations=15 -m gpu -p no:cacheprovider --continue-on-collection-errors tests
+        ;;
+    kernels)
         [ -f benchmark/kernels.py ] && step kernels 100 python benchmark/kernels.py --quick
         [ -f benchmark/quant_kernels.py ] && step quant_kernels 100 python benchmark/quant_kernels.py
         ;;

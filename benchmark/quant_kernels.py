@@ -3,6 +3,11 @@ dequantized weights, and speed (triton.testing.do_bench median) of W8A16 / W4A16
 
     python benchmark/quant_kernels.py                 # M = 1 16 64 256
     python benchmark/quant_kernels.py --m 1 --shapes qkv
+    python benchmark/quant_kernels.py --m 1 --cudagraph   # time replays of a CUDA graph of the call
+
+Without --cudagraph, a call's time includes its host-side launch: a Triton launch from Python costs tens of
+microseconds, as long as a small layer's kernel, so small-M figures then vary with the host. The engine's
+decode steps replay CUDA graphs, which --cudagraph measures.
 
 Weights are quantized through the same methods the model uses (minisgl/quant), so what is timed is the layer's
 own `apply`. GB/s counts the bytes of the weight (and its scales) read once: at M = 1 it should approach the
@@ -47,7 +52,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--cudagraph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
     args = ap.parse_args()
+    bench = triton.testing.do_bench_cudagraph if args.cudagraph else triton.testing.do_bench
     dev = torch.device("cuda")
     torch.manual_seed(0)
     rows = []
@@ -60,7 +67,7 @@ def main() -> None:
         deq = {s: layer.method.dequantize(layer) for s, layer in layers.items()}
         for m in args.m:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            t_bf16 = triton.testing.do_bench(lambda: F.linear(x, dense), return_mode="median")
+            t_bf16 = bench(lambda: F.linear(x, dense), return_mode="median")
             row = {"shape": shape, "M": m, "bf16": t_bf16}
             for s, layer in layers.items():
                 y = layer(x).float()
@@ -71,7 +78,7 @@ def main() -> None:
                 rel = ((y - ref).norm() / ref.norm()).item()
                 if not rel < 0.01:  # bf16 output rounding is ~0.2%; a wrong kernel is off by O(1)
                     bad.append(f"{s} {shape} M={m}: relative error {rel:.3g}")
-                t = triton.testing.do_bench(lambda layer=layer: layer(x), return_mode="median")
+                t = bench(lambda layer=layer: layer(x), return_mode="median")
                 row[s] = t
                 row[s + "_gbs"] = weight_bytes(layer) / t / 1e6
             rows.append(row)

@@ -4,6 +4,7 @@ without integer-to-float conversions, each over a sweep of launch configs, on Ll
     python benchmark/w4_gemv_variants.py                                   # every variant, wide sweep
     python benchmark/w4_gemv_variants.py --variants current mantissa --shapes qkv o gate_up
     python benchmark/w4_gemv_variants.py --variants magic --sweep narrow --shapes qkv
+    python benchmark/w4_gemv_variants.py --cudagraph     # time CUDA-graph replays, without launch overhead
 
 Prints, per shape, bf16 F.linear and the in-tree autotuned `w4a16_linear`, then each variant's best config
 (triton.testing.do_bench medians) and its error against `w4a16_linear`. Neither variant won (see
@@ -151,7 +152,7 @@ VARIANTS = {"current": (tk._w4_gemv, False), "magic": (_magic, False), "mantissa
             "words": (_words, True)}
 
 
-def best_config(kernel, words: bool, shape, tensors, sweep):
+def best_config(kernel, words: bool, shape, tensors, sweep, bench):
     n, k = shape
     x, packed, scale, zero, ref = tensors
     weight = packed.view(torch.int32) if words else packed
@@ -167,7 +168,7 @@ def best_config(kernel, words: bool, shape, tensors, sweep):
 
         run()
         err = ((y.float() - ref).norm() / ref.norm()).item()
-        t = triton.testing.do_bench(run, return_mode="median")
+        t = bench(run, return_mode="median")
         if best is None or t < best[0]:
             best = (t, f"BN={bn} G={groups} w={warps} s={stages}", err)
     return best
@@ -178,7 +179,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--sweep", choices=list(SWEEPS), default="wide")
+    ap.add_argument("--cudagraph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
     args = ap.parse_args()
+    bench = triton.testing.do_bench_cudagraph if args.cudagraph else triton.testing.do_bench
     torch.manual_seed(0)
     for name in args.shapes:
         n, k = SHAPES[name]
@@ -189,13 +192,14 @@ def main() -> None:
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = tk.w4a16_linear(x, packed, scale, zero).float()
         dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        t_bf16 = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, dense), return_mode="median")
-        t_tree = triton.testing.do_bench(lambda: tk.w4a16_linear(x, packed, scale, zero), return_mode="median")
+        t_bf16 = bench(lambda: torch.nn.functional.linear(x, dense), return_mode="median")
+        t_tree = bench(lambda: tk.w4a16_linear(x, packed, scale, zero), return_mode="median")
         print(f"{name}: bf16 {t_bf16 * 1e3:.1f} us | w4a16_linear {t_tree * 1e3:.1f} us "
               f"({nbytes / t_tree / 1e9:.2f} TB/s)", flush=True)  # fmt: skip
         for variant in args.variants:
             kernel, words = VARIANTS[variant]
-            t, config, err = best_config(kernel, words, (n, k), (x, packed, scale, zero, ref), SWEEPS[args.sweep])
+            tensors = (x, packed, scale, zero, ref)
+            t, config, err = best_config(kernel, words, (n, k), tensors, SWEEPS[args.sweep], bench)
             print(f"  {variant}: {t * 1e3:.1f} us ({nbytes / t / 1e9:.2f} TB/s) {config} rel. err {err:.1e}",
                   flush=True)  # fmt: skip
 

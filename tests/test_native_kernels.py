@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minisgl.kernels import native
+from test_quant_methods import quantized_linear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernels did not build")
 
@@ -132,23 +133,12 @@ def test_without_a_compiler_the_layers_keep_torch_ops(monkeypatch, tmp_path):
         native._lib.cache_clear()  # the next caller builds (or finds) the real library again
 
 
-def int4_layer(rows: int, cols: int):
-    from minisgl.layers.linear import Linear
-    from minisgl.quant import QuantConfig, make_method
-
-    layer = Linear(cols, rows, quant=QuantConfig("int4"))
-    layer.create_weights(make_method("int4", torch.device("cpu"), torch.bfloat16))
-    layer.write_rows(0, torch.randn(rows, cols) * 0.05)
-    layer.finalize()  # torch's packed CPU layout, rows padded to 64
-    return layer
-
-
 @pytest.mark.skipif(not native.has_avx512(), reason="the int4 kernel needs AVX-512")
 @pytest.mark.parametrize("rows,cols", [(100, 64), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("batch", [1, 3, 4, 5, 16])
 def test_int4_gemm_matches_torch_kernel(rows, cols, batch):
+    layer, _ = quantized_linear("int4", rows, cols)  # torch's packed CPU layout, rows padded to 64
     torch.manual_seed(rows + batch)
-    layer = int4_layer(rows, cols)
     x = torch.randn(batch, cols).to(torch.bfloat16)
     ours = native.int4_gemm(x, layer.qweight, layer.qscale_zero, rows)
     assert ours.shape == (batch, rows)

@@ -97,6 +97,7 @@ def _lib() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
     lib.minisgl_has_avx512.restype = _int
+    lib.avx512 = bool(lib.minisgl_has_avx512())  # asked once: int8 layers check it on every call
     return lib
 
 
@@ -107,7 +108,8 @@ def available() -> bool:
 def has_avx512() -> bool:
     """Whether the library has the AVX-512 kernels: int4_gemm, int8_gemm and decoder_layer (it is compiled for
     the CPU it runs on)."""
-    return available() and bool(_lib().minisgl_has_avx512())
+    lib = _lib()
+    return lib is not None and lib.avx512
 
 
 def fits(*tensors: torch.Tensor) -> bool:

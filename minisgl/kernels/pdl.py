@@ -1,0 +1,54 @@
+"""Programmatic dependent launch (PDL, Hopper and later): a kernel launched with `launch_pdl=True` may start
+while the kernel before it in the stream still runs, so its setup and its reads of data no kernel writes
+(weights) overlap that kernel's tail and the launch gap.
+
+The contract, for every kernel launched with `launch_pdl=True`:
+- call `wait_prior(PDL)` in every program before reading anything an earlier kernel wrote and before writing
+  anything an earlier kernel may still read (after it, all earlier kernels have finished and their writes
+  are visible);
+- never skip it: a PDL kernel's completion must imply its predecessor's, or a later kernel could overtake it.
+A kernel that usually comes just before a PDL kernel calls `release_dependents(PDL)` once its own work is
+under way, which lets that kernel's programs launch before it finishes. Both are no-ops when PDL is False, as
+under Triton's interpreter and on GPUs older than Hopper (see `enabled`).
+
+In decode at batch 1 every quantized GEMV follows a small kernel (a norm, the attention merge, SiLU-and-mul):
+with PDL its first weight block is in flight while that kernel runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+_OFF = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MINISGL_PDL") == "0"
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` use PDL: a CUDA device of compute capability 9.0 or later, not interpreted,
+    and MINISGL_PDL is not 0 (both read at import)."""
+    if device.type != "cuda" or _OFF:
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def wait_prior(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def release_dependents(PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()

@@ -1,5 +1,6 @@
-"""The W4A16 GEMV experiment of 2026-11-25: the in-tree kernel against two ways of turning nibbles into floats
-without integer-to-float conversions, each over a sweep of launch configs, on Llama-3.1-8B's shapes at M=1.
+"""The W4A16 GEMV experiments of 2026-11-25, on Llama-3.1-8B's shapes at M=1: the in-tree kernel against the
+kernel it replaced ("bytes") and the variants tried on that one (ways of turning nibbles into floats without
+int-to-float conversions, reading int32 words), each over a sweep of launch configs.
 
     python benchmark/w4_gemv_variants.py                                   # every variant, wide sweep
     python benchmark/w4_gemv_variants.py --variants current mantissa --shapes qkv o gate_up
@@ -7,8 +8,9 @@ without integer-to-float conversions, each over a sweep of launch configs, on Ll
     python benchmark/w4_gemv_variants.py --cudagraph     # time CUDA-graph replays, without launch overhead
 
 Prints, per shape, bf16 F.linear and the in-tree autotuned `w4a16_linear`, then each variant's best config
-(triton.testing.do_bench medians) and its error against `w4a16_linear`. Neither variant won (see
-docs/benchmarks.md); the kernels stay here as the record of what was tried. Needs a CUDA GPU.
+(triton.testing.do_bench medians) and its error against `w4a16_linear`. "magic", "mantissa" and "words" lost
+to "bytes" (see docs/benchmarks.md); "current" is the in-tree kernel, which counts instructions per nibble
+instead (one lop3, one FMA, a third of a shift). The others stay here as the record. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,52 @@ import triton.language as tl
 
 from minisgl.quant import triton_kernels as tk
 from minisgl.quant.int4 import quantize_int4
+
+
+@triton.jit
+def _bytes(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
+           BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+    # The in-tree kernel until 2026-11-25: bytes [BLOCK_N, GROUPS, 16], nibbles converted with int-to-float.
+    EVEN_G: tl.constexpr = (K // 32) % GROUPS == 0
+    pid = tl.program_id(0)
+    m = pid % M
+    n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    g = tl.arange(0, GROUPS)
+    j = tl.arange(0, 16)
+    num_groups: tl.constexpr = K // 32
+    n64 = n.to(tl.int64)
+    # One group of a row is 16 contiguous bytes: columns 32g + j (low nibble) and 32g + 16 + j (high nibble).
+    w_ptrs = w_ptr + n64[:, None, None] * (K // 2) + g[None, :, None] * 16 + j[None, None, :]
+    sz_off = n64[:, None] * num_groups + g[None, :]
+    x_ptrs = x_ptr + m * stride_xm + g[:, None] * 32 + j[None, :]
+    acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    for g0 in range(0, num_groups, GROUPS):
+        if EVEN_G:
+            b = tl.load(w_ptrs, mask=n_ok[:, None, None], other=0)
+            x_lo = tl.load(x_ptrs).to(tl.float32)
+            x_hi = tl.load(x_ptrs + 16).to(tl.float32)
+            s = tl.load(s_ptr + sz_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        else:
+            g_ok = g0 + g < num_groups
+            b = tl.load(w_ptrs, mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+            x_lo = tl.load(x_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptrs + 16, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            sz_ok = n_ok[:, None] & g_ok[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+        q_lo = (b & 0xF).to(tl.float32)
+        q_hi = (b >> 4).to(tl.float32)
+        # sum_k x_k ((q_k - 8) s + z) = s (sum_k x_k q_k - 8 sum_k x_k) + z sum_k x_k, per group.
+        xq = tl.sum(q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :], axis=2)
+        xs = tl.sum(x_lo + x_hi, axis=1)[None, :]
+        acc += s * (xq - 8.0 * xs) + z * xs
+        w_ptrs += GROUPS * 16
+        x_ptrs += GROUPS * 32
+        sz_off += GROUPS
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -144,15 +192,22 @@ def _words(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, 
 
 SWEEPS = {
     "narrow": [(bn, gr, w, 3) for bn, gr in [(4, 32), (8, 16), (8, 32), (16, 8), (16, 16), (2, 64)] for w in (4, 8)],
+    # The in-tree kernel puts threads along GROUPS * 4 words; GROUPS = 32 x warps gives each thread one group.
+    "current": [(bn, gr * w, w, st) for bn in (8, 16, 32) for gr in (8, 16, 32) for w in (2, 4, 8) for st in (2, 3)],
+    # the in-tree autotune list
+    "tuned": [(c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps, c.num_stages) for c in tk._GEMV_W4_CONFIGS],
     "wide": [(bn, gr, w, st) for bn, gr in [(1, 32), (2, 32), (2, 64), (4, 16), (4, 32), (8, 16), (8, 32), (16, 8),
                                              (16, 16)] for w in (1, 2, 4, 8) for st in (2, 4)],
 }  # fmt: skip
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-VARIANTS = {"current": (tk._w4_gemv, False), "magic": (_magic, False), "mantissa": (_mantissa, True),
-            "words": (_words, True)}
+# variant: (kernel, reads int32 words, extra constexprs, sweep for --sweep wide)
+VARIANTS = {"current": (tk._w4_gemv, True, {"USE_ASM": True, "PDL": False}, "current"),
+            "bytes": (_bytes, False, {}, "wide"),
+            "magic": (_magic, False, {}, "wide"), "mantissa": (_mantissa, True, {}, "wide"),
+            "words": (_words, True, {}, "wide")}
 
 
-def best_config(kernel, words: bool, shape, tensors, sweep, bench):
+def best_config(kernel, words: bool, extra: dict, shape, tensors, sweep, bench):
     n, k = shape
     x, packed, scale, zero, ref = tensors
     weight = packed.view(torch.int32) if words else packed
@@ -164,7 +219,7 @@ def best_config(kernel, words: bool, shape, tensors, sweep, bench):
 
         def run():
             kernel[(triton.cdiv(n, bn),)](x, weight, scale, zero, y, 1, n, k, x.stride(0), y.stride(0),
-                                          BLOCK_N=bn, GROUPS=groups, num_warps=warps, num_stages=stages)  # fmt: skip
+                                          BLOCK_N=bn, GROUPS=groups, num_warps=warps, num_stages=stages, **extra)  # fmt: skip
 
         run()
         err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -197,9 +252,10 @@ def main() -> None:
         print(f"{name}: bf16 {t_bf16 * 1e3:.1f} us | w4a16_linear {t_tree * 1e3:.1f} us "
               f"({nbytes / t_tree / 1e9:.2f} TB/s)", flush=True)  # fmt: skip
         for variant in args.variants:
-            kernel, words = VARIANTS[variant]
+            kernel, words, extra, own_sweep = VARIANTS[variant]
             tensors = (x, packed, scale, zero, ref)
-            t, config, err = best_config(kernel, words, (n, k), tensors, SWEEPS[args.sweep], bench)
+            sweep = SWEEPS[own_sweep if args.sweep == "wide" else args.sweep]
+            t, config, err = best_config(kernel, words, extra, (n, k), tensors, sweep, bench)
             print(f"  {variant}: {t * 1e3:.1f} us ({nbytes / t / 1e9:.2f} TB/s) {config} rel. err {err:.1e}",
                   flush=True)  # fmt: skip
 

@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from minisgl.kernels.pdl import enabled as pdl_enabled
+from minisgl.kernels.pdl import wait_prior
+
 GEMV_MAX_M = 4
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -51,44 +54,79 @@ def _w8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, strid
 
 
 @triton.jit
+def _nibble_float(moved, P: tl.constexpr, USE_ASM: tl.constexpr):
+    """The 4 bits at P..P+3 of `moved` (P in 11, 15, 19) as the float 2^(23-P) + q: q OR-ed into the mantissa of
+    2^(23-P), so no int-to-float conversion. Under the precision needed, P >= 11 keeps q's 4 bits within a
+    product's 24, and P + 3 <= 22 keeps them off the exponent."""
+    if USE_ASM:
+        # ptxas makes `(a & MASK) | EXP` two LOP3s (one immediate each); one lop3 with (a & b) | c does it.
+        if P == 11:
+            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x7800, 0x45800000, 0xEA;", "=r,r", [moved],
+                                             dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+        elif P == 15:
+            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x78000, 0x43800000, 0xEA;", "=r,r", [moved],
+                                             dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+        else:
+            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x780000, 0x41800000, 0xEA;", "=r,r", [moved],
+                                             dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+    else:
+        bits = (moved & (0xF << P)) | ((150 - P) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _w4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
-             BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+             BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    # w_ptr is the packed weight read as int32 words, 4 per group. Byte i of word w of group g holds columns
+    # 32g + 4w + i (low nibble) and 32g + 16 + 4w + i (high nibble), so nibble t of a word is column
+    # 32g + 16 (t % 2) + 4w + t // 2. The words of a row are contiguous: threads split a block's words and each
+    # holds BLOCK_N rows of them, so its activations are loaded and summed once for BLOCK_N rows.
     EVEN_G: tl.constexpr = (K // 32) % GROUPS == 0
     pid = tl.program_id(0)
-    m = pid % M
+    m = pid % M  # the M programs of one row block run together, so its weights come from L2 after the first
     n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
+    j = tl.arange(0, GROUPS * 4)
     g = tl.arange(0, GROUPS)
-    j = tl.arange(0, 16)
     num_groups: tl.constexpr = K // 32
     n64 = n.to(tl.int64)
-    # One group of a row is 16 contiguous bytes: columns 32g + j (low nibble) and 32g + 16 + j (high nibble).
-    w_ptrs = w_ptr + n64[:, None, None] * (K // 2) + g[None, :, None] * 16 + j[None, None, :]
+    w_ptrs = w_ptr + n64[:, None] * (K // 8) + j[None, :]
     sz_off = n64[:, None] * num_groups + g[None, :]
-    x_ptrs = x_ptr + m * stride_xm + g[:, None] * 32 + j[None, :]
+    x_ptrs = x_ptr + m * stride_xm + (j // 4) * 32 + (j % 4) * 4
     acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+    # Loading the first weights before this wait measured slower (more live registers), so only the launch
+    # overlaps the kernel before.
+    wait_prior(PDL)
     for g0 in range(0, num_groups, GROUPS):
         if EVEN_G:
-            b = tl.load(w_ptrs, mask=n_ok[:, None, None], other=0)
-            x_lo = tl.load(x_ptrs).to(tl.float32)
-            x_hi = tl.load(x_ptrs + 16).to(tl.float32)
+            x_ok = j >= 0
+            word = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
             s = tl.load(s_ptr + sz_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
             z = tl.load(z_ptr + sz_off, mask=n_ok[:, None], other=0.0).to(tl.float32)
         else:
-            g_ok = g0 + g < num_groups
-            b = tl.load(w_ptrs, mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-            x_lo = tl.load(x_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptrs + 16, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            sz_ok = n_ok[:, None] & g_ok[None, :]
+            x_ok = g0 + j // 4 < num_groups
+            word = tl.load(w_ptrs, mask=n_ok[:, None] & x_ok[None, :], other=0)
+            sz_ok = n_ok[:, None] & (g0 + g < num_groups)[None, :]
             s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
-        q_lo = (b & 0xF).to(tl.float32)
-        q_hi = (b >> 4).to(tl.float32)
+        # Per word, sum_t x_t f_t with f_t = 2^(23-P_t) + q_t: one shift per three nibbles, one lop3 and one
+        # FMA per nibble. `bias` collects the sum_t x_t 2^(23-P_t) to take back out once per group.
+        d = tl.zeros([BLOCK_N, GROUPS * 4], dtype=tl.float32)
+        x_sum = tl.zeros([GROUPS * 4], dtype=tl.float32)
+        bias = tl.zeros([GROUPS * 4], dtype=tl.float32)
+        for t in tl.static_range(8):
+            p = 11 + 4 * (t % 3)
+            shift = p - 4 * t
+            moved = word << shift if shift >= 0 else word >> -shift  # high bits of >> are masked off
+            xv = tl.load(x_ptrs + (16 * (t % 2) + t // 2), mask=x_ok, other=0.0).to(tl.float32)
+            d += _nibble_float(moved, p, USE_ASM) * xv[None, :]
+            x_sum += xv
+            bias += xv * (1 << (23 - p))
+        xs = tl.sum(tl.reshape(x_sum, (GROUPS, 4)), axis=1)[None, :]
+        xq = tl.sum(tl.reshape(d, (BLOCK_N, GROUPS, 4)), axis=2) - tl.sum(tl.reshape(bias, (GROUPS, 4)), axis=1)
         # sum_k x_k ((q_k - 8) s + z) = s (sum_k x_k q_k - 8 sum_k x_k) + z sum_k x_k, per group.
-        xq = tl.sum(q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :], axis=2)
-        xs = tl.sum(x_lo + x_hi, axis=1)[None, :]
         acc += s * (xq - 8.0 * xs) + z * xs
-        w_ptrs += GROUPS * 16
+        w_ptrs += GROUPS * 4
         x_ptrs += GROUPS * 32
         sz_off += GROUPS
     y = tl.sum(acc, axis=1)
@@ -212,18 +250,17 @@ _GEMV_W8_CONFIGS = [
     _cfg(8, 3, BLOCK_N=16, BLOCK_K=512),
     _cfg(4, 4, BLOCK_N=2, BLOCK_K=2048),
 ]
-_GEMV_W4_CONFIGS = [
-    _cfg(4, 3, BLOCK_N=4, GROUPS=32),
-    _cfg(4, 3, BLOCK_N=8, GROUPS=16),
-    _cfg(4, 3, BLOCK_N=16, GROUPS=8),
-    _cfg(4, 3, BLOCK_N=16, GROUPS=16),
-    _cfg(8, 3, BLOCK_N=16, GROUPS=16),
-    _cfg(8, 3, BLOCK_N=32, GROUPS=8),
-    _cfg(4, 4, BLOCK_N=8, GROUPS=32),
-    # Few warps and rows per program: more programs in flight; best on Llama-8B's shapes in a wider sweep.
-    _cfg(2, 2, BLOCK_N=2, GROUPS=64),
-    _cfg(1, 2, BLOCK_N=2, GROUPS=64),
-    _cfg(1, 4, BLOCK_N=4, GROUPS=16),
+_GEMV_W4_CONFIGS = [  # threads split GROUPS * 4 words 4 at a time; the rest of a warp goes along the rows
+    # The winners of a 54-config sweep on Llama-8B's shapes (H100): qkv, o, gate_up, down in that order.
+    _cfg(4, 3, BLOCK_N=16, GROUPS=64),
+    _cfg(8, 3, BLOCK_N=16, GROUPS=128),
+    _cfg(4, 2, BLOCK_N=32, GROUPS=32),
+    _cfg(8, 2, BLOCK_N=16, GROUPS=64),
+    _cfg(4, 2, BLOCK_N=16, GROUPS=64),
+    _cfg(4, 2, BLOCK_N=16, GROUPS=32),
+    _cfg(4, 2, BLOCK_N=8, GROUPS=64),
+    _cfg(2, 2, BLOCK_N=16, GROUPS=32),
+    _cfg(1, 2, BLOCK_N=8, GROUPS=32),
 ]
 # GEMM configs per M bucket (the smallest power of two >= M, 16 at least, 128 at most).
 _GEMM_TILES = {
@@ -244,15 +281,17 @@ def _gemm_configs(k_meta: str, k_div: int) -> dict[int, list[triton.Config]]:
 
 
 _KEY = ["N", "K"]
-_w8_gemv_tuned = triton.autotune(_GEMV_W8_CONFIGS, key=_KEY)(_w8_gemv)
-_w4_gemv_tuned = triton.autotune(_GEMV_W4_CONFIGS, key=_KEY)(_w4_gemv)
+# GEMVs are timed as CUDA-graph replays, as decode runs them: a plain launch from Python costs as much as the
+# kernel, and made the choice a coin toss.
+_w8_gemv_tuned = triton.autotune(_GEMV_W8_CONFIGS, key=_KEY, use_cuda_graph=True)(_w8_gemv)
+_w4_gemv_tuned = triton.autotune(_GEMV_W4_CONFIGS, key=_KEY, use_cuda_graph=True)(_w4_gemv)
 _w8_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w8_gemm) for b, c in _gemm_configs("BLOCK_K", 1).items()}
 _w4_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w4_gemm) for b, c in _gemm_configs("GROUPS", 32).items()}  # fmt: skip
 
 # Fixed configs for the interpreter: small tiles keep numpy fast, several loop iterations still run.
 _INTERPRET = {
     "w8_gemv": dict(BLOCK_N=8, BLOCK_K=32),
-    "w4_gemv": dict(BLOCK_N=8, GROUPS=2),
+    "w4_gemv": dict(BLOCK_N=8, GROUPS=2, USE_ASM=False, PDL=False),
     "w8_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
     "w4_gemm": dict(BLOCK_M=16, BLOCK_N=32, GROUPS=2, GROUP_M=2),
 }
@@ -266,12 +305,13 @@ def _bucket(m: int) -> int:
     return min(128, max(16, triton.next_power_of_2(m)))
 
 
-def _launch(name: str, kernel, tuned, grid, args: tuple) -> None:
+def _launch(name: str, kernel, tuned, grid, args: tuple, **compiled: object) -> None:
+    """`compiled`: constexprs for the compiled kernel only (the interpreter's come with its config)."""
     if _interpreting():
         meta = _INTERPRET[name]
         kernel[grid(meta)](*args, **meta)
     else:
-        tuned[grid](*args)
+        tuned[grid](*args, **compiled)
 
 
 def _prepare(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,12 +343,15 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     x, y = _prepare(x, N)
     if M == 0:
         return y
-    args = (x, packed, scale, zero, y, M, N, K, x.stride(0), y.stride(0))
     if M <= GEMV_MAX_M:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
-        _launch("w4_gemv", _w4_gemv, _w4_gemv_tuned, grid, args)
+        words = packed.view(torch.int32)  # whole groups are 16 bytes, so rows are whole words
+        args = (x, words, scale, zero, y, M, N, K, x.stride(0), y.stride(0))
+        pdl = pdl_enabled(x.device)
+        _launch("w4_gemv", _w4_gemv, _w4_gemv_tuned, grid, args, USE_ASM=True, PDL=pdl, launch_pdl=pdl)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        args = (x, packed, scale, zero, y, M, N, K, x.stride(0), y.stride(0))
         _launch("w4_gemm", _w4_gemm, _w4_gemm_tuned[_bucket(M)], grid, args)
     return y
 

@@ -1,6 +1,7 @@
 """Batch-1 latency: time to first token for a 1024-token prompt, then decode tokens per second.
 
     python benchmark/latency.py --model benchmark/configs/qwen3-0.6b --load-format dummy
+    python benchmark/latency.py --profile 32   # then a torch.profiler table of the kernels of 32 decode steps
 """
 
 from __future__ import annotations
@@ -31,6 +32,28 @@ def measure(llm: LLM, prompt_len: int, decode_tokens: int, vocab: int, seed: int
     return ttft, decode_tokens / (total - ttft)
 
 
+def profile(llm: LLM, prompt_len: int, decode_tokens: int, vocab: int) -> None:
+    """Print where the time of `decode_tokens` steps after a prompt goes, kernel by kernel (CUDA graphs
+    included: the profiler sees the kernels a graph replay launches)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    rng = random.Random(1)
+    prompt = [rng.randrange(10, min(vocab, 10000)) for _ in range(prompt_len)]
+    params = SamplingParams(temperature=0, max_tokens=decode_tokens + 1, ignore_eos=True)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        llm.generate([prompt], params)
+        wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events)
+    print(f"profile: {decode_tokens} decode steps after a {prompt_len}-token prompt, {wall * 1e3:.1f} ms wall, "
+          f"kernels {total / 1e3:.1f} ms; per kernel: total ms, calls, mean us")
+    for e in events[:30]:
+        print(f"  {e.device_time_total / 1e3:8.2f} {e.count:6d} {e.device_time_total / e.count:8.1f}  {e.key[:100]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="benchmark/configs/qwen3-0.6b")
@@ -43,6 +66,7 @@ def main() -> None:
     ap.add_argument("--quantization", default=None, help="none | int8 | int4 | fp8 (default: the checkpoint's own)")
     ap.add_argument("--quantize-lm-head", action="store_true")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=None, help="capture fewer decode graphs (batch 1 needs 1)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS", help="then profile this many decode steps")
     args = ap.parse_args()
     llm = LLM(
         args.model, skip_tokenizer_init=True, load_format=args.load_format, attention_backend=args.attention_backend,
@@ -55,6 +79,8 @@ def main() -> None:
     scheme = engine.quant.scheme if engine.quant else "none"
     print(f"model={args.model} dtype={engine.dtype} quantization={scheme} device={engine.device}")
     print(f"TTFT ({args.prompt_len}-token prompt): {ttft * 1000:.1f} ms   batch-1 decode: {tps:.1f} tok/s")
+    if args.profile:
+        profile(llm, args.prompt_len, args.profile, llm.scheduler.vocab_size)
 
 
 if __name__ == "__main__":

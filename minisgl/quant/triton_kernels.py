@@ -283,8 +283,12 @@ def _gemm_configs(k_meta: str, k_div: int) -> dict[int, list[triton.Config]]:
 _KEY = ["N", "K"]
 # GEMVs are timed as CUDA-graph replays, as decode runs them: a plain launch from Python costs as much as the
 # kernel, and made the choice a coin toss.
-_w8_gemv_tuned = triton.autotune(_GEMV_W8_CONFIGS, key=_KEY, use_cuda_graph=True)(_w8_gemv)
-_w4_gemv_tuned = triton.autotune(_GEMV_W4_CONFIGS, key=_KEY, use_cuda_graph=True)(_w4_gemv)
+def _bench_in_graph(kernel_call, quantiles):
+    return triton.testing.do_bench_cudagraph(kernel_call, quantiles=quantiles)
+
+
+_w8_gemv_tuned = triton.autotune(_GEMV_W8_CONFIGS, key=_KEY, do_bench=_bench_in_graph)(_w8_gemv)
+_w4_gemv_tuned = triton.autotune(_GEMV_W4_CONFIGS, key=_KEY, do_bench=_bench_in_graph)(_w4_gemv)
 _w8_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w8_gemm) for b, c in _gemm_configs("BLOCK_K", 1).items()}
 _w4_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w4_gemm) for b, c in _gemm_configs("GROUPS", 32).items()}  # fmt: skip
 

@@ -25,7 +25,8 @@ from minisgl.quant.int8 import quantize_int8  # noqa: E402
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 GEMV_BATCHES = [1, 2, 3, 4]
-GEMM_BATCHES = [5, 17, 64]
+# The last two reach the dequantize-then-F.linear path of the int4 and the 8-bit kernels.
+GEMM_BATCHES = [5, 17, 64, tk.W4_DEQUANT_MIN_M, tk.W8_DEQUANT_MIN_M]
 
 
 def half_eps(dtype: torch.dtype) -> float:

@@ -17,7 +17,7 @@ _BLOCK = 1024
 
 @triton.jit
 def _silu_and_mul_kernel(X, Out, n, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl.release_dependents(PDL)  # the down projection follows
+    pdl.begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -37,6 +37,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     if x2.shape[0] and n:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, _BLOCK))](
-            x2, out, n, x2.stride(0), out.stride(0), BLOCK=_BLOCK, PDL=pdl.enabled(x.device), num_warps=4
+            x2, out, n, x2.stride(0), out.stride(0), BLOCK=_BLOCK, num_warps=4, **pdl.launch_args(x.device)
         )
     return out.view(*shape[:-1], n)

@@ -45,8 +45,7 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
-    if NUM_SPLITS == 1:
-        pdl.release_dependents(PDL)  # it writes the output, which the o projection reads
+    pdl.begin(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -97,7 +96,7 @@ def _decode_merge_kernel(
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl.release_dependents(PDL)  # the o projection follows
+    pdl.begin(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(SeqLens + seq)
@@ -170,12 +169,12 @@ def decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, PDL=pdl.enabled(q.device),
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, **pdl.launch_args(q.device),
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_q_heads)](
             part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, PDL=pdl.enabled(q.device), num_warps=4,
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, num_warps=4, **pdl.launch_args(q.device),
         )
     return out

@@ -12,13 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from minisgl.kernels import pdl
+
 
 @triton.jit
 def _store_kv_kernel(
     K, V, KCache, VCache, Loc,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cks, stride_ckh, stride_cvs, stride_cvh,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.begin(PDL)
     t = tl.program_id(0)
     slot = tl.load(Loc + t).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -43,5 +46,5 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k:
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4,
+        num_warps=4, **pdl.launch_args(k.device),
     )

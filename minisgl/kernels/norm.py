@@ -22,7 +22,7 @@ def _rmsnorm_kernel(
     stride_x0, stride_x1, stride_r0, stride_o0, stride_o1,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl.release_dependents(PDL)  # a norm is followed by a projection, whose weights may start streaming
+    pdl.begin(PDL)
     row = tl.program_id(0)
     i0 = row // heads
     i1 = row % heads
@@ -56,7 +56,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x3, residual, weight, o3,
         x3.shape[1], hidden, eps,
         x3.stride(0), x3.stride(1), residual.stride(0) if residual is not None else 0, o3.stride(0), o3.stride(1),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl.enabled(x.device),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, **pdl.launch_args(x.device),
         num_warps=min(16, max(1, block // 256)),
     )
 

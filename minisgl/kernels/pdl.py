@@ -8,11 +8,11 @@ The contract, for every kernel launched with `launch_pdl=True`:
   are visible);
 - never skip it: a PDL kernel's completion must imply its predecessor's, or a later kernel could overtake it.
 A kernel that usually comes just before a PDL kernel calls `release_dependents(PDL)` once its own work is
-under way, which lets that kernel's programs launch before it finishes. Both are no-ops when PDL is False, as
-under Triton's interpreter and on GPUs older than Hopper (see `enabled`).
-
-In decode at batch 1 every quantized GEMV follows a small kernel (a norm, the attention merge, SiLU-and-mul):
-with PDL its first weight block is in flight while that kernel runs.
+under way, which lets that kernel's programs launch before it finishes. `begin(PDL)` does both, in that order,
+at the top of a kernel: the decode-path kernels (norms, rotary, KV store, decode attention, SiLU-and-mul, the
+W4A16 GEMV) all start with it and are launched with `**launch_args(device)`, so each step's chain of small
+kernels launches back to back instead of paying a launch gap each. All of it is off (no-ops) under Triton's
+interpreter, on GPUs older than Hopper, and with MINISGL_PDL=0.
 """
 
 from __future__ import annotations
@@ -40,6 +40,18 @@ def enabled(device: torch.device) -> bool:
     if device.type != "cuda" or _OFF:
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_args(device: torch.device) -> dict[str, bool]:
+    """The PDL constexpr and launch option for a kernel that starts with `begin` (or `wait_prior`)."""
+    on = enabled(device)
+    return {"PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def begin(PDL: tl.constexpr):
+    wait_prior(PDL)
+    release_dependents(PDL)
 
 
 @triton.jit

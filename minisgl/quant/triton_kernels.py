@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minisgl.kernels.pdl import enabled as pdl_enabled
-from minisgl.kernels.pdl import wait_prior
+from minisgl.kernels import pdl
 
 GEMV_MAX_M = 4
 # From this many rows on, the weight is dequantized into a temporary and multiplied by cuBLAS (as vLLM's AWQ
@@ -101,7 +100,7 @@ def _w4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm
     acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
     # Loading the first weights before this wait measured slower (more live registers), so only the launch
     # overlaps the kernel before.
-    wait_prior(PDL)
+    pdl.begin(PDL)
     for g0 in range(0, num_groups, GROUPS):
         if EVEN_G:
             x_ok = j >= 0
@@ -391,8 +390,7 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
         words = packed.view(torch.int32)  # whole groups are 16 bytes, so rows are whole words
         args = (x, words, scale, zero, y, M, N, K, x.stride(0), y.stride(0))
-        pdl = pdl_enabled(x.device)
-        _launch("w4_gemv", _w4_gemv, _w4_gemv_tuned, grid, args, USE_ASM=True, PDL=pdl, launch_pdl=pdl)
+        _launch("w4_gemv", _w4_gemv, _w4_gemv_tuned, grid, args, USE_ASM=True, **pdl.launch_args(x.device))
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         args = (x, packed, scale, zero, y, M, N, K, x.stride(0), y.stride(0))

@@ -60,8 +60,8 @@ def _w8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, strid
 @triton.jit
 def _nibble_float(moved, P: tl.constexpr, USE_ASM: tl.constexpr):
     """The 4 bits at P..P+3 of `moved` (P in 11, 15, 19) as the float 2^(23-P) + q: q OR-ed into the mantissa of
-    2^(23-P), so no int-to-float conversion. Under the precision needed, P >= 11 keeps q's 4 bits within a
-    product's 24, and P + 3 <= 22 keeps them off the exponent."""
+    2^(23-P), so no int-to-float conversion. P + 3 <= 22 keeps q off the exponent; P >= 11 keeps the
+    2^(23-P) term small enough that a float32 sum carrying it still resolves x * q to ~2^-12 of its size."""
     if USE_ASM:
         # ptxas makes `(a & MASK) | EXP` two LOP3s (one immediate each); one lop3 with (a & b) | c does it.
         if P == 11:

@@ -10,7 +10,7 @@ The contract, for every kernel launched with `launch_pdl=True`:
 A kernel that usually comes just before a PDL kernel calls `release_dependents(PDL)` once its own work is
 under way, which lets that kernel's programs launch before it finishes. `begin(PDL)` does both, in that order,
 at the top of a kernel: the decode-path kernels (norms, rotary, KV store, decode attention, SiLU-and-mul, the
-W4A16 GEMV) all start with it and are launched with `**launch_args(device)`, so each step's chain of small
+W8A16 and W4A16 GEMVs) all start with it and are launched with `**launch_args(device)`, so each step's chain of small
 kernels launches back to back instead of paying a launch gap each. All of it is off (no-ops) under Triton's
 interpreter, on GPUs older than Hopper, and with MINISGL_PDL=0.
 """

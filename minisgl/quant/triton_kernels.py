@@ -32,7 +32,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 @triton.jit
 def _w8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     EVEN_K: tl.constexpr = K % BLOCK_K == 0
     pid = tl.program_id(0)
     m = pid % M  # the M programs of one row block run together, so its weights come from L2 after the first
@@ -42,6 +42,7 @@ def _w8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, strid
     w_ptrs = w_ptr + n[:, None].to(tl.int64) * K + k[None, :]
     x_ptrs = x_ptr + m * stride_xm + k
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    pdl.begin(PDL)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
@@ -328,7 +329,7 @@ _w4_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w4_gemm) for b, c in _gemm_co
 
 # Fixed configs for the interpreter: small tiles keep numpy fast, several loop iterations still run.
 _INTERPRET = {
-    "w8_gemv": dict(BLOCK_N=8, BLOCK_K=32),
+    "w8_gemv": dict(BLOCK_N=8, BLOCK_K=32, PDL=False),
     "w4_gemv": dict(BLOCK_N=8, GROUPS=2, USE_ASM=False, PDL=False),
     "w8_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
     "w4_gemm": dict(BLOCK_M=16, BLOCK_N=32, GROUPS=2, GROUP_M=2),
@@ -370,7 +371,7 @@ def w8a16_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch
     args = (x, w, scale, y, M, N, K, x.stride(0), y.stride(0))
     if M <= GEMV_MAX_M:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
-        _launch("w8_gemv", _w8_gemv, _w8_gemv_tuned, grid, args)
+        _launch("w8_gemv", _w8_gemv, _w8_gemv_tuned, grid, args, **pdl.launch_args(x.device))
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _launch("w8_gemm", _w8_gemm, _w8_gemm_tuned[_bucket(M)], grid, args)

@@ -7,7 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import json
+import os
 import random
+import tempfile
 import time
 
 from minisgl import LLM, SamplingParams
@@ -56,6 +60,20 @@ def profile(llm: LLM, prompt_len: int, decode_tokens: int, vocab: int) -> None:
           f"kernels {total / 1e3:.1f} ms; per kernel: total ms, calls, mean us")
     for e in events[:30]:
         print(f"  {e.device_time_total / 1e3:8.2f} {e.count:6d} {e.device_time_total / e.count:8.1f}  {e.key[:100]}")
+    # One kernel serves several shapes (the GEMVs of qkv, o, gate_up, down): the trace's launch grids tell them
+    # apart.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    by_grid: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for ev in trace.get("traceEvents", []):
+        if ev.get("cat") == "kernel":
+            by_grid[(ev["name"][:60], str(ev.get("args", {}).get("grid")))].append(ev.get("dur", 0.0))
+    print("per kernel and grid: total ms, calls, mean us")
+    for (name, grid), durs in sorted(by_grid.items(), key=lambda kv: -sum(kv[1]))[:20]:
+        print(f"  {sum(durs) / 1e3:8.2f} {len(durs):6d} {sum(durs) / len(durs):8.1f}  {name} grid={grid}")
 
 
 def main() -> None:

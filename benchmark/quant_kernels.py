@@ -4,6 +4,7 @@ dequantized weights, and speed (triton.testing.do_bench median) of W8A16 / W4A16
     python benchmark/quant_kernels.py                 # M = 1 16 64 256
     python benchmark/quant_kernels.py --m 1 --shapes qkv
     python benchmark/quant_kernels.py --m 1 --cudagraph   # time replays of a CUDA graph of the call
+    python benchmark/quant_kernels.py --m 1 --cold        # replays with the weights out of L2, as in decode
 
 Without --cudagraph, a call's time includes its host-side launch: a Triton launch from Python costs tens of
 microseconds, as long as a small layer's kernel, so small-M figures then vary with the host. The engine's
@@ -53,8 +54,13 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--cudagraph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
+    ap.add_argument("--cold", action="store_true", help="time graph replays with the weights out of L2 (as decode)")
     args = ap.parse_args()
     bench = triton.testing.do_bench_cudagraph if args.cudagraph else triton.testing.do_bench
+    if args.cold:
+        from cold import bench_cold
+
+        bench = bench_cold
     dev = torch.device("cuda")
     torch.manual_seed(0)
     rows = []

@@ -6,6 +6,7 @@ int-to-float conversions, reading int32 words), each over a sweep of launch conf
     python benchmark/w4_gemv_variants.py --variants current mantissa --shapes qkv o gate_up
     python benchmark/w4_gemv_variants.py --variants magic --sweep narrow --shapes qkv
     python benchmark/w4_gemv_variants.py --cudagraph     # time CUDA-graph replays, without launch overhead
+    python benchmark/w4_gemv_variants.py --cold --variants current   # replays with the weights out of L2
 
 Prints, per shape, bf16 F.linear and the in-tree autotuned `w4a16_linear`, then each variant's best config
 (triton.testing.do_bench medians) and its error against `w4a16_linear`. "magic", "mantissa" and "words" lost
@@ -235,8 +236,13 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--sweep", choices=list(SWEEPS), default="wide")
     ap.add_argument("--cudagraph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
+    ap.add_argument("--cold", action="store_true", help="time graph replays with the weights out of L2 (as decode)")
     args = ap.parse_args()
     bench = triton.testing.do_bench_cudagraph if args.cudagraph else triton.testing.do_bench
+    if args.cold:
+        from cold import bench_cold
+
+        bench = bench_cold
     torch.manual_seed(0)
     for name in args.shapes:
         n, k = SHAPES[name]

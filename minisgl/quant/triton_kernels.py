@@ -317,7 +317,8 @@ def _gemm_configs(k_meta: str, k_div: int) -> dict[int, list[triton.Config]]:
 
 _KEY = ["N", "K"]
 # GEMVs are timed as CUDA-graph replays, as decode runs them: a plain launch from Python costs as much as the
-# kernel, and made the choice a coin toss.
+# kernel, and made the choice a coin toss. (Tuning with the weights out of L2, benchmark/cold.py, was no
+# faster end to end: docs/benchmarks.md.)
 def _bench_in_graph(kernel_call, quantiles):
     return triton.testing.do_bench_cudagraph(kernel_call, quantiles=quantiles)
 

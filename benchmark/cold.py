@@ -1,7 +1,10 @@
 """Timing a kernel with its weights out of L2, as a decode step meets them (it streams gigabytes between two
-calls of one layer). Used by quant_kernels.py and w4_gemv_variants.py with --cold. Needs a CUDA GPU."""
+calls of one layer), and the timing options quant_kernels.py and w4_gemv_variants.py share. Needs a CUDA GPU."""
 
 from __future__ import annotations
+
+import argparse
+from typing import Callable
 
 import torch
 
@@ -41,3 +44,17 @@ def bench_cold(kernel_call, return_mode: str = "median") -> float:
         return sorted(times)[len(times) // 2]
 
     return max(1e-4, (replay_ms(True) - replay_ms(False)) / _COLD_REPS)
+
+
+def add_timing_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--cudagraph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
+    ap.add_argument("--cold", action="store_true", help="time graph replays with the weights out of L2 (as decode)")
+
+
+def chosen_bench(args: argparse.Namespace) -> Callable[..., float]:
+    """bench(fn, return_mode="median") -> ms, as --cold / --cudagraph ask (plain triton do_bench otherwise)."""
+    import triton
+
+    if args.cold:
+        return bench_cold
+    return triton.testing.do_bench_cudagraph if args.cudagraph else triton.testing.do_bench

@@ -21,11 +21,12 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from minisgl.layers.linear import Linear
 from minisgl.quant import QuantConfig, make_method
 from minisgl.quant.fp8 import WEIGHT_ONLY_MAX_M
+
+from cold import add_timing_options, chosen_bench  # benchmark/cold.py, beside this script
 
 SHAPES = {  # name: (N, K) of Llama-3.1-8B, tp = 1
     "qkv": (6144, 4096),
@@ -53,14 +54,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--cudagraph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
-    ap.add_argument("--cold", action="store_true", help="time graph replays with the weights out of L2 (as decode)")
+    add_timing_options(ap)
     args = ap.parse_args()
-    bench = triton.testing.do_bench_cudagraph if args.cudagraph else triton.testing.do_bench
-    if args.cold:
-        from cold import bench_cold
-
-        bench = bench_cold
+    bench = chosen_bench(args)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     rows = []

@@ -25,6 +25,8 @@ import triton.language as tl
 from minisgl.quant import triton_kernels as tk
 from minisgl.quant.int4 import quantize_int4
 
+from cold import add_timing_options, chosen_bench  # benchmark/cold.py, beside this script
+
 
 @triton.jit
 def _bytes(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm, stride_ym,
@@ -235,14 +237,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     ap.add_argument("--sweep", choices=list(SWEEPS), default="wide")
-    ap.add_argument("--cudagraph", action="store_true", help="time CUDA-graph replays (no launch overhead)")
-    ap.add_argument("--cold", action="store_true", help="time graph replays with the weights out of L2 (as decode)")
+    add_timing_options(ap)
     args = ap.parse_args()
-    bench = triton.testing.do_bench_cudagraph if args.cudagraph else triton.testing.do_bench
-    if args.cold:
-        from cold import bench_cold
-
-        bench = bench_cold
+    bench = chosen_bench(args)
     torch.manual_seed(0)
     for name in args.shapes:
         n, k = SHAPES[name]

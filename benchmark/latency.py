@@ -11,6 +11,7 @@ import collections
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 
@@ -33,10 +34,11 @@ def measure(llm: LLM, prompt_len: int, decode_tokens: int, vocab: int, seed: int
         llm.generate([prompt()], params)
         return time.perf_counter() - start
 
-    # The decode rate is (N + 1 tokens - 1 token) over two requests; a median of three TTFTs keeps one slow
-    # prefill from inflating it (a single outlier once turned 300 tok/s into 432).
-    ttft = sorted(timed(one) for _ in range(3))[1]
-    total = timed(many)
+    # The decode rate is (N + 1 tokens - 1 token) over separate requests, so a slow prefill in either moves it:
+    # a single outlier once turned 300 tok/s into 432, and TTFTs of one H100 run spread over 22-50 ms, which
+    # moved the 8B's fp8 figure between 253 and 277 tok/s. Medians of several of each keep that out.
+    ttft = statistics.median(timed(one) for _ in range(5))
+    total = statistics.median(timed(many) for _ in range(3))
     return ttft, decode_tokens / (total - ttft)
 
 

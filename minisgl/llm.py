@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from minisgl.engine.config import EngineConfig
 from minisgl.sampling_params import SamplingParams
-from minisgl.distributed.replicated import make_scheduler
+from minisgl.scheduler.replicated import make_scheduler
 
 
 @dataclass

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from minisgl.engine.forward import ForwardMode
+from minisgl.core.forward_batch import ForwardMode
 from minisgl.scheduler.batch import make_forward_batch
 from minisgl.scheduler.req import Req
 from minisgl.sampling_params import SamplingParams

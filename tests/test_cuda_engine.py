@@ -17,7 +17,7 @@ import torch
 from checkpoints import build_checkpoint
 from engine_util import hf_model, random_prompts, teacher_forced_greedy
 from minisgl import LLM, SamplingParams
-from minisgl.engine.forward import ForwardMode
+from minisgl.core.forward_batch import ForwardMode
 from minisgl.scheduler.batch import make_forward_batch
 from minisgl.scheduler.req import Req
 

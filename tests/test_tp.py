@@ -78,7 +78,7 @@ def _node_script(path: str, node_rank: int, addr: str) -> str:
         return (
             "import sys\n"
             "from minisgl.engine.config import EngineConfig\n"
-            "from minisgl.distributed.replicated import run_worker_node\n"
+            "from minisgl.scheduler.replicated import run_worker_node\n"
             f"sys.exit(run_worker_node(EngineConfig(model={path!r}, node_rank=1, **{common!r})))\n"
         )
     return (

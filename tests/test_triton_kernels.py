@@ -19,7 +19,7 @@ from minisgl.kernels.kv_store import store_kv  # noqa: E402
 from minisgl.kernels.norm import fused_add_rmsnorm, rmsnorm  # noqa: E402
 from minisgl.kernels.rotary import rotary_  # noqa: E402
 from minisgl.layers.rotary import RotaryEmbedding  # noqa: E402
-from minisgl.models.config import RopeConfig  # noqa: E402
+from minisgl.layers.rotary import RopeConfig  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from minisgl.engine.forward import ForwardBatch
+    from minisgl.core.forward_batch import ForwardBatch
     from minisgl.kvcache.pool import KVPool
 
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from minisgl.attention.torch_backend import TorchBackend, slot_table
-from minisgl.engine.forward import ForwardBatch
+from minisgl.core.forward_batch import ForwardBatch
 from minisgl.kernels import native
 
 

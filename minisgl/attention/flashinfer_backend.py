@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from minisgl.attention.base import AttentionBackend
-from minisgl.engine.forward import ForwardBatch
+from minisgl.core.forward_batch import ForwardBatch
 from minisgl.kvcache.pool import KVPool
 
 _WORKSPACE_BYTES = 256 << 20

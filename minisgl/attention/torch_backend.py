@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from minisgl.attention.base import AttentionBackend
-from minisgl.engine.forward import ForwardBatch
+from minisgl.core.forward_batch import ForwardBatch
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from minisgl.attention.base import AttentionBackend
-from minisgl.engine.forward import ForwardBatch
+from minisgl.core.forward_batch import ForwardBatch
 from minisgl.kernels.decode_attention import decode_attention, decode_block_n, num_kv_splits
 from minisgl.kernels.extend_attention import extend_attention, extend_blocks, extend_tiles
 from minisgl.kvcache.pool import KVPool

@@ -13,10 +13,11 @@ import torch
 from minisgl.attention import create_backend, default_backend
 from minisgl.distributed.info import TPInfo
 from minisgl.engine.config import EngineConfig
-from minisgl.engine.forward import ForwardBatch
+from minisgl.core.forward_batch import ForwardBatch
 from minisgl.kvcache.pool import KVPool
 from minisgl.models import native_decoder
 from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
+from minisgl.models.gguf import gguf_weight_types
 from minisgl.models.hub import resolve_model_path
 from minisgl.models.registry import model_class
 from minisgl.models.weights import fill_dummy_weights, iter_weights
@@ -50,7 +51,8 @@ class Engine:
         self.model_path = resolve_model_path(config.model)
         self.model_config: ModelConfig = load_model_config(self.model_path)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
-        self.quant = resolve_quant_config(config.quantization, config.quantize_lm_head, self.model_path, self.device)
+        gguf_types = gguf_weight_types(self.model_path) if self.model_path.endswith(".gguf") else None
+        self.quant = resolve_quant_config(config.quantization, config.quantize_lm_head, gguf_types, self.device)
         if self.quant is not None and self.device.type == "cpu" and config.dtype == "auto":
             # torch's packed CPU kernels are fast only with bf16 activations (about 10x slower with fp16/fp32).
             self.dtype = torch.bfloat16

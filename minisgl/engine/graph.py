@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from minisgl.engine.forward import ForwardBatch, ForwardMode
+from minisgl.core.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from minisgl.engine.transfer import to_device
+from minisgl.core.transfer import to_device
 from minisgl.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1

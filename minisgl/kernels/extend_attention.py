@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minisgl.engine.transfer import to_device
+from minisgl.core.transfer import to_device
 from minisgl.kernels.paging import load_kv_block, online_softmax_step
 
 _LOG2E = 1.4426950408889634

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from minisgl.kernels import native
-from minisgl.models.config import RopeConfig
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters. `rotary_dim` <= head_dim (GPT-NeoX rotates only a fraction)."""
+
+    theta: float
+    rotary_dim: int
+    scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear"|..., ...}; None = plain rope
 
 
 def inv_frequencies(rope: RopeConfig) -> torch.Tensor:

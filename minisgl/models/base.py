@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from minisgl.engine.forward import ForwardBatch
+from minisgl.core.forward_batch import ForwardBatch
 from minisgl.layers.linear import Linear, LMHead
 from minisgl.quant import QuantConfig, make_method
 from minisgl.quant.blocks import QuantizedBlocks, as_dense

@@ -9,16 +9,9 @@ from typing import Any
 
 import torch
 
+from minisgl.layers.rotary import RopeConfig
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding parameters. `rotary_dim` <= head_dim (GPT-NeoX rotates only a fraction)."""
-
-    theta: float
-    rotary_dim: int
-    scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear"|..., ...}; None = plain rope
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisgl.distributed.info import TPInfo
-from minisgl.engine.forward import ForwardBatch
+from minisgl.core.forward_batch import ForwardBatch
 from minisgl.layers.attention import PagedAttention
 from minisgl.layers.linear import Linear, LMHead, VocabEmbedding
 from minisgl.layers.norm import LayerNorm

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from minisgl.distributed.info import TPInfo
-from minisgl.engine.forward import ForwardBatch
+from minisgl.core.forward_batch import ForwardBatch
 from minisgl.layers.activation import silu_and_mul
 from minisgl.layers.attention import PagedAttention
 from minisgl.layers.linear import Linear, LMHead, VocabEmbedding

@@ -14,7 +14,7 @@ from torch import nn
 
 from minisgl.attention.base import AttentionBackend
 from minisgl.attention.cpu_backend import CpuBackend, CpuDecodeMetadata
-from minisgl.engine.forward import ForwardBatch
+from minisgl.core.forward_batch import ForwardBatch
 from minisgl.kernels import native
 from minisgl.kvcache.pool import KVPool
 from minisgl.layers.linear import Linear

@@ -46,16 +46,16 @@ def ggml_scheme(type_name: str) -> str | None:
 
 
 def resolve_quant_config(
-    quantization: str | None, quantize_lm_head: bool, model_path: str, device: torch.device
+    quantization: str | None, quantize_lm_head: bool, gguf_types: Mapping[str, str] | None, device: torch.device
 ) -> QuantConfig | None:
     """None / "auto": a GGUF keeps its own precision, anything else loads dense. "none": dense, GGUF weights
-    dequantized. "int8" / "int4" / "fp8": quantize every projection at load time."""
-    if quantization in (None, "auto"):
-        if not model_path.endswith(".gguf"):
-            return None
-        from minisgl.models.gguf import gguf_weight_types
+    dequantized. "int8" / "int4" / "fp8": quantize every projection at load time.
 
-        schemes = {name: ggml_scheme(t) for name, t in gguf_weight_types(model_path).items()}
+    gguf_types maps each tensor of a GGUF checkpoint to its GGML type name; None for any other checkpoint."""
+    if quantization in (None, "auto"):
+        if gguf_types is None:
+            return None
+        schemes = {name: ggml_scheme(t) for name, t in gguf_types.items()}
         return QuantConfig(KEEP_GGUF, quantize_lm_head, schemes) if any(schemes.values()) else None
     if quantization == "none":
         return None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from minisgl.engine.forward import ForwardBatch, ForwardMode
-from minisgl.engine.transfer import to_device
+from minisgl.core.forward_batch import ForwardBatch, ForwardMode
+from minisgl.core.transfer import to_device
 from minisgl.scheduler.req import Req
 
 

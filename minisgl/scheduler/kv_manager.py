@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minisgl.engine.transfer import to_device
+from minisgl.core.transfer import to_device
 from minisgl.kvcache.base import PrefixCache
 from minisgl.kvcache.naive import NoPrefixCache
 from minisgl.kvcache.pool import PageAllocator

@@ -14,9 +14,9 @@ import torch.distributed as dist
 from minisgl.distributed.info import TPInfo
 from minisgl.engine.config import EngineConfig
 from minisgl.engine.engine import Engine
-from minisgl.engine.forward import ForwardMode
+from minisgl.core.forward_batch import ForwardMode
 from minisgl.engine.sampling import SampleResult, SamplingBatch, sample
-from minisgl.engine.transfer import to_device
+from minisgl.core.transfer import to_device
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import make_forward_batch
 from minisgl.scheduler.io import SchedulerStats, TokenOutput

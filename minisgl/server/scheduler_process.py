@@ -120,7 +120,7 @@ class SchedulerLoop:
 
 def scheduler_main(ready: Any, engine_kwargs: dict, paths: IpcPaths, max_queued: int | None = None) -> None:
     """Process entry point: load the model, announce it, then loop until killed."""
-    from minisgl.distributed.replicated import make_scheduler
+    from minisgl.scheduler.replicated import make_scheduler
     from minisgl.engine.config import EngineConfig
 
     scheduler = make_scheduler(EngineConfig(**engine_kwargs))

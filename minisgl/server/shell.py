@@ -120,7 +120,7 @@ def _reader() -> Callable[[], str]:
 
 def run_shell(args: ServerArgs) -> int:
     """Load the model, then read and answer messages until /exit or Ctrl-D."""
-    from minisgl.distributed.replicated import make_scheduler
+    from minisgl.scheduler.replicated import make_scheduler
     from minisgl.engine.config import EngineConfig
     from minisgl.models.hub import resolve_model_path
     from minisgl.server.launch import setup_logging

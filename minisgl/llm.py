@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,7 +10,9 @@ from tqdm import tqdm
 
 from minisgl.engine.config import EngineConfig
 from minisgl.sampling_params import SamplingParams
+from minisgl.scheduler.io import TokenOutput
 from minisgl.scheduler.replicated import make_scheduler
+from minisgl.tokenizer.detokenize import SampleText
 
 
 @dataclass
@@ -65,15 +68,15 @@ class LLM:
 
     def shutdown(self) -> None:
         """Stop tensor-parallel worker processes (nothing to do with tp_size == 1)."""
-        if hasattr(self.scheduler, "shutdown"):
-            self.scheduler.shutdown()
+        self.scheduler.shutdown()
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
             from minisgl.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.scheduler.engine.model_path, self.config.tokenizer)
+            self._tokenizer = load_tokenizer(self.scheduler.engine.model_path, self.config.tokenizer,
+                                             self.config.trust_remote_code)
         return self._tokenizer
 
     def generate(
@@ -89,51 +92,78 @@ class LLM:
         if len(param_list) != len(prompts):
             raise ValueError("pass one SamplingParams or one per prompt")
         results: dict[str, RequestOutput] = {}
-        stops: dict[str, list[str]] = {}
-        order: list[str] = []
+        texts: dict[tuple[str, int], SampleText] = {}
         for prompt, p in zip(prompts, param_list):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            rid = f"llm-{self._next_id}"
-            self._next_id += 1
-            self.scheduler.add_request(rid, ids, p)
+            rid = self._add(ids, p)
+            logprobs = [] if p.logprobs else None
             results[rid] = RequestOutput(
                 prompt if isinstance(prompt, str) else None,
                 ids,
-                [Completion("", [], None, [] if p.logprobs else None, [] if p.logprobs else None) for _ in range(p.n)],
+                [Completion("", [], None, logprobs, [] if p.logprobs else None) for _ in range(p.n)],
             )
-            stops[rid] = p.stop
-            order.append(rid)
-        total = sum(p.n for p in param_list)
-        show = use_tqdm if use_tqdm is not None else total >= 32
-        bar = tqdm(total=total, desc="generate", disable=not show)
-        pending = total
-        while pending and self.scheduler.has_work():
-            for out in self.scheduler.step():
+            for i in range(p.n):
+                texts[rid, i] = self._sample_text(p)
+        show = use_tqdm if use_tqdm is not None else len(texts) >= 32
+        with tqdm(total=len(texts), desc="generate", disable=not show) as bar:
+            for out, piece, finish_reason in self._run(texts):
                 comp = results[out.rid].outputs[out.index]
-                if comp.finish_reason is not None:
-                    continue  # finished early by a stop string
                 comp.token_ids.extend(out.token_ids)
                 if comp.logprobs is not None and out.logprobs is not None:
                     comp.logprobs.extend(out.logprobs)
                     comp.top_logprobs.extend(out.top_logprobs or [])
-                if stops[out.rid] and self._hit_stop(comp, stops[out.rid]):
-                    out.finished, out.finish_reason = True, "stop"
-                    self.scheduler.abort(out.rid, out.index)
-                if out.finished:
-                    comp.finish_reason = out.finish_reason
-                    pending -= 1
+                comp.text += piece
+                if finish_reason is not None:
+                    comp.finish_reason = finish_reason
                     bar.update(1)
-        bar.close()
-        for rid in order:
-            for comp in results[rid].outputs:
-                if not comp.text and not self.skip_tokenizer_init:
-                    comp.text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
-        return [results[rid] for rid in order]
+        return list(results.values())
 
-    def _hit_stop(self, comp: Completion, stops: list[str]) -> bool:
-        text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        if cut < 0:
-            return False
-        comp.text = text[:cut]
-        return True
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[tuple[str, int, str | None]]:
+        """Generate one sample (n must be 1), yielding (text delta, tokens generated, finish reason or None) as
+        the tokens arrive. Closing the iterator early (or an exception in the caller, e.g. Ctrl-C) aborts it."""
+        if params.n != 1:
+            raise ValueError("stream() generates one sample; use generate() for n > 1")
+        rid = self._add(prompt_ids, params)
+        for out, piece, finish_reason in self._run({(rid, 0): self._sample_text(params)}):
+            yield piece, len(out.token_ids), finish_reason
+
+    def _add(self, prompt_ids: list[int], params: SamplingParams) -> str:
+        if self.skip_tokenizer_init and params.stop:
+            raise ValueError("stop strings need the tokenizer (skip_tokenizer_init=True)")
+        rid = f"llm-{self._next_id}"
+        self._next_id += 1
+        self.scheduler.add_request(rid, prompt_ids, params)
+        return rid
+
+    def _sample_text(self, params: SamplingParams) -> SampleText | None:
+        if self.skip_tokenizer_init:
+            return None
+        hidden = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.scheduler.model_config.eos_token_ids))
+        return SampleText(self.tokenizer, params.stop, hidden)
+
+    def _run(
+        self, samples: dict[tuple[str, int], SampleText | None]
+    ) -> Iterator[tuple[TokenOutput, str, str | None]]:
+        """Step the scheduler until every sample in `samples` has ended; yield (output, its text, the sample's
+        finish reason once it has ended). A sample whose text runs into a stop string ends there ("stop") and
+        is aborted in the scheduler. If the caller stops iterating, the samples left are aborted."""
+        pending = set(samples)
+        try:
+            while pending and self.scheduler.has_work():
+                for out in self.scheduler.step():
+                    key = (out.rid, out.index)
+                    if key not in pending:
+                        continue  # ended early by a stop string: the abort's own output
+                    text = samples[key]
+                    piece, hit_stop = text.feed(out.token_ids, out.finished, out.finish_reason) if text else ("", False)
+                    if hit_stop and not out.finished:
+                        self.scheduler.abort(out.rid, out.index)
+                    finished = out.finished or hit_stop
+                    if finished:
+                        pending.discard(key)
+                    yield out, piece, ("stop" if hit_stop else out.finish_reason) if finished else None
+        finally:
+            for rid, index in pending:
+                self.scheduler.abort(rid, index)
+            while self.scheduler.has_work():  # settle the step in flight, so the next call starts clean
+                self.scheduler.step()

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from minisgl.engine.engine import Engine
+    from minisgl.models.config import ModelConfig
+    from minisgl.sampling_params import SamplingParams
+    from minisgl.scheduler.kv_manager import KVManager
 
 
 @dataclass
@@ -36,3 +43,27 @@ class SchedulerStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     extra: dict = field(default_factory=dict)
+
+
+class SchedulerHandle(Protocol):
+    """What the scheduler's callers (the offline API, the shell, the scheduler process) use. `Scheduler` provides
+    it, and so does rank 0's `TPScheduler`, which replicates each call to the other ranks."""
+
+    engine: Engine
+    model_config: ModelConfig
+    max_model_len: int
+
+    @property
+    def kv(self) -> KVManager: ...
+
+    def add_request(self, rid: str, input_ids: list[int], params: SamplingParams) -> None: ...
+
+    def abort(self, rid: str, index: int | None = None) -> None: ...
+
+    def step(self) -> list[TokenOutput]: ...
+
+    def has_work(self) -> bool: ...
+
+    def stats(self) -> SchedulerStats: ...
+
+    def shutdown(self) -> None: ...

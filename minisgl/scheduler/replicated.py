@@ -24,7 +24,7 @@ import torch.distributed as dist
 from minisgl.distributed.group import free_port, init_tp, local_device
 from minisgl.engine.config import EngineConfig
 from minisgl.sampling_params import SamplingParams
-from minisgl.scheduler.io import SchedulerStats, TokenOutput
+from minisgl.scheduler.io import SchedulerHandle, SchedulerStats, TokenOutput
 from minisgl.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class TPScheduler:
             logger.warning("tensor-parallel shutdown incomplete: %s", e)
 
 
-def make_scheduler(config: EngineConfig) -> Scheduler | TPScheduler:
+def make_scheduler(config: EngineConfig) -> SchedulerHandle:
     """The scheduler for this config: a plain one, or rank 0 of a tensor-parallel group."""
     if config.tp_size > 1:
         return TPScheduler(config)

@@ -123,6 +123,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._aborted or self._inflight or self._ready)
 
+    def shutdown(self) -> None:
+        """Nothing to stop: the engine lives in this process (`TPScheduler.shutdown` stops its ranks)."""
+
     def stats(self) -> SchedulerStats:
         s = self._stats
         s.num_running_reqs = len(self.running)

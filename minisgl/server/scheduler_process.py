@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from minisgl.scheduler.io import SchedulerHandle
 from minisgl.message import (
     AbortReq,
     IpcPaths,
@@ -42,7 +43,7 @@ class SchedulerLoop:
     """Feeds one scheduler from a ZeroMQ inbox and sends its outputs on. `max_queued` bounds the waiting
     queue: a request beyond it is refused with a 503 instead of waiting indefinitely."""
 
-    def __init__(self, scheduler: Any, sock_in: zmq.Socket, sock_out: zmq.Socket, max_queued: int | None = None):
+    def __init__(self, scheduler: SchedulerHandle, sock_in: zmq.Socket, sock_out: zmq.Socket, max_queued: int | None = None):
         self.scheduler = scheduler
         self.sock_in = sock_in
         self.sock_out = sock_out
@@ -137,11 +138,10 @@ def scheduler_main(ready: Any, engine_kwargs: dict, paths: IpcPaths, max_queued:
     try:
         SchedulerLoop(scheduler, sock_in, sock_out, max_queued).run_forever()
     finally:
-        if hasattr(scheduler, "shutdown"):
-            scheduler.shutdown()
+        scheduler.shutdown()
 
 
-def serving_context_length(scheduler: Any) -> int:
+def serving_context_length(scheduler: SchedulerHandle) -> int:
     """The longest prompt + completion the server accepts: the model's (or --context-length), and no more
     than the KV pool holds, since a lone request that outgrows the pool cannot be retracted to make room."""
     context = scheduler.max_model_len

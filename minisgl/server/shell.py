@@ -16,8 +16,9 @@ import dataclasses
 import logging
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
+from minisgl.llm import LLM
 from minisgl.sampling_params import SamplingParams
 from minisgl.server.args import ServerArgs
 
@@ -40,15 +41,13 @@ class Turn:
 
 
 class ChatSession:
-    """A conversation with a scheduler. Invariant: `messages` alternates user/assistant and ends with an
+    """A conversation with an in-process `LLM`. Invariant: `messages` alternates user/assistant and ends with an
     assistant message between turns; `answer` leaves it unchanged when the answer is interrupted."""
 
-    def __init__(self, scheduler: Any, tokenizer: Any, params: SamplingParams = DEFAULT_PARAMS):
-        self.scheduler = scheduler
-        self.tokenizer = tokenizer
+    def __init__(self, llm: LLM, params: SamplingParams = DEFAULT_PARAMS):
+        self.llm = llm
         self.params = params
         self.messages: list[dict] = []
-        self._turns = 0
 
     def reset(self) -> None:
         self.messages.clear()
@@ -64,40 +63,20 @@ class ChatSession:
     def answer(self, user: str, emit: Callable[[str], None]) -> Turn:
         """Generate the assistant's reply to `user`, passing text deltas to `emit` as they arrive."""
         from minisgl.tokenizer import encode_chat
-        from minisgl.tokenizer.detokenize import IncrementalDetokenizer
 
         messages = self.messages + [{"role": "user", "content": user}]
-        ids = encode_chat(self.tokenizer, messages)
-        context = self.scheduler.max_model_len
+        ids = encode_chat(self.llm.tokenizer, messages)
+        context = self.llm.scheduler.max_model_len
         if len(ids) >= context:
             raise ValueError(f"the conversation has {len(ids)} tokens, the context length is {context}; /reset")
         params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, context - len(ids)))
-        rid = f"shell-{self._turns}"
-        self._turns += 1
-        detok = IncrementalDetokenizer(self.tokenizer)
         parts: list[str] = []
         start, count, reason = time.perf_counter(), 0, None
-        self.scheduler.add_request(rid, ids, params)
-        try:
-            while reason is None:
-                for out in self.scheduler.step():
-                    if out.rid != rid:
-                        continue
-                    count += len(out.token_ids)
-                    # The stop token that ended the answer is not part of it.
-                    new = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
-                    delta = detok.add(new) + (detok.flush() if out.finished else "")
-                    if delta:
-                        parts.append(delta)
-                        emit(delta)
-                    if out.finished:
-                        reason = out.finish_reason
-        except KeyboardInterrupt:
-            self.scheduler.abort(rid)
-            raise
-        finally:
-            while self.scheduler.has_work():  # settle the step in flight, so the next turn starts clean
-                self.scheduler.step()
+        for delta, tokens, reason in self.llm.stream(ids, params):
+            count += tokens
+            if delta:
+                parts.append(delta)
+                emit(delta)
         text = "".join(parts)
         self.messages = messages + [{"role": "assistant", "content": text}]
         return Turn(text, len(ids), count, time.perf_counter() - start, reason)
@@ -120,16 +99,13 @@ def _reader() -> Callable[[], str]:
 
 def run_shell(args: ServerArgs) -> int:
     """Load the model, then read and answer messages until /exit or Ctrl-D."""
-    from minisgl.scheduler.replicated import make_scheduler
-    from minisgl.engine.config import EngineConfig
     from minisgl.models.hub import resolve_model_path
     from minisgl.server.launch import setup_logging
-    from minisgl.tokenizer import load_tokenizer
 
     setup_logging(args.log_level)
     model_path = resolve_model_path(args.model)
-    scheduler = make_scheduler(EngineConfig(**{**args.engine_kwargs(), "model": model_path}))
-    chat = ChatSession(scheduler, load_tokenizer(model_path, args.tokenizer, args.trust_remote_code))
+    llm = LLM(**{**args.engine_kwargs(), "model": model_path})
+    chat = ChatSession(llm)
     read = _reader()
     print(f"minisgl shell: chatting with {args.model_name(model_path)}. {HELP}", flush=True)
     try:
@@ -169,7 +145,6 @@ def run_shell(args: ServerArgs) -> int:
             print(f"\n[{turn.prompt_tokens} prompt tokens, {turn.completion_tokens} generated, {rate:.1f} tok/s]",
                   flush=True)
     finally:
-        if hasattr(scheduler, "shutdown"):
-            scheduler.shutdown()
+        llm.shutdown()
         logging.shutdown()
     return 0

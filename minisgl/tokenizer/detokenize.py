@@ -90,3 +90,25 @@ class StopMatcher:
             if any(s.startswith(tail[-k:]) for s in self.stops):
                 return k
         return 0
+
+
+class SampleText:
+    """One sample's text as its token outputs arrive: detokenized incrementally, then cut at the first stop string.
+
+    The same path serves the server (tokenizer worker) and the offline API. A final token that ended the sample
+    as a stop token or EOS (`hidden_ids`) is counted but not shown, as OpenAI's API leaves the stop out.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str], hidden_ids: set[int], skip_special_tokens: bool = True):
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        self.stop = StopMatcher(stops)
+        self.hidden_ids = hidden_ids
+
+    def feed(self, token_ids: list[int], finished: bool, finish_reason: str | None) -> tuple[str, bool]:
+        """The text these tokens release, and whether it ran into a stop string (the sample then ends there)."""
+        if finished and finish_reason == "stop" and token_ids and token_ids[-1] in self.hidden_ids:
+            token_ids = token_ids[:-1]
+        delta = self.detok.add(token_ids)
+        if finished:
+            delta += self.detok.flush()
+        return self.stop.feed(delta, final=finished)

@@ -38,7 +38,7 @@ from minisgl.message import (
 )
 from minisgl.scheduler.io import TokenOutput
 from minisgl.tokenizer import encode_chat
-from minisgl.tokenizer.detokenize import IncrementalDetokenizer, StopMatcher
+from minisgl.tokenizer.detokenize import SampleText
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ class BadRequest(Exception):
 
 @dataclass
 class _Sample:
-    detok: IncrementalDetokenizer
-    stop: StopMatcher
+    text: SampleText
     tokens: int = 0
     done: bool = False
     first: bool = True
@@ -66,7 +65,6 @@ class _Request:
     rid: str
     prompt_tokens: int
     prompt_text: str | None
-    hidden_ids: set[int]  # a final stop/EOS token: counted in usage, not shown as text
     samples: list[_Sample] = field(default_factory=list)
 
 
@@ -161,11 +159,8 @@ class TokenizerWorker:
             return
         p = req.params
         hidden = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.info.eos_token_ids if self.info else []))
-        state = _Request(req.rid, len(ids), prompt_text, hidden)
-        state.samples = [
-            _Sample(IncrementalDetokenizer(self.tokenizer, req.skip_special_tokens), StopMatcher(p.stop))
-            for _ in range(p.n)
-        ]
+        state = _Request(req.rid, len(ids), prompt_text)
+        state.samples = [_Sample(SampleText(self.tokenizer, p.stop, hidden, req.skip_special_tokens)) for _ in range(p.n)]
         self.reqs[req.rid] = state
         send(self.to_scheduler, TokenizedGenerateReq(req.rid, ids, p))
 
@@ -197,13 +192,7 @@ class TokenizerWorker:
             return None
         s = req.samples[out.index]
         s.tokens += len(out.token_ids)
-        ids = out.token_ids
-        if out.finished and out.finish_reason == "stop" and ids and ids[-1] in req.hidden_ids:
-            ids = ids[:-1]
-        delta = s.detok.add(ids)
-        if out.finished:
-            delta += s.detok.flush()
-        text, hit_stop = s.stop.feed(delta, final=out.finished)
+        text, hit_stop = s.text.feed(out.token_ids, out.finished, out.finish_reason)
         finished = out.finished or hit_stop
         if hit_stop and not out.finished:
             send(self.to_scheduler, AbortReq(out.rid, out.index))  # free its KV now, not at max_tokens

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from minisgl.distributed.group import free_port, init_tp, local_device
 from minisgl.engine.config import EngineConfig
+from minisgl.engine.engine import Engine
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.io import SchedulerHandle, SchedulerStats, TokenOutput
 from minisgl.scheduler.scheduler import Scheduler
@@ -47,7 +48,7 @@ def worker_main(config: EngineConfig, rank: int, init_addr: str) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"[tp{rank}] %(levelname)s %(message)s")
     config = _rank_config(config, rank)
     tp = init_tp(rank, config.tp_size, init_addr, config.resolved_device())
-    scheduler = Scheduler(config, tp)
+    scheduler = Scheduler(Engine(config, tp))
     _broadcast(None, tp)  # ready
     while True:
         commands = _broadcast(None, tp)
@@ -132,7 +133,7 @@ class TPScheduler:
         threading.Thread(target=self._watchdog, daemon=True).start()
         config0 = _rank_config(config, 0)
         self.tp = init_tp(0, config.tp_size, init_addr, config0.resolved_device())
-        self.scheduler = Scheduler(config0, self.tp)
+        self.scheduler = Scheduler(Engine(config0, self.tp))
         self.model_config = self.scheduler.model_config
         self.max_model_len = self.scheduler.max_model_len
         self.engine = self.scheduler.engine
@@ -194,4 +195,4 @@ def make_scheduler(config: EngineConfig) -> SchedulerHandle:
     """The scheduler for this config: a plain one, or rank 0 of a tensor-parallel group."""
     if config.tp_size > 1:
         return TPScheduler(config)
-    return Scheduler(config)
+    return Scheduler(Engine(config))

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minisgl.distributed.info import TPInfo
-from minisgl.engine.config import EngineConfig
 from minisgl.engine.engine import Engine
 from minisgl.core.forward_batch import ForwardMode
 from minisgl.engine.sampling import SampleResult, SamplingBatch, sample
@@ -56,10 +54,12 @@ class Scheduler:
     host's view to be exact (retraction, penalties, aborts) first drains the step in flight.
     """
 
-    def __init__(self, config: EngineConfig, tp: TPInfo = TPInfo()):
-        self.config = config
-        self.tp = tp
-        self.engine = Engine(config, tp)
+    def __init__(self, engine: Engine):
+        """`engine` is this rank's model runner, loaded; the scheduler reads its config, pool size and device,
+        and calls only its `forward`."""
+        self.engine = engine
+        self.config = config = engine.config
+        self.tp = engine.tp
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
         self.eos_ids = set(self.model_config.eos_token_ids)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from minisgl.attention.base import AttentionBackend
+from minisgl.core import settings
 from minisgl.core.forward_batch import ForwardBatch
 from minisgl.kernels.decode_attention import decode_attention, decode_block_n, num_kv_splits
 from minisgl.kernels.extend_attention import extend_attention, extend_blocks, extend_tiles
@@ -40,7 +40,7 @@ class TritonBackend(AttentionBackend):
             raise ValueError(f"attention backend 'triton' needs a power-of-two head_dim >= 16, got {head_dim}")
         if pool.device.type == "cuda":
             self.num_sms = torch.cuda.get_device_properties(pool.device).multi_processor_count
-        elif os.environ.get("TRITON_INTERPRET") == "1":
+        elif settings.triton_interpret():
             self.num_sms = _CPU_SMS
         else:
             raise RuntimeError("attention backend 'triton' runs on CUDA (or on the CPU under TRITON_INTERPRET=1)")

@@ -11,9 +11,9 @@ import psutil
 import torch
 
 from minisgl.attention import create_backend, default_backend
+from minisgl.core.forward_batch import ForwardBatch
 from minisgl.distributed.info import TPInfo
 from minisgl.engine.config import EngineConfig
-from minisgl.core.forward_batch import ForwardBatch
 from minisgl.kvcache.pool import KVPool
 from minisgl.models import native_decoder
 from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype

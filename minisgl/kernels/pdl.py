@@ -18,15 +18,15 @@ interpreter, on GPUs older than Hopper, and with MINISGL_PDL=0.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from minisgl.core import settings
 
-_OFF = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MINISGL_PDL") == "0"
+_OFF = settings.triton_interpret() or not settings.pdl_allowed()
 
 
 @functools.cache

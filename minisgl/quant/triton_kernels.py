@@ -14,12 +14,11 @@ configs are used instead.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from minisgl.core import settings
 from minisgl.kernels import pdl
 
 GEMV_MAX_M = 4
@@ -339,7 +338,7 @@ _DEQUANT_BLOCK_N = 32
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return settings.triton_interpret()
 
 
 def _bucket(m: int) -> int:

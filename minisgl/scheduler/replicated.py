@@ -18,7 +18,6 @@ import threading
 import time
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from minisgl.distributed.group import free_port, init_tp, local_device

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -11,10 +10,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minisgl.engine.engine import Engine
+from minisgl.core import settings
 from minisgl.core.forward_batch import ForwardMode
-from minisgl.engine.sampling import SampleResult, SamplingBatch, sample
 from minisgl.core.transfer import to_device
+from minisgl.engine.engine import Engine
+from minisgl.engine.sampling import SampleResult, SamplingBatch, sample
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import make_forward_batch
 from minisgl.scheduler.io import SchedulerStats, TokenOutput
@@ -79,7 +79,7 @@ class Scheduler:
         self._rng = random.Random(config.seed)
         self._stats = SchedulerStats()
         self.token_buf = torch.zeros(config.max_running_requests + 1, dtype=torch.int64, device=self.engine.device)
-        self.overlap = not (config.disable_overlap_schedule or os.environ.get("MINISGL_DISABLE_OVERLAP_SCHEDULING") == "1")
+        self.overlap = not (config.disable_overlap_schedule or settings.overlap_disabled())
         self._inflight: _Launched | None = None
         self._ready: list[TokenOutput] = []  # outputs drained outside step(), returned by the next one
 

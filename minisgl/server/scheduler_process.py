@@ -18,7 +18,6 @@ from typing import Any
 
 import zmq
 
-from minisgl.scheduler.io import SchedulerHandle
 from minisgl.message import (
     AbortReq,
     IpcPaths,
@@ -32,6 +31,7 @@ from minisgl.message import (
     recv,
     send,
 )
+from minisgl.scheduler.io import SchedulerHandle
 
 logger = logging.getLogger("minisgl.scheduler")
 
@@ -121,8 +121,8 @@ class SchedulerLoop:
 
 def scheduler_main(ready: Any, engine_kwargs: dict, paths: IpcPaths, max_queued: int | None = None) -> None:
     """Process entry point: load the model, announce it, then loop until killed."""
-    from minisgl.scheduler.replicated import make_scheduler
     from minisgl.engine.config import EngineConfig
+    from minisgl.scheduler.replicated import make_scheduler
 
     scheduler = make_scheduler(EngineConfig(**engine_kwargs))
     ctx = zmq.Context()

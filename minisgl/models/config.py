@@ -31,7 +31,6 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
     torch_dtype: torch.dtype | None
     hf: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
@@ -97,7 +96,6 @@ def model_config_from_dict(cfg: dict[str, Any], model_dir: str | None = None) ->
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         eos_token_ids=_eos_ids(model_dir, cfg),
-        bos_token_id=cfg.get("bos_token_id"),
         torch_dtype=_DTYPES.get(torch_dtype) if isinstance(torch_dtype, str) else None,
         hf=cfg,
     )

@@ -49,10 +49,6 @@ class QuantMethod(ABC):
     @abstractmethod
     def dequantize(self, layer: nn.Module) -> torch.Tensor: ...
 
-    def apply_reference(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """apply() computed the slow, obvious way: float32 matmul with the dequantized weight."""
-        return (x.float() @ self.dequantize(layer).t()).to(x.dtype)
-
 
 # torch's packed CPU weight-only kernels cost about linearly in the rows of x; from this many rows on (prefill
 # chunks) expanding the weight to the activations' dtype and running a dense matmul is faster. SmolLM2's

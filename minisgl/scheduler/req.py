@@ -39,8 +39,6 @@ class Req:
     admitted: bool = False
     finish_reason: str | None = None
     wait_for: "Req | None" = None  # a sibling sample whose prefill must finish first (n > 1 sharing)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def all_ids(self) -> list[int]:

@@ -16,8 +16,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from minisgl.kernels import quant_matmul as tk  # noqa: E402
+from minisgl.kernels import tuning  # noqa: E402
 from minisgl.quant import QuantConfig, make_method  # noqa: E402
-from minisgl.quant import triton_kernels as tk  # noqa: E402
 from minisgl.quant.fp8 import quantize_fp8, quantize_rows_reference  # noqa: E402
 from minisgl.quant.int4 import quantize_int4  # noqa: E402
 from minisgl.quant.int8 import quantize_int8  # noqa: E402
@@ -26,7 +27,7 @@ ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 GEMV_BATCHES = [1, 2, 3, 4]
 # The last two reach the dequantize-then-F.linear path of the int4 and the 8-bit kernels.
-GEMM_BATCHES = [5, 17, 64, tk.W4_DEQUANT_MIN_M, tk.W8_DEQUANT_MIN_M]
+GEMM_BATCHES = [5, 17, 64, tuning.W4_DEQUANT_MIN_M, tuning.W8_DEQUANT_MIN_M]
 
 
 def half_eps(dtype: torch.dtype) -> float:
@@ -52,7 +53,7 @@ def activations(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dtypes(m: int) -> list[torch.dtype]:
-    return [torch.bfloat16, torch.float16] if ON_GPU or m <= tk.GEMV_MAX_M else [torch.float16]
+    return [torch.bfloat16, torch.float16] if ON_GPU or m <= tuning.GEMV_MAX_M else [torch.float16]
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from minisgl.core.forward_batch import ForwardBatch
+from minisgl.kernels.tuning import CPU_DENSE_HEAD_MIN_ROWS
 from minisgl.layers.linear import Linear, LMHead
 from minisgl.quant import QuantConfig, make_method
 from minisgl.quant.blocks import QuantizedBlocks, as_dense
@@ -16,18 +17,6 @@ from minisgl.quant.config import KEEP_GGUF
 
 if TYPE_CHECKING:
     from minisgl.models.native_decoder import NativeDecoder
-
-
-def _dense_head_rows(device: torch.device) -> int | None:
-    """From how many rows a GGUF's tied head multiplies by the dense embedding rather than its requantized copy.
-
-    The dense embedding holds the file's own values; the copy re-rounds them to one int8 scale per row, to make
-    small decode batches fast. torch's packed CPU kernels cost about linearly in the rows, a dense matmul does not:
-    SmolLM2's 49152 x 576 head (benchmark/quant_linears_cpu.py) took 2.6 ms in int8 and 3.9 ms in bf16 for one
-    row, 3.1 and 4.7 ms for 4, 5.6 and 5.4 ms for 7, 13.3 and 5.9 ms for 16. The Triton kernels on CUDA have no
-    such cliff.
-    """
-    return 8 if device.type == "cpu" else None
 
 
 class CausalLM(nn.Module):
@@ -73,7 +62,8 @@ class CausalLM(nn.Module):
                 scheme = quant.scheme_for(holds.get(source, []), lm_head=True)
                 layer = module.proj
                 if module.tied is not None and quant.scheme == KEEP_GGUF and not quant.quantize_lm_head:
-                    module.dense_from_rows = _dense_head_rows(device)
+                    # on CUDA the int8 kernels keep up with a dense matmul at every batch size
+                    module.dense_from_rows = CPU_DENSE_HEAD_MIN_ROWS if device.type == "cpu" else None
             elif isinstance(module, Linear) and module.quant is not None and id(module) not in head_projs:
                 scheme, layer = quant.scheme_for(holds.get(path, [])), module
             else:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minisgl.kernels.tuning import FP8_WEIGHT_ONLY_MAX_M
 from minisgl.quant.base import QuantMethod, rows_to_device
 from minisgl.quant.blocks import QuantizedBlocks, as_dense
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-# Up to this many tokens the GEMM is bound by reading the weight, so the Triton W8A16 kernels stream the fp8
-# weight and skip quantizing the activations; beyond it, fp8 tensor-core GEMMs (torch._scaled_mm) win.
-WEIGHT_ONLY_MAX_M = 16
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +35,7 @@ def fp8_supported(device: torch.device) -> bool:
 class Fp8Method(QuantMethod):
     """Buffers: `qweight` float8_e4m3fn [N, K], `qscale` float32 [N].
 
-    CUDA, M > WEIGHT_ONLY_MAX_M: each token's activations get their own fp8 scale (Triton kernel), then
+    CUDA, M > FP8_WEIGHT_ONLY_MAX_M: each token's activations get their own fp8 scale (Triton kernel), then
     torch._scaled_mm multiplies with row-wise scales and writes bf16/fp16. Small M: the Triton W8A16 kernels
     read the fp8 weight directly, activations stay in 16 bits. Elsewhere (CPU, for tests) the same arithmetic
     as the large-M path is emulated in float32. _scaled_mm needs N and K to be multiples of 16.
@@ -60,9 +58,9 @@ class Fp8Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
             return self.apply_emulated(layer, x)
-        from minisgl.quant.triton_kernels import fp8_quantize_rows, w8a16_linear
+        from minisgl.kernels.quant_matmul import fp8_quantize_rows, w8a16_linear
 
-        if x.shape[0] <= WEIGHT_ONLY_MAX_M:
+        if x.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
             return w8a16_linear(x, layer.qweight, layer.qscale)
         xq, x_scale = fp8_quantize_rows(x)
         w_scale = layer.qscale.view(1, -1)

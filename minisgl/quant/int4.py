@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.quant.base import CPU_DENSE_MIN_ROWS, QuantMethod, rows_to_device
+from minisgl.kernels.tuning import CPU_DENSE_MIN_ROWS
+from minisgl.quant.base import QuantMethod, rows_to_device
 from minisgl.quant.blocks import GROUP, Int4Blocks, QuantizedBlocks, as_dense, pack_int4
 
 # torch's CPU int4 layout interleaves blocks of 64 output rows; layers are padded to a multiple of it.
@@ -85,7 +86,7 @@ class Int4Method(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from minisgl.quant.triton_kernels import w4a16_linear
+            from minisgl.kernels.quant_matmul import w4a16_linear
 
             return w4a16_linear(x, layer.qweight, layer.qscale, layer.qzero)
         if x.shape[0] >= CPU_DENSE_MIN_ROWS:

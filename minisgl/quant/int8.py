@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from minisgl.kernels import native
-from minisgl.quant.base import CPU_DENSE_MIN_ROWS, QuantMethod, rows_to_device
+from minisgl.kernels.tuning import CPU_DENSE_MIN_ROWS
+from minisgl.quant.base import QuantMethod, rows_to_device
 from minisgl.quant.blocks import QuantizedBlocks, as_dense
 
 NATIVE_MAX_ROWS = 8
@@ -58,7 +59,7 @@ class Int8Method(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from minisgl.quant.triton_kernels import w8a16_linear
+            from minisgl.kernels.quant_matmul import w8a16_linear
 
             return w8a16_linear(x, layer.qweight, layer.qscale)
         if x.shape[0] >= CPU_DENSE_MIN_ROWS:

@@ -20,12 +20,8 @@ import triton.language as tl
 
 from minisgl.core import settings
 from minisgl.kernels import pdl
+from minisgl.kernels.tuning import GEMV_MAX_M, W4_DEQUANT_MIN_M, W8_DEQUANT_MIN_M
 
-GEMV_MAX_M = 4
-# From this many rows on, the weight is dequantized into a temporary and multiplied by cuBLAS (as vLLM's AWQ
-# path does from 256 tokens): the in-register GEMMs fall behind, int4's sooner (H100, docs/benchmarks.md).
-W4_DEQUANT_MIN_M = 128
-W8_DEQUANT_MIN_M = 512
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 

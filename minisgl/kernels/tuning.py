@@ -1,0 +1,25 @@
+"""Every threshold that picks between two kernels for the same product, in one place.
+
+Each is a number of rows (tokens in the batch) at which one kernel starts to beat the other on the hardware
+named beside it; docs/benchmarks.md says how to measure them again. Changing one changes speed, never results
+beyond summation order.
+"""
+
+# ---- CUDA (kernels/quant_matmul.py, quant/fp8.py) -------------------------------------------------------------
+# Up to this many rows a W8A16/W4A16 linear is a memory-bound GEMV: each program streams a few weight rows once.
+GEMV_MAX_M = 4
+# From this many rows on, the weight is dequantized into a temporary and multiplied by cuBLAS (as vLLM's AWQ path
+# does from 256 tokens): the in-register GEMMs fall behind, int4's sooner (H100).
+W4_DEQUANT_MIN_M = 128
+W8_DEQUANT_MIN_M = 512
+# Up to this many rows an fp8 GEMM is bound by reading the weight, so the W8A16 kernels stream the fp8 weight and
+# skip quantizing the activations; beyond it, fp8 tensor-core GEMMs (torch._scaled_mm) win (H100).
+FP8_WEIGHT_ONLY_MAX_M = 16
+
+# ---- CPU ------------------------------------------------------------------------------------------------------
+# From this many rows on (prefill chunks), a quantized linear expands its weight to the activations' dtype and
+# multiplies densely: the weight-only kernels cost about linearly in the rows, a dense matmul does not.
+CPU_DENSE_MIN_ROWS = 512
+# A GGUF's tied LM head keeps a requantized int8 copy for small decode batches; from this many rows on it
+# multiplies by the dense embedding instead, for the same reason.
+CPU_DENSE_HEAD_MIN_ROWS = 8

@@ -40,6 +40,7 @@ class ServerArgs:
     api_key: str | None = None
     max_queued_requests: int | None = None
     request_timeout: float | None = None
+    disable_web_ui: bool = False
     log_level: str = "info"
     shell: bool = False
     seed: int = 0
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse new requests with HTTP 503 while this many wait for the scheduler")
     s.add_argument("--request-timeout", type=_positive_float, default=d.request_timeout,
                    help="seconds a request may wait and run before it is ended with an error and aborted")
+    s.add_argument("--disable-web-ui", action="store_true",
+                   help="do not serve the chat page at / (the API is unaffected)")
     s.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
                    help="logging level of every process")
     s.add_argument("--shell", action="store_true",

@@ -15,9 +15,7 @@
 
   function inline(parent, text) {
     let last = 0;
-    INLINE.lastIndex = 0;
-    let m;
-    while ((m = INLINE.exec(text)) !== null) {
+    for (const m of text.matchAll(INLINE)) { // matchAll clones the regex: the recursion below keeps its own state
       if (m.index > last) parent.appendChild(document.createTextNode(text.slice(last, m.index)));
       if (m[1]) parent.appendChild(el("code", null, m[2]));
       else if (m[3] || m[4]) inline(parent.appendChild(el("strong")), m[3] || m[4]);
@@ -29,7 +27,7 @@
         a.rel = "noopener noreferrer";
         parent.appendChild(a);
       }
-      last = INLINE.lastIndex;
+      last = m.index + m[0].length;
     }
     if (last < text.length) parent.appendChild(document.createTextNode(text.slice(last)));
   }

@@ -71,6 +71,7 @@
     keyPrompt = new Promise((resolve) => {
       ui.keyReason.textContent = reason;
       ui.keyInput.value = "";
+      ui.keyDialog.returnValue = ""; // Escape keeps the previous value
       ui.keyDialog.addEventListener("close", function onClose() {
         ui.keyDialog.removeEventListener("close", onClose);
         const key = ui.keyDialog.returnValue === "ok" ? ui.keyInput.value.trim() : "";
@@ -537,6 +538,7 @@
     if (ev.key === "Escape" && streaming && !ui.settings.open && !ui.keyDialog.open) stop();
     if (ev.key === "Escape") closeSidebar();
   });
+  $("key-cancel").addEventListener("click", () => ui.keyDialog.close("cancel"));
   ui.newChat.addEventListener("click", newChat);
   ui.menu.addEventListener("click", () => (ui.sidebar.classList.contains("open") ? closeSidebar() : openSidebar()));
   ui.scrim.addEventListener("click", closeSidebar);

@@ -20,13 +20,6 @@ import pytest
 from server_util import TINY_ARGS, serve, tiny_checkpoint, wait_for
 
 CHROMIUM = os.environ.get("MINISGL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip("chromium is not installed (apt-get install chromium); the web UI tests need a real browser",
-                allow_module_level=True)
-
-from playwright.sync_api import Page, sync_playwright  # noqa: E402  (only once chromium is known to exist)
-
-pytestmark = pytest.mark.slow
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "sk-web-test"
@@ -49,6 +42,10 @@ def locked_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed (apt-get install chromium): the web UI tests need a real browser")
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         yield b
@@ -61,7 +58,7 @@ class Chat:
     def __init__(self, browser: Any, server: Any, width: int = 1100, height: int = 800):
         self.server = server
         self.context = browser.new_context(viewport={"width": width, "height": height})
-        self.page: Page = self.context.new_page()
+        self.page = self.context.new_page()
         self.errors: list[str] = []
         self.external: list[str] = []
         self.bodies: list[dict] = []
@@ -72,9 +69,8 @@ class Chat:
 
     def _guard(self, route: Any) -> None:
         url = urlparse(route.request.url)
-        if url.scheme in ("http", "https") and (url.hostname, url.port) == ("127.0.0.1", self.server.port):
-            route.continue_()
-        elif url.scheme == "data":
+        own = url.scheme in ("http", "https") and (url.hostname, url.port) == ("127.0.0.1", self.server.port)
+        if own or url.scheme == "data":
             route.continue_()
         else:
             self.external.append(route.request.url)
@@ -146,6 +142,7 @@ def status(server: Any) -> dict:
 
 
 # ---- the default model ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_page_loads_offline_without_console_errors(chat, server):
     r = httpx.get(server.url + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -158,6 +155,7 @@ def test_page_loads_offline_without_console_errors(chat, server):
     chat.check_clean()
 
 
+@pytest.mark.slow
 def test_enter_streams_the_greedy_api_answer(chat, server):
     question, n = "What is the capital of France?", 24
     chat.open().wait_model()
@@ -193,6 +191,7 @@ def test_enter_streams_the_greedy_api_answer(chat, server):
     chat.check_clean()
 
 
+@pytest.mark.slow
 def test_second_turn_sees_the_first_and_reload_keeps_both(chat, server):
     chat.open().wait_model()
     chat.settings(temperature=0, **{"max-tokens": 12})
@@ -218,6 +217,7 @@ def test_second_turn_sees_the_first_and_reload_keeps_both(chat, server):
     chat.check_clean()
 
 
+@pytest.mark.slow
 def test_settings_reach_the_request_body(chat, server):
     chat.open().wait_model()
     chat.settings(**{"system-prompt": "You answer in one word.", "temperature": 0.3, "top-p": 0.8,
@@ -244,6 +244,7 @@ def test_settings_reach_the_request_body(chat, server):
     chat.check_clean()
 
 
+@pytest.mark.slow
 def test_stop_mid_answer_leaves_no_running_request(chat, server):
     chat.open().wait_model()
     chat.settings(temperature=0, **{"max-tokens": 3000})
@@ -274,6 +275,7 @@ def _chats() -> list[dict]:
     ]
 
 
+@pytest.mark.slow
 def test_markdown_is_rendered_without_raw_html(chat):
     chat.open()
     chat.seed(_chats())
@@ -289,10 +291,13 @@ def test_markdown_is_rendered_without_raw_html(chat):
     chat.check_clean()
 
 
+@pytest.mark.slow
 def test_conversations_switch_rename_delete_new(chat):
     chat.open()
     chat.seed(_chats())
-    titles = lambda: chat.page.locator(".conv-open").all_text_contents()  # noqa: E731
+    def titles() -> list[str]:
+        return chat.page.locator(".conv-open").all_text_contents()
+
     assert titles() == ["First", "Second"]
     chat.page.click("text=Second")
     assert chat.page.text_content("#conv-title") == "Second"
@@ -311,6 +316,7 @@ def test_conversations_switch_rename_delete_new(chat):
     chat.check_clean()
 
 
+@pytest.mark.slow
 def test_dropped_connection_shows_a_message(chat, server):
     chat.open().wait_model()
     chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
@@ -332,6 +338,7 @@ def test_dropped_connection_shows_a_message(chat, server):
     assert all("ERR_CONNECTION_REFUSED" in e for e in chat.errors)  # chromium logs the refused fetch
 
 
+@pytest.mark.slow
 def test_phone_width_has_no_horizontal_scroll_and_keyboard_works(browser, server):
     chat = Chat(browser, server, width=390, height=844)
     try:
@@ -367,6 +374,7 @@ def test_phone_width_has_no_horizontal_scroll_and_keyboard_works(browser, server
 
 
 # ---- a server with --api-key and a one-request queue ---------------------------------------------------------
+@pytest.mark.slow
 def test_api_key_is_asked_once_and_kept_for_the_tab(browser, locked_server):
     assert httpx.get(f"{locked_server.url}/v1/models").status_code == 401  # the API stays locked
     assert httpx.get(f"{locked_server.url}/status").status_code == 401
@@ -404,6 +412,7 @@ def _hold(server: Any, started: threading.Event, stop: threading.Event) -> None:
                 return
 
 
+@pytest.mark.slow
 def test_errors_show_in_the_conversation(browser, locked_server):
     """503 when the queue is full, 400 for a prompt that does not fit: a message, never a blank."""
     chat = Chat(browser, locked_server)

@@ -248,6 +248,7 @@
     if (m.role === "assistant") {
       body.appendChild(window.renderMarkdown(m.content));
       if (m.pending && !m.content) body.appendChild(el("span", "typing", "…"));
+      else if (!m.content && !m.stopped) body.appendChild(el("span", "muted", "(the model returned no text)"));
     } else {
       body.textContent = m.content;
     }
@@ -276,6 +277,8 @@
     return -1;
   }
 
+  let scrollDown = false; // set when the user sends: follow the new answer even if they had scrolled up
+
   function renderMessages() {
     const c = current();
     const atBottom = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 40;
@@ -290,23 +293,30 @@
     }
     const lastA = streaming ? -1 : lastAssistantIndex(c);
     c.messages.forEach((m, i) => ui.messages.appendChild(messageNode(m, i, i === lastA)));
-    if (atBottom || streaming) ui.messages.scrollTop = ui.messages.scrollHeight;
+    if (atBottom || scrollDown) ui.messages.scrollTop = ui.messages.scrollHeight;
+    scrollDown = false;
   }
 
   function renderAll() {
     renderList();
     renderTitle();
     renderMessages();
-    setBusy(!!streaming && streaming.chatId === currentId);
+    setBusy(!!streaming); // one answer at a time, whichever conversation is shown
   }
 
   let rafPending = false;
-  function renderSoon() { // at most one re-render per frame while tokens stream in
+  function renderSoon(c, answer) { // at most once per frame while tokens stream in, and only the answer's node
     if (rafPending) return;
     rafPending = true;
     requestAnimationFrame(() => {
       rafPending = false;
-      renderMessages();
+      if (c.id !== currentId || !answer.pending) return; // a finished answer was already rendered in full
+      const index = c.messages.indexOf(answer);
+      const old = ui.messages.querySelector(`.msg[data-index="${index}"]`);
+      if (!old) return renderMessages();
+      const atBottom = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 40;
+      old.replaceWith(messageNode(answer, index, false));
+      if (atBottom) ui.messages.scrollTop = ui.messages.scrollHeight;
     });
   }
 
@@ -409,7 +419,7 @@
               if (tFirst === null) tFirst = performance.now();
               answer.content += choice.delta.content;
               chunks++;
-              renderSoon();
+              renderSoon(c, answer);
             }
             if (choice && choice.finish_reason) answer.stats.finish = choice.finish_reason;
             if (obj.usage) answer.stats.tokens = obj.usage.completion_tokens;
@@ -437,7 +447,7 @@
         const span = (tEnd - tFirst) / 1000;
         if (answer.stats.tokens > 1 && span > 0) answer.stats.tps = (answer.stats.tokens - 1) / span;
       }
-      if (!answer.content && !answer.stopped) c.messages.splice(c.messages.indexOf(answer), 1);
+      if (!answer.content && !answer.stopped && !done) c.messages.splice(c.messages.indexOf(answer), 1);
       streaming = null;
       save();
       renderAll();
@@ -458,6 +468,7 @@
     const c = current();
     if (!c.messages.length && c.title === "New chat") c.title = titleFrom(text);
     c.messages.push({ role: "user", content: text });
+    scrollDown = true;
     ui.input.value = "";
     autosize();
     generate(c);
@@ -467,6 +478,7 @@
     if (streaming) return;
     const c = current();
     while (c.messages.length && c.messages[c.messages.length - 1].role !== "user") c.messages.pop();
+    scrollDown = true;
     if (c.messages.length) generate(c);
     ui.input.focus();
   }

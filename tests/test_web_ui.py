@@ -266,7 +266,8 @@ def _chats() -> list[dict]:
         {"id": "a", "title": "First", "updated": 2, "messages": [
             {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "Hello! <img src=x onerror=\"window.pwned=1\"> **bold** and `x<y`\n\n"
-             "```python\nprint('<b>not bold</b>')\n```\n- one\n- two\n\n[link](javascript:alert(1))",
+             "```python\nprint('<b>not bold</b>')\n```\n- one\n- two\n\n[link](javascript:alert(1)) *it* "
+             "[docs](https://example.com/a)",
              "stats": {"ttft": 0.1, "tps": 20, "tokens": 9, "finish": "stop"}}]},
         {"id": "b", "title": "Second", "updated": 1, "messages": [{"role": "user", "content": "second chat"}]},
     ]
@@ -276,7 +277,11 @@ def test_markdown_is_rendered_without_raw_html(chat):
     chat.open()
     chat.seed(_chats())
     body = chat.page.locator(".msg.assistant .msg-body")
-    assert body.locator("img").count() == 0 and body.locator("b").count() == 0 and body.locator("a").count() == 0
+    assert body.locator("img").count() == 0 and body.locator("b").count() == 0
+    links = body.locator("a")  # only an http(s) link becomes one, never javascript:
+    assert links.count() == 1 and links.get_attribute("href") == "https://example.com/a"
+    assert links.text_content() == "docs" and "[link](javascript:alert(1))" in body.text_content()
+    assert body.locator("em").text_content() == "it"
     assert '<img src=x onerror="window.pwned=1">' in body.text_content()
     assert body.locator("strong").text_content() == "bold"
     assert body.locator("p code").text_content() == "x<y"

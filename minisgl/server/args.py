@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=d.host, help="address to listen on")
     s.add_argument("--port", type=int, default=d.port, help="HTTP port")
     s.add_argument("--api-key", default=d.api_key,
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health and the chat page")
     s.add_argument("--max-queued-requests", type=_positive_int, default=d.max_queued_requests,
                    help="refuse new requests with HTTP 503 while this many wait for the scheduler")
     s.add_argument("--request-timeout", type=_positive_float, default=d.request_timeout,

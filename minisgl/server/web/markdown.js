@@ -11,7 +11,12 @@
     return e;
   }
 
-  const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*([^*\n]+?)\*\*|__([^_\n]+?)__|\*([^*\s][^*\n]*?)\*|(?<![\w])_([^_\s][^_\n]*?)_(?![\w])|\[([^\]\n]+)\]\((https?:\/\/[^\s)]+)\)/g;
+  const INLINE = new RegExp([
+    /(`+)([\s\S]*?[^`])\1(?!`)/.source, // `code`
+    /\*\*([^*\n]+?)\*\*|__([^_\n]+?)__/.source, // **bold**
+    /\*([^*\s][^*\n]*?)\*|(?<![\w])_([^_\s][^_\n]*?)_(?![\w])/.source, // *italic*
+    /\[([^\]\n]+)\]\((https?:\/\/[^\s)]+)\)/.source, // [text](http(s) URL)
+  ].join("|"), "g");
 
   function inline(parent, text) {
     let last = 0;

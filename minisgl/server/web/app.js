@@ -1,4 +1,5 @@
-// The chat page: conversations in localStorage, streaming answers from this server's /v1/chat/completions.
+// The chat page: conversations in localStorage, answers streamed from the server (api.js), rendered by
+// markdown.js.
 // Invariants: model output reaches the DOM only through renderMarkdown / textContent (never innerHTML);
 // every request ends in a visible state (answer, "stopped", or an error message in the conversation).
 "use strict";
@@ -7,7 +8,6 @@
   const CHATS_KEY = "minisgl.chats.v1";
   const CURRENT_KEY = "minisgl.current.v1";
   const SETTINGS_KEY = "minisgl.settings.v1";
-  const API_KEY = "minisgl.apiKey"; // sessionStorage: the key lives as long as the tab
   const DEFAULTS = { system: "", temperature: 0.7, top_p: 0.95, max_tokens: 1024 };
   const STATUS_EVERY_MS = 2000;
 
@@ -56,17 +56,10 @@
   }
 
   // ---- server --------------------------------------------------------------------------------------------
-  function headers(json) {
-    const h = {};
-    if (json) h["Content-Type"] = "application/json";
-    const key = sessionStorage.getItem(API_KEY);
-    if (key) h["Authorization"] = "Bearer " + key;
-    return h;
-  }
-
+  const api = window.minisglApi;
   let keyPrompt = null; // one dialog at a time, shared by every caller that got a 401
 
-  function askKey(reason) {
+  function askKey(reason) { // the key dialog: resolves to the key entered, or null
     if (keyPrompt) return keyPrompt;
     keyPrompt = new Promise((resolve) => {
       ui.keyReason.textContent = reason;
@@ -75,7 +68,6 @@
       ui.keyDialog.addEventListener("close", function onClose() {
         ui.keyDialog.removeEventListener("close", onClose);
         const key = ui.keyDialog.returnValue === "ok" ? ui.keyInput.value.trim() : "";
-        if (key) sessionStorage.setItem(API_KEY, key);
         keyPrompt = null;
         resolve(key || null);
       });
@@ -84,43 +76,11 @@
     });
     return keyPrompt;
   }
-
-  function keyReason() {
-    return sessionStorage.getItem(API_KEY)
-      ? "The server refused this key. Enter the key the server was started with (--api-key)."
-      : "This server was started with --api-key. Enter the key; it is kept for this tab only.";
-  }
-
-  // GET with the key; on a 401, ask for the key once and retry.
-  async function getJSON(path) {
-    for (let attempt = 0; attempt < 2; attempt++) {
-      const r = await fetch(path, { headers: headers(false) });
-      if (r.status === 401 && attempt === 0) {
-        if (!(await askKey(keyReason()))) throw new Error("an API key is needed");
-        continue;
-      }
-      if (!r.ok) throw new Error(await errorText(r));
-      return r.json();
-    }
-    throw new Error("the API key was refused");
-  }
-
-  async function errorText(r) {
-    let msg = "";
-    try {
-      const body = await r.json();
-      msg = (body.error && body.error.message) || JSON.stringify(body);
-    } catch (e) {
-      msg = r.statusText;
-    }
-    const what = { 400: "Bad request", 401: "Unauthorized", 404: "Not found", 408: "Timed out",
-                   429: "Too many requests", 503: "Server busy" }[r.status] || "Server error";
-    return `${what} (HTTP ${r.status}): ${msg}`;
-  }
+  api.setKeyPrompt(askKey);
 
   async function loadModel() {
     try {
-      const body = await getJSON("/v1/models");
+      const body = await api.getJSON("/v1/models");
       modelName = body.data && body.data.length ? body.data[0].id : null;
       ui.model.textContent = modelName || "no model";
       ui.model.title = body.data && body.data[0] && body.data[0].root ? body.data[0].root : "";
@@ -133,7 +93,7 @@
   async function pollStatus() {
     clearTimeout(statusTimer);
     try {
-      const r = await fetch("/status", { headers: headers(false) });
+      const r = await fetch("/status", { headers: api.headers(false) });
       if (r.status === 401) {
         ui.status.textContent = "locked: the API key is needed";
       } else if (!r.ok) {
@@ -387,51 +347,23 @@
     let chunks = 0;
     let done = false;
     try {
-      let resp;
-      for (let attempt = 0; ; attempt++) {
-        resp = await fetch("/v1/chat/completions", {
-          method: "POST", headers: headers(true), body: JSON.stringify(requestBody(c)), signal: controller.signal,
-        });
-        if (resp.status !== 401 || attempt > 0) break;
-        if (!(await askKey(keyReason()))) break;
-        loadModel();
-      }
-      if (!resp.ok) throw new ServerError(await errorText(resp));
-      const reader = resp.body.getReader();
-      const decoder = new TextDecoder();
-      let buf = "";
-      for (;;) {
-        const { value, done: eof } = await reader.read();
-        if (eof) break;
-        buf += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buf.indexOf("\n\n")) >= 0) {
-          const event = buf.slice(0, cut);
-          buf = buf.slice(cut + 2);
-          for (const line of event.split("\n")) {
-            if (!line.startsWith("data:")) continue;
-            const data = line.slice(5).trim();
-            if (data === "[DONE]") { done = true; continue; }
-            const obj = JSON.parse(data);
-            if (obj.error) throw new ServerError(`Server error: ${obj.error.message}`);
-            const choice = obj.choices && obj.choices[0];
-            if (choice && choice.delta && choice.delta.content) {
-              if (tFirst === null) tFirst = performance.now();
-              answer.content += choice.delta.content;
-              chunks++;
-              renderSoon(c, answer);
-            }
-            if (choice && choice.finish_reason) answer.stats.finish = choice.finish_reason;
-            if (obj.usage) answer.stats.tokens = obj.usage.completion_tokens;
-          }
+      await api.streamChat(requestBody(c), controller.signal, (obj) => {
+        const choice = obj.choices && obj.choices[0];
+        if (choice && choice.delta && choice.delta.content) {
+          if (tFirst === null) tFirst = performance.now();
+          answer.content += choice.delta.content;
+          chunks++;
+          renderSoon(c, answer);
         }
-      }
-      if (!done) throw new ServerError("The connection to the server dropped before the answer finished.");
+        if (choice && choice.finish_reason) answer.stats.finish = choice.finish_reason;
+        if (obj.usage) answer.stats.tokens = obj.usage.completion_tokens;
+      });
+      done = true;
     } catch (e) {
       if (e.name === "AbortError") {
         answer.stopped = true;
       } else {
-        const msg = e instanceof ServerError ? e.message
+        const msg = e instanceof api.ServerError ? e.message
           : "Could not reach the server (it may have stopped, or the connection dropped): " + e.message;
         c.messages.push({ role: "error", content: msg });
       }
@@ -452,10 +384,9 @@
       save();
       renderAll();
       pollStatus();
+      if (!modelName) loadModel(); // the key may have been entered only now
     }
   }
-
-  class ServerError extends Error {}
 
   function titleFrom(text) {
     const t = text.replace(/\s+/g, " ").trim();

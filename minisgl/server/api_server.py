@@ -1,4 +1,5 @@
-"""The API server process: FastAPI app (OpenAI routes, health, metrics, tokenize) served by uvicorn.
+"""The API server process: FastAPI app (OpenAI routes, health, metrics, status, tokenize, the chat page)
+served by uvicorn.
 
 The app starts accepting connections only once the scheduler's ModelInfo has arrived (see EngineClient.
 start), so a client never reaches a server whose model is still loading.
@@ -23,6 +24,7 @@ from minisgl.server.engine_client import EngineClient
 from minisgl.server.errors import APIError, error_body, install_error_handlers
 from minisgl.server.metrics import Metrics
 from minisgl.server.openai_api import OpenAIServing, flatten_message
+from minisgl.server.web_ui import install_web_ui, is_open_path
 
 logger = logging.getLogger("minisgl.api")
 
@@ -33,12 +35,16 @@ class APIKeyMiddleware:
     """Pure ASGI middleware (not BaseHTTPMiddleware, which interferes with streaming and disconnect
     detection): a request without `Authorization: Bearer <key>` gets 401 before any parsing."""
 
-    def __init__(self, app: Any, api_key: str):
+    def __init__(self, app: Any, api_key: str, web_ui: bool = False):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.web_ui = web_ui
+
+    def is_open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (self.web_ui and is_open_path(path))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and not self.is_open(scope["path"]):
             auth = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(auth, self.expected):
                 body = error_body(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
@@ -65,7 +71,7 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
     serving = OpenAIServing(client, model_name)
     app.include_router(serving.router)
     if args.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=args.api_key, web_ui=not args.disable_web_ui)
 
     @app.get("/health")
     async def health() -> Response:
@@ -80,6 +86,14 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/status")
+    async def status() -> dict:
+        """The scheduler's latest load, as JSON (the chat page's status line polls it)."""
+        s = metrics.stats
+        return {"model": model_name, "max_model_len": client.info.max_model_len,
+                "num_running_reqs": s.num_running_reqs, "num_queue_reqs": s.num_queue_reqs,
+                "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate}
 
     @app.post("/tokenize")
     async def tokenize(req: P.TokenizeRequest) -> dict:
@@ -97,6 +111,8 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
         r = await client.call(DetokenizeReq(client.new_rid(), req.tokens))
         return {"text": r.text}
 
+    if not args.disable_web_ui:
+        install_web_ui(app)
     return app
 
 

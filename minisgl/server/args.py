@@ -40,6 +40,7 @@ class ServerArgs:
     api_key: str | None = None
     max_queued_requests: int | None = None
     request_timeout: float | None = None
+    disable_web_ui: bool = False
     log_level: str = "info"
     shell: bool = False
     seed: int = 0
@@ -168,11 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=d.host, help="address to listen on")
     s.add_argument("--port", type=int, default=d.port, help="HTTP port")
     s.add_argument("--api-key", default=d.api_key,
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health and the chat page")
     s.add_argument("--max-queued-requests", type=_positive_int, default=d.max_queued_requests,
                    help="refuse new requests with HTTP 503 while this many wait for the scheduler")
     s.add_argument("--request-timeout", type=_positive_float, default=d.request_timeout,
                    help="seconds a request may wait and run before it is ended with an error and aborted")
+    s.add_argument("--disable-web-ui", action="store_true",
+                   help="do not serve the chat page at / (the API is unaffected)")
     s.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
                    help="logging level of every process")
     s.add_argument("--shell", action="store_true",

@@ -43,8 +43,10 @@ class Metrics:
         self.ttft = histogram("time_to_first_token_seconds", "request arrival to first output", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "time between tokens of one sample", _ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "request arrival to last output", _LATENCY_BUCKETS)
+        self.stats = SchedulerStats()  # the latest, as published (GET /status reads it)
 
     def set_stats(self, s: SchedulerStats) -> None:
+        self.stats = s
         self.num_running_reqs.set(s.num_running_reqs)
         self.num_queue_reqs.set(s.num_queue_reqs)
         self.token_usage.set(s.token_usage)

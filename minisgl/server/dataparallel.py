@@ -33,7 +33,9 @@ from minisgl.server.args import ServerArgs
 logger = logging.getLogger("minisgl.launch")
 
 ROUTER_READY_TIMEOUT_S = 120.0
-_ROUTER_LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "error"}
+# The router logs every request and registration step at info: it speaks up only from warnings unless debugging.
+_ROUTER_LOG_LEVELS = {"debug": "info", "info": "warn", "warning": "warn", "error": "error"}
+_ROUTER_GRACE_S = 2  # its own drain on SIGTERM; must end before the launcher's grace period (launch.GRACE_S)
 
 
 @dataclass
@@ -128,7 +130,8 @@ class Router:
         cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *[r.url for r in self.replicas],
                "--policy", a.router_policy, "--host", a.host, "--port", str(a.port),
                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port()),
-               "--log-level", _ROUTER_LOG_LEVELS[a.log_level], "--worker-startup-check-interval", "1"]
+               "--log-level", _ROUTER_LOG_LEVELS[a.log_level], "--worker-startup-check-interval", "1",
+               "--shutdown-grace-period-secs", str(_ROUTER_GRACE_S)]
         if a.api_key:
             cmd += ["--api-key", a.api_key]
         return cmd

@@ -74,6 +74,22 @@ class GenerateRequest(_Strict):
     logprob_start_len: P.Int64 = -1  # -1: output tokens only (prompt logprobs are not computed)
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
+    # sglang-router re-serializes the body with these SGLang fields at their defaults: accepted when they ask
+    # for nothing we do not do (the logging switches change nothing here).
+    model: str | None = None
+    log_metrics: bool = True
+    no_logs: bool = False
+    return_hidden_states: bool = False
+    return_entropy: bool = False
+    return_bytes: bool = False
+    background: bool = False
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> GenerateRequest:
+        for name in ("return_hidden_states", "return_entropy", "return_bytes", "background"):
+            if getattr(self, name):
+                raise ValueError(f"{name}: true is not supported by this server")
+        return self
 
 
 class AbortRequest(_Strict):
@@ -99,11 +115,16 @@ class NativeServing:
     # ---- /generate ----------------------------------------------------------------------------------
     async def generate(self, req: GenerateRequest, request: Request) -> Any:
         start = time.monotonic()
+        self.openai.check_model(req.model)
         prompts, batched = self._prompts(req)
         rids = self._rids(req.rid, len(prompts), batched)
         sp = req.sampling_params
         if sp.max_new_tokens is not None and sp.max_new_tokens < 1:
             raise APIError(400, f"max_new_tokens must be >= 1, got {sp.max_new_tokens}", "max_new_tokens")
+        ctx = self.client.info.max_model_len
+        if sp.max_new_tokens is not None and sp.max_new_tokens >= ctx:
+            raise APIError(400, f"max_new_tokens must be < the context length {ctx}, got {sp.max_new_tokens}",
+                           "max_new_tokens", "context_length_exceeded")
         if req.logprob_start_len != -1:
             raise APIError(400, "logprob_start_len other than -1 is not supported (prompt logprobs are not computed)",
                            "logprob_start_len")

@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-
 from server_util import serve, wait_for
 
 PROMPT = "The capital of France is"

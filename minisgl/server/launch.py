@@ -174,9 +174,9 @@ class Launcher:
                 self.router = dataparallel.Router(args, replicas)
                 if not self.router.start(self._died):
                     return 1
+            behind = f" ({args.dp} replicas behind sglang-router, policy {args.router_policy})" if args.dp > 1 else ""
             logger.info("ready in %.1fs: serving %s at http://%s:%d%s", time.monotonic() - start,
-                        args.model_name(model_path), args.host, args.port,
-                        f" ({args.dp} replicas behind sglang-router, policy {args.router_policy})" if args.dp > 1 else "")
+                        args.model_name(model_path), args.host, args.port, behind)
             self._supervise(until_ready=False)
             return 1
         except _Stop as stop:

@@ -128,7 +128,9 @@ def test_cache_aware_routing_beats_round_robin(server, tmp_path):
            "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()), "--log-level", "warn",
            "--worker-startup-check-interval", "1"]
     with open(tmp_path / "router.log", "w") as log:
-        router = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=minisgl_env())
+        # dies with this process even if the test is killed (no orphan router)
+        router = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=minisgl_env(),
+                                  preexec_fn=dataparallel._router_child_setup)
     try:
         def ready() -> bool:
             try:

@@ -5,6 +5,8 @@ from minisgl.message.codec import pack, register, unpack
 from minisgl.message.types import (
     AbortReq,
     DetokenizeReq,
+    FlushCacheReq,
+    FlushCacheResult,
     GenerateReq,
     ModelInfo,
     ReqError,
@@ -19,7 +21,7 @@ from minisgl.message.types import (
 )
 
 __all__ = [
-    "AbortReq", "DetokenizeReq", "GenerateReq", "IpcPaths", "ModelInfo", "ReqError", "StatsMsg", "StrOutput",
+    "AbortReq", "DetokenizeReq", "FlushCacheReq", "FlushCacheResult", "GenerateReq", "IpcPaths", "ModelInfo", "ReqError", "StatsMsg", "StrOutput",
     "StrOutputBatch", "TokenLogprob", "TokenOutputBatch", "TokenizeReq", "TokenizeResult",
     "TokenizedGenerateReq", "inbox", "outbox", "pack", "recv", "register", "send", "unpack",
 ]

@@ -1,9 +1,9 @@
 """The messages exchanged by the serving processes.
 
-    API server --GenerateReq/AbortReq/TokenizeReq/DetokenizeReq--> tokenizer worker
-    tokenizer worker --TokenizedGenerateReq/AbortReq--> scheduler (rank 0)
-    scheduler --ModelInfo/TokenOutputBatch/ReqError/StatsMsg--> tokenizer worker
-    tokenizer worker --ModelInfo/StrOutputBatch/ReqError/StatsMsg/TokenizeResult--> API server
+    API server --GenerateReq/AbortReq/TokenizeReq/DetokenizeReq/FlushCacheReq--> tokenizer worker
+    tokenizer worker --TokenizedGenerateReq/AbortReq/FlushCacheReq--> scheduler (rank 0)
+    scheduler --ModelInfo/TokenOutputBatch/ReqError/StatsMsg/FlushCacheResult--> tokenizer worker
+    tokenizer worker --ModelInfo/StrOutputBatch/ReqError/StatsMsg/TokenizeResult/FlushCacheResult--> API server
 
 Every request is identified by `rid`, unique per server; `index` tells the n samples of one request apart.
 All of these are plain dataclasses so they are cheap to build and easy to read in a debugger; see codec.py
@@ -49,6 +49,15 @@ class AbortReq:
 
     rid: str
     index: int | None = None
+
+
+@register
+@dataclass
+class FlushCacheReq:
+    """Drop every prefix-cache entry (POST /flush_cache); passed on unchanged by the tokenizer worker.
+    The scheduler refuses while any request is queued or running, answering FlushCacheResult either way."""
+
+    rid: str
 
 
 @register
@@ -114,6 +123,16 @@ class ReqError:
     code: str | None = None
 
 
+@register
+@dataclass
+class FlushCacheResult:
+    """The scheduler's answer to FlushCacheReq: `ok` False (with the reason) when requests were running."""
+
+    rid: str
+    ok: bool
+    message: str = ""
+
+
 # ---- tokenizer worker -> API server ---------------------------------------------------------------------
 @register
 @dataclass
@@ -124,6 +143,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[str, float]] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)  # the token ids of `top`, same order
 
 
 @register

@@ -74,6 +74,8 @@ def _apply(scheduler: Scheduler, commands: list[tuple]) -> None:
             scheduler.add_request(cmd[1], cmd[2], cmd[3])
         elif cmd[0] == "abort":
             scheduler.abort(cmd[1], cmd[2])
+        elif cmd[0] == "flush":
+            scheduler.flush_cache()
 
 
 def node_ranks(config: EngineConfig) -> range:
@@ -156,6 +158,12 @@ class TPScheduler:
     def abort(self, rid: str, index: int | None = None) -> None:
         self.scheduler.abort(rid, index)
         self._pending.append(("abort", rid, index))
+
+    def flush_cache(self) -> bool:
+        if not self.scheduler.flush_cache():
+            return False
+        self._pending.append(("flush",))
+        return True
 
     def step(self) -> list[TokenOutput]:
         commands, self._pending = self._pending, []

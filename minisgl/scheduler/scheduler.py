@@ -120,6 +120,15 @@ class Scheduler:
                 req.finish_reason = "abort"
                 self._aborted.append(req)
 
+    def flush_cache(self) -> bool:
+        """Drop every prefix-cache entry and free its pages; only when no request holds or awaits pages
+        (False, nothing done, otherwise)."""
+        if self.has_work():
+            return False
+        self.kv.allocator.free(self.kv.cache.evict(self.kv.cache.num_pages))
+        self.kv.check_no_leaks()
+        return True
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._aborted or self._inflight or self._ready)
 

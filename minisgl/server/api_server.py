@@ -23,6 +23,7 @@ from minisgl.server.args import ServerArgs
 from minisgl.server.engine_client import EngineClient
 from minisgl.server.errors import APIError, error_body, install_error_handlers
 from minisgl.server.metrics import Metrics
+from minisgl.server.native_api import NativeServing
 from minisgl.server.openai_api import OpenAIServing, flatten_message
 from minisgl.server.web_ui import install_web_ui, is_open_path
 
@@ -55,7 +56,7 @@ class APIKeyMiddleware:
 
 
 def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
-    metrics = Metrics(model_name)
+    metrics = Metrics(model_name, args.dp_rank)
     client = EngineClient(paths, metrics, args.request_timeout)
     created = P.now()
 
@@ -70,6 +71,7 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
     install_error_handlers(app)
     serving = OpenAIServing(client, model_name)
     app.include_router(serving.router)
+    app.include_router(NativeServing(client, serving, args).router)  # SGLang's /generate, /flush_cache, ...
     if args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=args.api_key, web_ui=not args.disable_web_ui)
 

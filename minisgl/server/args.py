@@ -44,6 +44,9 @@ class ServerArgs:
     log_level: str = "info"
     shell: bool = False
     seed: int = 0
+    dp: int = 1
+    dp_rank: int = 0
+    router_policy: str = "cache_aware"
 
     def model_name(self, model_path: str) -> str:
         """The name clients must use in `model`: --served-model-name, else --model, else the file's name."""
@@ -178,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not serve the chat page at / (the API is unaffected)")
     s.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
                    help="logging level of every process")
+    s.add_argument("--dp", "--dp-size", dest="dp", type=_positive_int, default=d.dp,
+                   help="data parallelism: N independent replicas (one per GPU, or a share of the CPU cores each) "
+                        "behind sglang-router on --port (needs the minisgl[router] extra)")
+    s.add_argument("--router-policy", default=d.router_policy,
+                   choices=["cache_aware", "round_robin", "random", "power_of_two"],
+                   help="how sglang-router picks a replica with --dp")
+    s.add_argument("--dp-rank", type=_non_negative_int, default=d.dp_rank,
+                   help="this replica's id in /metrics (label dp_rank) and /get_server_info; set by --dp, or by "
+                        "hand for replicas registered with a router you run yourself")
     s.add_argument("--shell", action="store_true",
                    help="chat with the model in this terminal instead of serving (/reset, /set KEY VALUE, /exit)")
     return p
@@ -192,5 +204,9 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         parser.error("--nnodes > 1 needs --dist-init-addr (host:port of node 0's rank 0)")
     if ns.tp % ns.nnodes:
         parser.error(f"--tp ({ns.tp}) must be a multiple of --nnodes ({ns.nnodes})")
+    if ns.dp > 1 and ns.shell:
+        parser.error("--dp serves over HTTP; it cannot be combined with --shell")
+    if ns.dp > 1 and ns.nnodes > 1:
+        parser.error("--dp runs every replica on this machine; it cannot be combined with --nnodes")
     known = {f.name for f in fields(ServerArgs)}
     return ServerArgs(**{k: v for k, v in vars(ns).items() if k in known})

@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from minisgl.message import (
     AbortReq,
+    FlushCacheResult,
     GenerateReq,
     IpcPaths,
     ModelInfo,
@@ -129,10 +130,21 @@ class EngineClient:
             if self.jobs.pop(rid, None) is not None and job.unfinished.get(rid):
                 self.sock_out.send(pack(AbortReq(rid)))
 
+    def abort(self, rid: str) -> bool:
+        """End `rid` for a client (POST /abort_request): the scheduler frees it, and its job gets a final
+        "abort" output for each unfinished sample (the tokenizer drops the scheduler's own). False if unknown."""
+        job = self.jobs.get(rid)
+        if job is None or not job.unfinished.get(rid):
+            return False
+        self.sock_out.send(pack(AbortReq(rid)))
+        job.queue.put_nowait(AbortReq(rid))
+        return True
+
     async def events(self, job: Job, request: Any = None) -> AsyncIterator[StrOutput]:
         """Outputs of `job` until every sample has finished. Raises APIError for an error reply or the
         timeout, ClientGone when `request`'s client disconnects; the job is released in every case."""
         last_check = time.monotonic()
+        finished: set[tuple[str, int]] = set()
         try:
             while not job.done:
                 wait = DISCONNECT_POLL_S
@@ -154,21 +166,31 @@ class EngineClient:
                     continue
                 if isinstance(ev, ReqError):
                     raise APIError(ev.status, ev.message, ev.param, ev.code)
+                if isinstance(ev, AbortReq):  # see abort(): already sent on; end what is still open
+                    for i in range(job.n):
+                        if (ev.rid, i) not in finished and job.unfinished.get(ev.rid):
+                            finished.add((ev.rid, i))
+                            job.unfinished[ev.rid] -= 1
+                            yield StrOutput(ev.rid, i, "", True, "abort")
+                    continue
+                if (ev.rid, ev.index) in finished:  # a late output of an aborted sample
+                    continue
                 if ev.finished:
+                    finished.add((ev.rid, ev.index))
                     job.unfinished[ev.rid] -= 1
                 yield ev
         finally:
             self.release(job)
 
-    # ---- /tokenize, /detokenize --------------------------------------------------------------------
-    async def call(self, msg: Any) -> TokenizeResult:
+    # ---- /tokenize, /detokenize, /flush_cache --------------------------------------------------------------------
+    async def call(self, msg: Any) -> Any:
         fut = asyncio.get_running_loop().create_future()
         self.calls[msg.rid] = fut
         try:
             self.send(msg)
             result = await asyncio.wait_for(fut, 60)
         except asyncio.TimeoutError:
-            raise APIError(504, "the tokenizer worker did not answer within 60s") from None
+            raise APIError(504, "the server's worker processes did not answer within 60s") from None
         finally:
             self.calls.pop(msg.rid, None)
         if isinstance(result, ReqError):
@@ -197,7 +219,7 @@ class EngineClient:
                 self.calls[msg.rid].set_result(msg)
             elif (job := self.jobs.get(msg.rid)) is not None:
                 job.queue.put_nowait(msg)
-        elif isinstance(msg, TokenizeResult):
+        elif isinstance(msg, (TokenizeResult, FlushCacheResult)):
             fut = self.calls.get(msg.rid)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
@@ -218,6 +240,7 @@ class EngineClient:
         if last is None:
             if not any(k[0] == out.rid for k in job.last_seen):  # the rid's first output: count its prompt once
                 m.prompt_tokens.inc(out.prompt_tokens)
+                m.cached_tokens.inc(out.cached_tokens)
             new = out.completion_tokens
         else:
             new = out.completion_tokens - last[1]

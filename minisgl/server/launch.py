@@ -9,10 +9,15 @@ Ready handshake: the scheduler sends ModelInfo through the tokenizer to the API 
 loaded; the API server starts accepting connections only after it has it, then reports ready here. So
 "ready" means every process and every socket on the request path works.
 
-Teardown invariant: whatever ends the launcher (SIGINT, SIGTERM, a child dying), every process it started,
-and their children, are terminated (then killed after a grace period) before it exits; a child's death makes
-the exit status non-zero. Children ignore SIGINT (a terminal's Ctrl-C reaches the whole process group) so
-the launcher alone decides the order, and they ask the kernel to kill them if the launcher itself is killed.
+With `--dp N` there are N such triples (replica r's processes are named `dp<r>.scheduler`, ...; OS names
+`minisgl-sched<r>`, ...), each on its own private port, GPU(s) or share of the CPU cores, and sglang-router
+(dataparallel.py) in front of them on the public port, started once every replica is ready.
+
+Teardown invariant: whatever ends the launcher (SIGINT, SIGTERM, a child dying: any replica's process or
+the router), every process it started, and their children, are terminated (then killed after a grace period)
+before it exits; a child's death makes the exit status non-zero. Children ignore SIGINT (a terminal's Ctrl-C
+reaches the whole process group) so the launcher alone decides the order, and they ask the kernel to kill
+them if the launcher itself is killed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import psutil
 
 from minisgl.message import IpcPaths
 from minisgl.server.args import ServerArgs
+from minisgl.server.dataparallel import Replica
 
 logger = logging.getLogger("minisgl.launch")
 
@@ -58,12 +64,14 @@ def _linux_process_setup(comm: str) -> None:
 
 
 def _child_entry(name: str, log_level: str, launcher_pid: int, target: Callable, ready: Connection,
-                 args: tuple) -> None:
+                 args: tuple, comm: str | None = None, cpus: list[int] | None = None) -> None:
     """Runs first in every child: signals, logging, then the real entry point; a crash is logged in full."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _linux_process_setup(PROCESS_NAMES.get(name, name))
+    _linux_process_setup(comm or PROCESS_NAMES.get(name, name))
     if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
         os._exit(1)
+    if cpus:  # a --dp replica's share of the cores; OMP_NUM_THREADS (set by the launcher) sizes torch's pool
+        os.sched_setaffinity(0, cpus)
     setup_logging(log_level)
     try:
         target(ready, *args)
@@ -105,39 +113,71 @@ class Launcher:
         self.args = args
         self.ctx = mp.get_context("spawn")  # fork is unsafe with torch and zmq threads
         self.children: list[_Child] = []
-        self.paths: IpcPaths | None = None
+        self.paths: list[IpcPaths] = []
+        self.router: Any = None  # dataparallel.Router with --dp
 
-    def _start(self, name: str, target: Callable, *args: Any) -> None:
+    def _start(self, name: str, target: Callable, *args: Any, replica: Replica | None = None) -> None:
         reader, writer = self.ctx.Pipe(duplex=False)
-        p = self.ctx.Process(
-            target=_child_entry, args=(name, self.args.log_level, os.getpid(), target, writer, args), name=name
-        )
-        p.start()
+        comm, cpus = None, None
+        if replica is not None:
+            comm, cpus = PROCESS_NAMES[name] + str(replica.rank), replica.cpus
+            name = f"dp{replica.rank}.{name}"
+        p = self.ctx.Process(target=_child_entry, name=name,
+                             args=(name, self.args.log_level, os.getpid(), target, writer, args, comm, cpus))
+        saved = dict(os.environ)
+        os.environ.update(replica.env if replica is not None else {})  # a spawned child copies our environment
+        try:
+            p.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         writer.close()  # our copy: EOF on `reader` then means the child died
         self.children.append(_Child(name, p, reader))
 
-    def run(self) -> int:
-        """Serve until a signal or a child's death; the process exit status."""
-        from minisgl.models.hub import resolve_model_path
+    def _start_server(self, args: ServerArgs, model_path: str, replica: Replica | None = None) -> None:
+        """One server's scheduler, tokenizer and API processes (one replica's, with --dp)."""
         from minisgl.server.api_server import api_main
         from minisgl.server.scheduler_process import scheduler_main
         from minisgl.tokenizer.worker import tokenizer_main
 
+        paths = IpcPaths.create()
+        self.paths.append(paths)
+        engine_kwargs = {**args.engine_kwargs(), "model": model_path}
+        self._start("scheduler", scheduler_main, engine_kwargs, paths, args.max_queued_requests, replica=replica)
+        self._start("tokenizer", tokenizer_main, model_path, args.tokenizer, paths, args.trust_remote_code,
+                    replica=replica)
+        self._start("api", api_main, args, args.model_name(model_path), paths, replica=replica)
+
+    def run(self) -> int:
+        """Serve until a signal or a child's death; the process exit status."""
+        from minisgl.models.hub import resolve_model_path
+        from minisgl.server import dataparallel
+
         args = self.args
         old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if args.dp > 1:
+                dataparallel.check_router_installed()
             _check_port(args.host, args.port)
             model_path = resolve_model_path(args.model)
-            self.paths = IpcPaths.create()
-            engine_kwargs = {**args.engine_kwargs(), "model": model_path}
-            self._start("scheduler", scheduler_main, engine_kwargs, self.paths, args.max_queued_requests)
-            self._start("tokenizer", tokenizer_main, model_path, args.tokenizer, self.paths, args.trust_remote_code)
-            self._start("api", api_main, args, args.model_name(model_path), self.paths)
             start = time.monotonic()
-            if self._supervise(until_ready=True):
-                logger.info("ready in %.1fs: serving %s at http://%s:%d", time.monotonic() - start,
-                            args.model_name(model_path), args.host, args.port)
-                self._supervise(until_ready=False)
+            if args.dp == 1:
+                self._start_server(args, model_path)
+            else:
+                replicas = dataparallel.plan_replicas(args)
+                for r in replicas:
+                    logger.info("replica %d: http://127.0.0.1:%d, %s", r.rank, r.port, r.where)
+                    self._start_server(r.args, model_path, r)
+            if not self._supervise(until_ready=True):
+                return 1
+            if args.dp > 1:
+                self.router = dataparallel.Router(args, replicas)
+                if not self.router.start(self._died):
+                    return 1
+            behind = f" ({args.dp} replicas behind sglang-router, policy {args.router_policy})" if args.dp > 1 else ""
+            logger.info("ready in %.1fs: serving %s at http://%s:%d%s", time.monotonic() - start,
+                        args.model_name(model_path), args.host, args.port, behind)
+            self._supervise(until_ready=False)
             return 1
         except _Stop as stop:
             logger.info("received %s, shutting down", stop)
@@ -149,14 +189,26 @@ class Launcher:
             for s, h in old.items():
                 signal.signal(s, h)
 
+    def _died(self) -> bool:
+        """Whether a child has died (logged), without waiting."""
+        dead = [c for c in self.children if not c.process.is_alive()]
+        for c in dead[:1]:
+            logger.error("%s process died (exit code %s); shutting down the server", c.name, c.process.exitcode)
+        return bool(dead)
+
     def _supervise(self, until_ready: bool) -> bool:
-        """Wait for ready reports (or forever); False when a child died, which is logged."""
+        """Wait for ready reports (or forever); False when a child (or the router) died, which is logged."""
         while True:
             if until_ready and all(c.is_ready for c in self.children):
                 return True
             waitables = [c.process.sentinel for c in self.children]
             waitables += [c.ready for c in self.children if not c.is_ready]
+            if self.router is not None:
+                waitables.append(self.router.sentinel)
             for obj in wait(waitables):
+                if self.router is not None and obj == self.router.sentinel:
+                    logger.error("sglang-router died (exit code %s); shutting down the server", self.router.poll())
+                    return False
                 child = next(c for c in self.children if obj in (c.ready, c.process.sentinel))
                 if obj is child.ready:
                     try:
@@ -173,6 +225,8 @@ class Launcher:
     def shutdown(self) -> None:
         """Terminate every child and grandchild; kill what is still alive after GRACE_S."""
         procs: list[psutil.Process] = []
+        if self.router is not None:
+            procs += self.router.processes()
         for c in self.children:
             try:
                 parent = psutil.Process(c.process.pid)
@@ -202,8 +256,10 @@ class Launcher:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=GRACE_S)
-        if self.paths is not None:
-            shutil.rmtree(self.paths.dir, ignore_errors=True)
+        for paths in self.paths:
+            shutil.rmtree(paths.dir, ignore_errors=True)
+        if self.router is not None:
+            self.router.close()
         self.children.clear()
 
 

@@ -20,25 +20,27 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, dp_rank: int = 0):
         self.registry = CollectorRegistry()
-        labels = ["model_name"]
+        labels = ["model_name", "dp_rank"]  # dp_rank: which data-parallel replica (--dp) this server is
+        values = (model_name, str(dp_rank))
         r = self.registry
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"minisgl:{name}", doc, labels, registry=r).labels(model_name)
+            return Gauge(f"minisgl:{name}", doc, labels, registry=r).labels(*values)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(f"minisgl:{name}", doc, labels, registry=r).labels(model_name)
+            return Counter(f"minisgl:{name}", doc, labels, registry=r).labels(*values)
 
         def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(f"minisgl:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+            return Histogram(f"minisgl:{name}", doc, labels, buckets=buckets, registry=r).labels(*values)
 
         self.num_running_reqs = gauge("num_running_reqs", "requests decoding or prefilling")
         self.num_queue_reqs = gauge("num_queue_reqs", "requests waiting for the scheduler")
         self.token_usage = gauge("token_usage", "fraction of KV-cache pages in use")
         self.cache_hit_rate = gauge("cache_hit_rate", "prompt tokens served from the prefix cache / prompt tokens")
         self.prompt_tokens = counter("prompt_tokens", "prompt tokens of accepted requests")
+        self.cached_tokens = counter("cached_tokens", "prompt tokens of accepted requests served from the prefix cache")
         self.generation_tokens = counter("generation_tokens", "tokens generated and delivered")
         self.ttft = histogram("time_to_first_token_seconds", "request arrival to first output", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "time between tokens of one sample", _ITL_BUCKETS)

@@ -20,6 +20,8 @@ import zmq
 
 from minisgl.message import (
     AbortReq,
+    FlushCacheReq,
+    FlushCacheResult,
     IpcPaths,
     ModelInfo,
     ReqError,
@@ -84,6 +86,8 @@ class SchedulerLoop:
                     self.scheduler.abort(msg.rid)
                 else:  # one sample ended by a stop string; its siblings go on
                     self.scheduler.abort(msg.rid, msg.index)
+            elif isinstance(msg, FlushCacheReq):
+                self._flush(msg)
             else:
                 logger.error("unexpected message %r", type(msg).__name__)
 
@@ -98,6 +102,16 @@ class SchedulerLoop:
             self.scheduler.add_request(msg.rid, msg.input_ids, msg.params)
         except ValueError as e:  # can never run (e.g. longer than the KV pool): the client's problem
             send(self.sock_out, ReqError(msg.rid, str(e), 400))
+
+    def _flush(self, msg: FlushCacheReq) -> None:
+        s = self.scheduler.stats()
+        busy = s.num_running_reqs + s.num_queue_reqs
+        if busy or not self.scheduler.flush_cache():
+            send(self.sock_out, FlushCacheResult(
+                msg.rid, False, f"the cache was not flushed: {busy or 'some'} requests are queued or running"))
+            return
+        logger.info("prefix cache flushed")
+        send(self.sock_out, FlushCacheResult(msg.rid, True, "Cache flushed."))
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -19,6 +19,8 @@ import zmq
 from minisgl.message import (
     AbortReq,
     DetokenizeReq,
+    FlushCacheReq,
+    FlushCacheResult,
     GenerateReq,
     IpcPaths,
     ModelInfo,
@@ -93,7 +95,9 @@ class TokenizerWorker:
         elif isinstance(msg, ReqError):  # from the scheduler: the request never started
             self.reqs.pop(msg.rid, None)
             send(self.to_api, msg)
-        elif isinstance(msg, StatsMsg):
+        elif isinstance(msg, FlushCacheReq):
+            send(self.to_scheduler, msg)
+        elif isinstance(msg, (StatsMsg, FlushCacheResult)):
             send(self.to_api, msg)
         elif isinstance(msg, ModelInfo):
             self.info = msg
@@ -213,7 +217,7 @@ class TokenizerWorker:
     def _logprobs(self, out: TokenOutput) -> list[TokenLogprob]:
         tops = out.top_logprobs or [[] for _ in out.token_ids]
         return [
-            TokenLogprob(self._piece(tid), tid, lp, [(self._piece(a), alp) for a, alp in top])
+            TokenLogprob(self._piece(tid), tid, lp, [(self._piece(a), alp) for a, alp in top], [a for a, _ in top])
             for tid, lp, top in zip(out.token_ids, out.logprobs or [], tops)
         ]
 

@@ -26,12 +26,12 @@ MAX_BATCH = 8
 
 
 def _int4(linear: Linear) -> native.Int4Weight | None:
-    if linear.bias is not None or linear.tp.size != 1 or not hasattr(linear, "qscale_zero"):
+    if linear.bias is not None or linear.tp.size != 1 or not hasattr(linear, "qscale_min"):
         return None
-    if linear.qscale_zero.dtype != torch.bfloat16:
+    qweight, sm = linear.qweight, linear.qscale_min
+    if not (qweight.is_contiguous() and sm.is_contiguous() and sm.dtype == torch.float16):
         return None
-    return native.Int4Weight(linear.qweight.data_ptr(), linear.qscale_zero.data_ptr(), linear.out_features,
-                             linear.qscale_zero.shape[1], linear.in_features)  # fmt: skip
+    return native.Int4Weight(qweight.data_ptr(), sm.data_ptr(), linear.out_features, linear.in_features)
 
 
 class NativeDecoder:
@@ -58,15 +58,16 @@ class NativeDecoder:
 
 def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> NativeDecoder | None:
     """A NativeDecoder for `model` (a LlamaForCausalLM), or None unless every layer qualifies: int4 weights in
-    torch's packed CPU layout without biases, one rank, bf16, no q/k norm, a gated MLP, and the cpu attention
-    backend decoding natively, on a CPU with AVX-512 (the int4 kernel's)."""
+    minisgl's CPU layout without biases, one rank, fp32 or bf16, no q/k norm, a gated MLP, and the cpu attention
+    backend decoding natively (native kernels loaded, at either ISA level)."""
     from minisgl.models.llama import GatedMLP, LlamaForCausalLM
 
-    if not isinstance(model, LlamaForCausalLM) or not native.has_avx512():
+    if not isinstance(model, LlamaForCausalLM) or not native.available():
         return None
     if not (isinstance(backend, CpuBackend) and backend.native_decode):
         return None
-    if pool.dtype != torch.bfloat16 or model.model.rotary.cos.dtype != torch.bfloat16:
+    dtype = pool.dtype
+    if dtype not in (torch.bfloat16, torch.float32) or model.model.rotary.cos.dtype != dtype:
         return None
     layers = []
     for i, layer in enumerate(model.model.layers):
@@ -75,13 +76,14 @@ def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> NativeDe
             return None
         linears = [_int4(attn.qkv_proj), _int4(attn.o_proj), _int4(mlp.gate_up_proj), _int4(mlp.down_proj)]
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if any(w is None for w in linears) or any(n.dtype != torch.bfloat16 for n in norms):
+        if any(w is None for w in linears) or any(n.dtype != dtype for n in norms):
             return None
         layers.append(
             native.DecoderWeights(
                 norms[0].data_ptr(), norms[1].data_ptr(), *linears, pool.k(i).data_ptr(), pool.v(i).data_ptr(),
                 model.config.hidden_size, attn.num_q, attn.num_kv, attn.head_dim, mlp.down_proj.in_features,
-                model.model.rotary.cos.shape[1], layer.input_layernorm.eps, backend.scale,
+                model.model.rotary.cos.shape[1], int(dtype == torch.bfloat16), layer.input_layernorm.eps,
+                backend.scale,
             )  # fmt: skip
         )
     return NativeDecoder(layers)

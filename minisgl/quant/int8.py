@@ -13,7 +13,7 @@ NATIVE_MAX_ROWS = 8
 
 
 def _native_fits(x: torch.Tensor, layer: nn.Module) -> bool:
-    return x.dtype == layer.qscale.dtype == torch.bfloat16 and x.shape[1] <= 4096 and native.has_avx512()
+    return x.dtype == layer.qscale.dtype and x.shape[1] <= 4096 and x.shape[1] % 16 == 0 and native.fits(x)
 
 
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,9 +30,9 @@ class Int8Method(QuantMethod):
     """Buffers: `qweight` int8 [N, K], `qscale` [N] (the activations' dtype on CPU, as torch's kernel wants;
     float32 on CUDA).
 
-    CPU: torch's packed weight-only kernel (aten._weight_int8pack_mm), with bf16 activations. It reads K in
-    steps of 16 and returns garbage for other K, so such layers stay dense. Below NATIVE_MAX_ROWS rows, the
-    native AVX-512 kernel computes the same product (~20% faster on the default model's LM head at one row);
+    CPU: torch's packed weight-only kernel (aten._weight_int8pack_mm). It reads K in steps of 16 and returns
+    garbage for other K, so such layers stay dense. Below NATIVE_MAX_ROWS rows, the native kernel (AVX2 or
+    AVX-512, fp32 or bf16 activations) computes the same product;
     prefill-sized inputs expand the weight and multiply densely instead (see CPU_DENSE_MIN_ROWS).
     CUDA: the Triton W8A16 kernels.
     Pre-quantized Q8_0 blocks (one scale per 32 values) are requantized to one scale per channel.

@@ -177,15 +177,16 @@ def test_int4_gemm_refuses_what_it_cannot_read():
         native.int4_gemm(torch.randn(2, 96).bfloat16(), layer.qweight, layer.qscale_min, 64)  # K mismatch
 
 
-@pytest.mark.parametrize("rows,cols", [(4099, 576), (30, 48), (7, 16)])
+@pytest.mark.parametrize("rows,cols,group", [(4099, 576, 32), (30, 48, 16), (7, 16, 16), (13, 96, 96)])
 @pytest.mark.parametrize("batch", [1, 2, 5, 9, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_gemm_matches_torch(at_each_level, rows, cols, batch, dtype):
+def test_int8_gemm_matches_torch(at_each_level, rows, cols, group, batch, dtype):
     torch.manual_seed(rows + batch)
     qweight = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
-    scale = (torch.rand(rows) * 0.01 + 1e-3).to(dtype)
+    scale = torch.rand(rows, cols // group) * 0.01 + 1e-3
     x = torch.randn(batch, cols).to(dtype)
     ours = native.int8_gemm(x, qweight, scale)
-    dense = (x.double() @ qweight.double().t()) * scale.double()
+    w = qweight.double().view(rows, -1, group) * scale.double().unsqueeze(2)
+    dense = x.double() @ w.view(rows, cols).t()
     tol = 1e-4 if dtype == torch.float32 else 2**-7  # fp32: sums of 576 terms of ~1 in another order
     torch.testing.assert_close(ours.double(), dense, rtol=tol, atol=tol)

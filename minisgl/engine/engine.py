@@ -12,10 +12,10 @@ import torch
 
 from minisgl.attention import create_backend, default_backend
 from minisgl.distributed.info import TPInfo
+from minisgl.engine import cpu_runner
 from minisgl.engine.config import EngineConfig
 from minisgl.engine.forward import ForwardBatch
 from minisgl.kvcache.pool import KVPool
-from minisgl.models import native_decoder
 from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
 from minisgl.models.hub import resolve_model_path
 from minisgl.models.registry import model_class
@@ -40,6 +40,25 @@ def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
         pass
 
 
+def _log_cpu_choices(requested: str, dtype: torch.dtype) -> None:
+    """Say which native kernel level and activation dtype this CPU engine runs, and why."""
+    from minisgl.kernels import native
+    from minisgl.models.config import cpu_has_native_bf16
+
+    level, why = native.requested_level()
+    loaded = native.level()
+    if loaded != level:
+        why = f"{level} was asked for ({why}) but its library did not load"
+    if requested != "auto":
+        dtype_why = f"--dtype {requested}"
+    elif cpu_has_native_bf16():
+        dtype_why = "--dtype auto, and the CPU computes bf16 natively (AVX512-BF16/AMX)"
+    else:
+        dtype_why = "--dtype auto, and the CPU has no native bf16 (emulated bf16 is slower than fp32)"
+    logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads", loaded, why, dtype, dtype_why,
+                torch.get_num_threads())  # fmt: skip
+
+
 class Engine:
     """Owns the model, the KV pool and the attention backend of one rank. Knows nothing about requests."""
 
@@ -51,9 +70,8 @@ class Engine:
         self.model_config: ModelConfig = load_model_config(self.model_path)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.quant = resolve_quant_config(config.quantization, config.quantize_lm_head, self.model_path, self.device)
-        if self.quant is not None and self.device.type == "cpu" and config.dtype == "auto":
-            # torch's packed CPU kernels are fast only with bf16 activations (about 10x slower with fp16/fp32).
-            self.dtype = torch.bfloat16
+        if self.device.type == "cpu":
+            _log_cpu_choices(config.dtype, self.dtype)
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
 
@@ -74,10 +92,11 @@ class Engine:
         name = config.attention_backend or default_backend(self.device)
         self.attn_backend = create_backend(name, self.pool, num_q_heads, num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         logger.info("KV pool: %d pages of %d tokens, attention backend %s", num_pages, self.page_size, name)
+        self.cpu_runner = None
         if self.device.type == "cpu":
-            self.model.native_decoder = native_decoder.build(self.model, self.pool, self.attn_backend)
-            if self.model.native_decoder is not None:
-                logger.info("decode runs each decoder layer as one native call")
+            self.cpu_runner = cpu_runner.build(self.model, self.pool, self.attn_backend)
+            if self.cpu_runner is not None:
+                logger.info("decode runs each decoder layer as one native call (engine/cpu_runner.py)")
         self.graph_runner = self._maybe_capture_graphs(config)
 
     def _maybe_capture_graphs(self, config: EngineConfig):
@@ -150,4 +169,6 @@ class Engine:
             return self.graph_runner.run(batch)
         batch.attn_backend = self.attn_backend
         self.attn_backend.prepare(batch)
+        if self.cpu_runner is not None and self.cpu_runner.can_run(batch):
+            return self.cpu_runner.run(batch)
         return self.model(batch)

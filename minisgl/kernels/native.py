@@ -45,7 +45,7 @@ _SIGNATURES = {
     "minisgl_decode_attention": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr,
                                  _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],  # fmt: skip
     "minisgl_int4_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
-    "minisgl_int8_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
+    "minisgl_int8_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr],
     "minisgl_decoder_layer": [_ptr, _ptr, _ptr, _ptr, _int],
 }
 
@@ -250,18 +250,18 @@ def decode_attention(
 
 
 def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (fp32 or bf16, contiguous; K a multiple of 16, at most 4096) times int8 qweight [N, K] with
-    per-row scale [N] (x's dtype): the product aten._weight_int8pack_mm computes, [M, N]."""
+    """x [M, K] (fp32 or bf16, contiguous) times int8 qweight [N, K] with fp32 scales [N, G], each for K/G
+    consecutive columns (a multiple of 16: G = K/32 for GGUF's Q8_0, 1 per channel), [M, N] in x's dtype."""
     rows, k_len = x.shape
-    _check(x.dtype in _DTYPES and scale.dtype == x.dtype, f"int8_gemm takes fp32/bf16 x and scale, not {x.dtype}, "
-           f"{scale.dtype}")  # fmt: skip
-    _check(qweight.dtype == torch.int8 and qweight.shape[1] == k_len and scale.shape == (qweight.shape[0],),
-           "int8_gemm: qweight [N, K] int8 and scale [N]")
-    _check(k_len % 16 == 0 and k_len <= 4096, f"int8_gemm: K={k_len} must be a multiple of 16, at most 4096")
+    _check(x.dtype in _DTYPES, f"int8_gemm takes fp32 or bf16 activations, not {x.dtype}")
+    _check(qweight.dtype == torch.int8 and qweight.shape[1] == k_len, "int8_gemm: qweight must be int8 [N, K]")
+    _check(scale.dtype == torch.float32 and scale.dim() == 2 and scale.shape[0] == qweight.shape[0]
+           and k_len % scale.shape[1] == 0 and (k_len // scale.shape[1]) % 16 == 0,
+           "int8_gemm: scale must be fp32 [N, G] with K/G a multiple of 16")  # fmt: skip
     _check(x.is_contiguous() and qweight.is_contiguous() and scale.is_contiguous(), "int8_gemm: contiguous inputs")
     y = x.new_empty((rows, qweight.shape[0]))
     _lib().minisgl_int8_gemm(_DTYPES[x.dtype], x.data_ptr(), rows, k_len, qweight.data_ptr(), scale.data_ptr(),
-                             qweight.shape[0], y.data_ptr())  # fmt: skip
+                             scale.shape[1], qweight.shape[0], y.data_ptr())  # fmt: skip
     return y
 
 

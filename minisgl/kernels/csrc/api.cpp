@@ -94,12 +94,12 @@ void minisgl_int4_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, 
         int4_gemm((const float*)x, rows, k_len, w, sm, n, (float*)y);
 }
 
-void minisgl_int8_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, const int8_t* w, const void* scale,
-                       int64_t n, void* y) {
+void minisgl_int8_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, const int8_t* w, const float* scale,
+                       int64_t groups, int64_t n, void* y) {
     if (is_bf16)
-        int8_gemm((const bf16*)x, rows, k_len, w, (const bf16*)scale, n, (bf16*)y);
+        int8_gemm((const bf16*)x, rows, k_len, w, scale, groups, n, (bf16*)y);
     else
-        int8_gemm((const float*)x, rows, k_len, w, (const float*)scale, n, (float*)y);
+        int8_gemm((const float*)x, rows, k_len, w, scale, groups, n, (float*)y);
 }
 
 void minisgl_decoder_layer(const void* weights, const void* step, void* h, void* residual, int first) {

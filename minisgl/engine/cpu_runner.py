@@ -1,10 +1,12 @@
-"""Llama-family decode on the CPU in one native call per decoder layer (kernels/csrc/decoder.h).
+"""The CPU decode runner: Llama-family decode in one native call per decoder layer (kernels/csrc/decoder.h), the
+CPU counterpart of engine/graph.py's CUDA-graph runner.
 
-With the native kernels, the module path already runs each op of a layer in C++; at batch 1 what remains is the
-interpreter between a dozen calls per layer, about as long as the int4 matmuls themselves. For a model that
-qualifies (see `build`), a decode step hands each layer to `native.decoder_layer`, which runs the same kernels
-in the same order with the same bf16 rounding. Prefill, and any model or batch that does not qualify, keep the
-module path; tests hold the two to the same tokens.
+With the native kernels, the module path already runs each op of a layer in C++; at small batches what remains
+is the interpreter between a dozen calls per layer, about as long as the int4 matmuls themselves. For a model
+that qualifies (see `build`), the engine hands a decode step to `CpuDecodeRunner.run`, which embeds, runs each
+layer through `native.decoder_layer` (the same kernels in the same order with the same rounding), and applies
+the model's final norm and head. Prefill, and any model or batch that does not qualify, keep the module path;
+tests hold the two to the same tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from minisgl.engine.forward import ForwardBatch
 from minisgl.kernels import native
 from minisgl.kvcache.pool import KVPool
 from minisgl.layers.linear import Linear
-from minisgl.layers.rotary import Rope
+from minisgl.models.llama import GatedMLP, LlamaForCausalLM
 
 # Above this many sequences the matmuls dominate and torch's int4 kernel, which reuses each weight across
 # more rows at once, is as fast; the module path then costs nothing extra.
@@ -34,34 +36,40 @@ def _int4(linear: Linear) -> native.Int4Weight | None:
     return native.Int4Weight(qweight.data_ptr(), sm.data_ptr(), linear.out_features, linear.in_features)
 
 
-class NativeDecoder:
-    """The decode-step runner of one model: a `native.DecoderWeights` per layer, built once."""
+class CpuDecodeRunner:
+    """Runs decode steps of one model: a `native.DecoderWeights` per layer, built once."""
 
-    def __init__(self, layers: list[native.DecoderWeights]):
+    def __init__(self, model: LlamaForCausalLM, layers: list[native.DecoderWeights]):
+        self.model = model
         self.layers = layers
 
-    def applies(self, batch: ForwardBatch) -> bool:
+    def can_run(self, batch: ForwardBatch) -> bool:
+        """After the backend's prepare(batch): a decode step of at most MAX_BATCH sequences."""
         return isinstance(batch.attn_metadata, CpuDecodeMetadata) and batch.batch_size <= MAX_BATCH
 
-    def run(self, rope: Rope, h: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """All layers on h [B, hidden] (the embeddings, overwritten); returns (h, residual) as the module path's
-        last layer does."""
+    @torch.no_grad()
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """The model's forward on a decode batch: float32 logits for batch.logits_index."""
+        model = self.model.model
         meta: CpuDecodeMetadata = batch.attn_metadata
-        cos, sin, out_loc = rope.cos.contiguous(), rope.sin.contiguous(), batch.out_loc.long()
-        step = native.DecodeStep(cos.data_ptr(), sin.data_ptr(), out_loc.data_ptr(), meta.slots.data_ptr(),
-                                 meta.lens.data_ptr(), batch.batch_size, meta.slots.shape[1])  # fmt: skip
+        rope = model.rotary.lookup(batch.positions)
+        h = model.embed_tokens(batch.input_ids).contiguous()
+        cos, sin, out_loc = rope.cos.contiguous(), rope.sin.contiguous(), batch.out_loc.long().contiguous()
+        slots, lens = meta.slots.contiguous(), meta.lens.contiguous()
+        step = native.DecodeStep(cos.data_ptr(), sin.data_ptr(), out_loc.data_ptr(), slots.data_ptr(),
+                                 lens.data_ptr(), batch.batch_size, slots.shape[1])  # fmt: skip
         residual = torch.empty_like(h)
         for i, weights in enumerate(self.layers):
             native.decoder_layer(weights, step, h, residual, first=i == 0)
-        return h, residual
+        idx = batch.logits_index
+        h = model.norm(h[idx] + residual[idx])
+        return self.model.lm_head(h).float()
 
 
-def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> NativeDecoder | None:
-    """A NativeDecoder for `model` (a LlamaForCausalLM), or None unless every layer qualifies: int4 weights in
+def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> CpuDecodeRunner | None:
+    """A CpuDecodeRunner for `model` (a LlamaForCausalLM), or None unless every layer qualifies: int4 weights in
     minisgl's CPU layout without biases, one rank, fp32 or bf16, no q/k norm, a gated MLP, and the cpu attention
     backend decoding natively (native kernels loaded, at either ISA level)."""
-    from minisgl.models.llama import GatedMLP, LlamaForCausalLM
-
     if not isinstance(model, LlamaForCausalLM) or not native.available():
         return None
     if not (isinstance(backend, CpuBackend) and backend.native_decode):
@@ -86,4 +94,4 @@ def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> NativeDe
                 backend.scale,
             )  # fmt: skip
         )
-    return NativeDecoder(layers)
+    return CpuDecodeRunner(model, layers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 import time
 
@@ -11,6 +12,7 @@ import psutil
 import torch
 
 from minisgl.attention import create_backend, default_backend
+from minisgl.cpu_threads import default_threads
 from minisgl.distributed.info import TPInfo
 from minisgl.engine import cpu_runner
 from minisgl.engine.config import EngineConfig
@@ -55,8 +57,9 @@ def _log_cpu_choices(requested: str, dtype: torch.dtype) -> None:
         dtype_why = "--dtype auto, and the CPU computes bf16 natively (AVX512-BF16/AMX)"
     else:
         dtype_why = "--dtype auto, and the CPU has no native bf16 (emulated bf16 is slower than fp32)"
-    logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads", loaded, why, dtype, dtype_why,
-                torch.get_num_threads())  # fmt: skip
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins)")
+    logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads, OMP_WAIT_POLICY %s", loaded, why, dtype,
+                dtype_why, torch.get_num_threads(), wait)  # fmt: skip
 
 
 class Engine:
@@ -71,6 +74,10 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.quant = resolve_quant_config(config.quantization, config.quantize_lm_head, self.model_path, self.device)
         if self.device.type == "cpu":
+            threads = config.cpu_threads or default_threads()
+            if threads < 1:
+                raise ValueError(f"cpu_threads must be at least 1, not {threads}")
+            torch.set_num_threads(threads)
             _log_cpu_choices(config.dtype, self.dtype)
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)

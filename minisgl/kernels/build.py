@@ -38,6 +38,10 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def machine_is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def build_level(level: str, out_dir: Path, cxx: str) -> Path:
     target = out_dir / library_name(level)
     tmp = target.with_suffix(".so.tmp")
@@ -50,7 +54,7 @@ def build_level(level: str, out_dir: Path, cxx: str) -> Path:
 def build_all(out_dir: Path, log=print) -> list[Path]:
     """Build every level this compiler and machine type can, into out_dir; returns the libraries built. Not x86,
     or no compiler: none (the package then runs the torch path), with a message saying so."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not machine_is_x86():
         log(f"minisgl: no native CPU kernels for {platform.machine()}; the torch path will run")
         return []
     cxx = compiler()

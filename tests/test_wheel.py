@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.skipif(native.cpu_level() == "none", reason="no native kernel level for this CPU"),
 ]
 
-# Run in the fresh venv, from a directory outside the repository, with PATH holding only its python.
+# Run in the fresh venv, from a directory outside the repository, with an empty PATH.
 PROBE = """
 import shutil, sys
 import minisgl, torch
@@ -48,15 +48,17 @@ def test_wheel_runs_native_kernels_without_a_compiler(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
-    bare = tmp_path / "bin"  # a PATH with the venv's python and nothing else: no compiler to find
+    # --force-reinstall: the venv sees the system site-packages (for torch), where minisgl may already be
+    # installed (editable); the wheel's copy must land in the venv, ahead of it on sys.path (asserted in PROBE).
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)],
+                   check=True)
+    bare = tmp_path / "empty"  # the whole PATH: an empty folder, so no compiler can be found
     bare.mkdir()
-    os.symlink(python, bare / "python")
     ckpt = build_checkpoint(str(tmp_path / "llama"), "llama3")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CXX", "CC", "MINISGL_CPU_ISA")}
     env["PATH"] = str(bare)
     env["HF_HUB_OFFLINE"] = "1"
-    probe = subprocess.run([str(bare / "python"), "-c", PROBE, ckpt], cwd=tmp_path, env=env, capture_output=True,
+    probe = subprocess.run([str(python), "-c", PROBE, ckpt], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=600)  # fmt: skip
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert f"LEVEL {native.cpu_level()}" in probe.stdout

@@ -54,12 +54,6 @@ class QuantMethod(ABC):
         return (x.float() @ self.dequantize(layer).t()).to(x.dtype)
 
 
-# torch's packed CPU weight-only kernels cost about linearly in the rows of x; from this many rows on (prefill
-# chunks) expanding the weight to the activations' dtype and running a dense matmul is faster. SmolLM2's
-# projections at 1024 rows (benchmark/quant_linears_cpu.py): int8 1473 ms packed, 554 ms expanded; bf16 571 ms.
-CPU_DENSE_MIN_ROWS = 512
-
-
 def rows_to_device(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A float32 copy of one streamed weight slice on the device that quantizes it."""
     return weight.to(device=device, dtype=torch.float32)

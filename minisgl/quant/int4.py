@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from minisgl.kernels import native
-from minisgl.quant.base import CPU_DENSE_MIN_ROWS, QuantMethod, rows_to_device
+from minisgl.quant.base import QuantMethod, rows_to_device
 from minisgl.quant.blocks import GROUP, Int4Blocks, QuantizedBlocks, as_dense, pack_int4
 
 log = logging.getLogger(__name__)
@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 # minisgl's CPU int4 layout (csrc/int4.h) interleaves blocks of 64 output rows; layers are padded to a multiple.
 CPU_ROW_BLOCK = 64
 _CPU_PACK_BLOCKS = 16  # row blocks re-laid out at a time, bounding the temporaries
+# Up to this many rows the native kernel multiplies (its cost grows with the rows); from there on, expanding the
+# weight for a dense matmul is as fast or faster (benchmark/native_cpu.py, "expand+dense").
+NATIVE_MAX_ROWS = 128
 
 
 def quantize_int4(w: torch.Tensor, scale_dtype: torch.dtype) -> Int4Blocks:
@@ -154,7 +157,7 @@ class Int4Method(QuantMethod):
 
             return w4a16_linear(x, layer.qweight, layer.qscale, layer.qzero)
         rows = layer.out_features
-        if x.shape[0] < CPU_DENSE_MIN_ROWS and native.fits(x):
+        if x.shape[0] <= NATIVE_MAX_ROWS and native.fits(x):
             return native.int4_gemm(x.contiguous(), layer.qweight, layer.qscale_min, rows)
         y = torch.nn.functional.linear(x, expand_cpu(layer.qweight, layer.qscale_min, x.dtype))
         return y if y.shape[-1] == rows else y[..., :rows]

@@ -21,10 +21,11 @@ from minisgl.kernels import native
 from minisgl.kvcache.pool import KVPool
 from minisgl.layers.linear import Linear
 from minisgl.models.llama import GatedMLP, LlamaForCausalLM
+from minisgl.quant.int4 import NATIVE_MAX_ROWS as INT4_NATIVE_MAX_ROWS
 
-# Above this many sequences the matmuls dominate and torch's int4 kernel, which reuses each weight across
-# more rows at once, is as fast; the module path then costs nothing extra.
-MAX_BATCH = 8
+# Up to as many sequences as the int4 layers multiply natively (the module path's own limit): beyond that the
+# layers expand their weights for dense matmuls, which the one-call layer does not.
+MAX_BATCH = INT4_NATIVE_MAX_ROWS
 
 
 def _int4(linear: Linear) -> native.Int4Weight | None:

@@ -13,7 +13,7 @@
 namespace minisgl {
 
 #if defined(__AVX512F__)
-constexpr int64_t kInt8Rows = 4;  // rows of x per pass over 4 weight rows
+constexpr int64_t kInt8Rows = 3;  // rows of x per pass over 4 weight rows (4 spills registers)
 constexpr int64_t kInt8Step = 16;
 
 // dots[m][r] = x[m] . w[r] over k for 4 consecutive weight rows (scales sc[r * groups + g]): 4 x M independent
@@ -79,45 +79,56 @@ void int8_rows4(const int8_t* w, int64_t k_len, const float* sc, int64_t groups,
 #endif
 
 // y [rows][n] (T: fp32 or bf16) = x [rows][k] (T) times w [n][k] (int8) with fp32 scales [n][groups] (each for
-// k / groups consecutive columns, a multiple of 16), rounded once. Output rows go 4 at a time over the OpenMP
-// threads; each quad of weight rows is read from memory once and reused from cache for every row of x.
+// k / groups consecutive columns, a multiple of 16), rounded once. Tiles of 64 output rows go over the OpenMP
+// threads; each quad of weight rows is read from memory once and reused from cache for every row of x. Results
+// gather in a per-tile buffer and are stored as contiguous runs: storing 4 values at a time into many rows of y
+// far apart (a vocabulary-sized head) ran several times slower.
 template <typename T>
 void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const float* scale, int64_t groups,
                int64_t n, T* y) {
+    constexpr int64_t kTile = 64;
     std::vector<float> xf(rows * k_len);
     for (int64_t i = 0; i < rows * k_len; ++i) xf[i] = to_float(x[i]);
-    const int64_t quads = n / 4;
-#pragma omp parallel for schedule(static) if (quads >= 64)
-    for (int64_t q = 0; q < quads + (n % 4 != 0); ++q) {
-        const int64_t r0 = q * 4, live = n - r0 < 4 ? n - r0 : 4;
+    const int64_t tiles = (n + kTile - 1) / kTile;
+#pragma omp parallel if (tiles >= 16)
+    {
+        std::vector<float> out(rows * kTile);
         std::vector<int8_t> tail;  // the last rows, padded to 4 with zeros
         std::vector<float> tail_scale;
-        const int8_t* wq = w + r0 * k_len;
-        const float* sq = scale + r0 * groups;
-        if (live < 4) {
-            tail.assign(4 * k_len, 0);
-            tail_scale.assign(4 * groups, 0.0f);
-            std::memcpy(tail.data(), wq, live * k_len);
-            std::memcpy(tail_scale.data(), sq, live * groups * sizeof(float));
-            wq = tail.data();
-            sq = tail_scale.data();
-        }
-        for (int64_t m0 = 0; m0 < rows; m0 += kInt8Rows) {
-            const int64_t mc = rows - m0 < kInt8Rows ? rows - m0 : kInt8Rows;
-            float dots[4][4];
-            const float* xm = xf.data() + m0 * k_len;
-            switch (mc) {
-                case 1: int8_rows4<1>(wq, k_len, sq, groups, xm, dots); break;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t t0 = t * kTile, t_rows = n - t0 < kTile ? n - t0 : kTile;
+            for (int64_t r0 = t0; r0 < t0 + t_rows; r0 += 4) {
+                const int64_t live = n - r0 < 4 ? n - r0 : 4;
+                const int8_t* wq = w + r0 * k_len;
+                const float* sq = scale + r0 * groups;
+                if (live < 4) {
+                    tail.assign(4 * k_len, 0);
+                    tail_scale.assign(4 * groups, 0.0f);
+                    std::memcpy(tail.data(), wq, live * k_len);
+                    std::memcpy(tail_scale.data(), sq, live * groups * sizeof(float));
+                    wq = tail.data();
+                    sq = tail_scale.data();
+                }
+                for (int64_t m0 = 0; m0 < rows; m0 += kInt8Rows) {
+                    const int64_t mc = rows - m0 < kInt8Rows ? rows - m0 : kInt8Rows;
+                    float dots[4][4];
+                    const float* xm = xf.data() + m0 * k_len;
+                    switch (mc) {
+                        case 1: int8_rows4<1>(wq, k_len, sq, groups, xm, dots); break;
 #if defined(__AVX512F__)
-                case 2: int8_rows4<2>(wq, k_len, sq, groups, xm, dots); break;
-                case 3: int8_rows4<3>(wq, k_len, sq, groups, xm, dots); break;
-                default: int8_rows4<4>(wq, k_len, sq, groups, xm, dots); break;
+                        case 2: int8_rows4<2>(wq, k_len, sq, groups, xm, dots); break;
+                        default: int8_rows4<3>(wq, k_len, sq, groups, xm, dots); break;
 #else
-                default: int8_rows4<2>(wq, k_len, sq, groups, xm, dots); break;
+                        default: int8_rows4<2>(wq, k_len, sq, groups, xm, dots); break;
 #endif
+                    }
+                    for (int64_t m = 0; m < mc; ++m)
+                        for (int64_t r = 0; r < live; ++r) out[(m0 + m) * kTile + r0 - t0 + r] = dots[m][r];
+                }
             }
-            for (int64_t m = 0; m < mc; ++m)
-                for (int64_t r = 0; r < live; ++r) from_float(dots[m][r], y + (m0 + m) * n + r0 + r);
+            for (int64_t m = 0; m < rows; ++m)
+                for (int64_t r = 0; r < t_rows; ++r) from_float(out[m * kTile + r], y + m * n + t0 + r);
         }
     }
 }

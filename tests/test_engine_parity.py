@@ -66,6 +66,12 @@ def test_greedy_matches_transformers(arch_ckpt, engine_kwargs):
     assert_no_leaks(llm)
 
 
+def test_greedy_matches_transformers_at_lower_isa_levels(arch_ckpt, lower_isa):
+    _, path, hf = arch_ckpt
+    llm = LLM(path, device="cpu", dtype="float32", page_size=4)
+    check_greedy(llm, hf)
+
+
 def test_torch_ops_fallback_matches_transformers(arch_ckpt, monkeypatch):
     """Without the native CPU kernels (no C++ compiler): torch ops in the layers and the torch attention backend."""
     monkeypatch.setattr(native, "_lib", lambda: None)

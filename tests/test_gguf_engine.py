@@ -56,3 +56,50 @@ def test_default_model_chats_like_transformers():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=len(out.token_ids), do_sample=False)
         assert out.text == tok.decode(ref[0, len(prompt) :].tolist(), skip_special_tokens=True)
     assert "Paris" in outs[0].text
+
+
+CHATS_12 = CHATS + [
+    "How many legs does a spider have?", "Give me a synonym for happy.", "What is 12 times 7?",
+    "Translate 'good morning' into Spanish.", "Who wrote Romeo and Juliet?", "Describe a cat in five words.",
+    "What color is the sky on a clear day?", "List two planets in our solar system.", "Why do leaves fall in autumn?",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_default_model_4bit_in_float32_gives_the_files_logits(monkeypatch):
+    """The default model's 4-bit blocks kept (the file's fp16 scales and mins) with fp32 activations: every
+    prefill and decode logit equals transformers' reading of the same GGUF (which dequantizes it) up to
+    summation order, and greedy decoding picks its tokens."""
+    from minisgl.engine.engine import Engine
+
+    path = default_model_path()
+    hf = hf_gguf_model(path)
+    llm = LLM(path, device="cpu", dtype="float32", disable_radix_cache=True)
+    tok = llm.tokenizer
+    decode_logits: list[torch.Tensor] = []
+    forward = Engine.forward
+
+    def recording(self, batch):
+        out = forward(self, batch)
+        if batch.is_decode:
+            decode_logits.append(out.clone())
+        return out
+
+    monkeypatch.setattr(Engine, "forward", recording)
+    for chat in CHATS_12:
+        text = tok.apply_chat_template([{"role": "user", "content": chat}], tokenize=False, add_generation_prompt=True)
+        prompt = tok.encode(text, add_special_tokens=False)
+        decode_logits.clear()
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+        ids = prompt + out.token_ids
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0]
+        steps = ref[len(prompt) - 1 : len(ids) - 1]
+        assert out.token_ids == steps.argmax(-1).tolist(), chat
+        assert len(decode_logits) == len(out.token_ids) - 1
+        for i, got in enumerate(decode_logits):
+            err = (got[0] - steps[i + 1]).abs().max().item()
+            assert err <= 1e-3, f"{chat!r} decode step {i}: {err:.3g}"
+        prefill, _ = engine_prefill_logits(llm, ids)
+        err = (prefill - ref).abs().max().item()
+        assert err <= 1e-3, f"{chat!r} prefill: {err:.3g}"

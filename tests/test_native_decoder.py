@@ -1,5 +1,5 @@
-"""CPU decode with one native call per decoder layer (models/native_decoder.py) against the module path on the
-same int4 model: the same logits at every decode step, to bf16 rounding."""
+"""CPU decode with one native call per decoder layer (engine/cpu_runner.py) against the module path on the
+same int4 model: the same logits at every decode step, to rounding, at every ISA level the CPU runs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from engine_util import random_prompts
 from minisgl import LLM, SamplingParams
 from minisgl.engine.engine import Engine
 from minisgl.kernels import native
-from minisgl.models import native_decoder
+from minisgl.engine import cpu_runner
 
-pytestmark = pytest.mark.skipif(not native.has_avx512(), reason="the native decoder needs AVX-512")
+pytestmark = pytest.mark.skipif(not native.available(), reason="no native CPU kernels for this CPU or build")
 
 PROMPTS = random_prompts(n=6, hi=60, seed=11)
 STEPS = 8
@@ -42,16 +42,27 @@ def int4_llama(tmp_path_factory):
     return LLM(path, device="cpu", dtype="bfloat16", quantization="int4", page_size=4)
 
 
+@pytest.fixture(params=native.LEVELS)
+def level(request, monkeypatch):
+    if native.LEVELS.index(request.param) > native.LEVELS.index(native.cpu_level()):
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv("MINISGL_CPU_ISA", request.param)
+    native._lib.cache_clear()
+    yield request.param
+    monkeypatch.undo()
+    native._lib.cache_clear()
+
+
 @pytest.mark.parametrize("batch", [1, 6])
-def test_native_decoder_matches_module_path(int4_llama, batch, monkeypatch):
-    model = int4_llama.scheduler.engine.model
-    runner = model.native_decoder
-    assert runner is not None, "a bf16 int4 Llama on an AVX-512 CPU qualifies"
+def test_native_decoder_matches_module_path(int4_llama, batch, level, monkeypatch):
+    engine = int4_llama.scheduler.engine
+    runner = engine.cpu_runner
+    assert runner is not None, "a bf16 int4 Llama qualifies"
     calls = []
     monkeypatch.setattr(runner, "run", lambda *a, run=runner.run: calls.append(1) or run(*a))
     ours = decode_logits(int4_llama, PROMPTS[:batch], monkeypatch)
     assert len(calls) == STEPS - 1  # the first token comes from prefill
-    monkeypatch.setattr(model, "native_decoder", None)
+    monkeypatch.setattr(engine, "cpu_runner", None)
     theirs = decode_logits(int4_llama, PROMPTS[:batch], monkeypatch)
     assert len(ours) == len(theirs) == STEPS - 1
     for step, (a, b) in enumerate(zip(ours, theirs)):
@@ -64,17 +75,15 @@ def test_native_decoder_matches_module_path(int4_llama, batch, monkeypatch):
 
 def test_what_does_not_qualify_keeps_the_module_path(tmp_path):
     path = build_checkpoint(str(tmp_path / "llama"), "llama")
-    fp32 = LLM(path, device="cpu", dtype="float32", quantization="int4")
-    assert fp32.scheduler.engine.model.native_decoder is None  # the kernel is bf16 only
     dense = LLM(path, device="cpu", dtype="bfloat16", quantization="none")
-    assert dense.scheduler.engine.model.native_decoder is None
+    assert dense.scheduler.engine.cpu_runner is None
     qwen3 = build_checkpoint(str(tmp_path / "qwen3"), "qwen3")  # q/k norm
-    assert LLM(qwen3, device="cpu", dtype="bfloat16", quantization="int4").scheduler.engine.model.native_decoder is None
+    assert LLM(qwen3, device="cpu", dtype="bfloat16", quantization="int4").scheduler.engine.cpu_runner is None
 
 
 def test_large_batches_take_the_module_path(int4_llama, monkeypatch):
-    runner = int4_llama.scheduler.engine.model.native_decoder
-    monkeypatch.setattr(native_decoder, "MAX_BATCH", 2)
+    runner = int4_llama.scheduler.engine.cpu_runner
+    monkeypatch.setattr(cpu_runner, "MAX_BATCH", 2)
     calls = []
     monkeypatch.setattr(runner, "run", lambda *a, run=runner.run: calls.append(1) or run(*a))
     int4_llama.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))

@@ -20,7 +20,7 @@ from minisgl.quant.int4 import quantize_int4
 from minisgl.quant.int8 import quantize_int8
 
 CPU = torch.device("cpu")
-BATCHES = [1, 2, 3, 7, 16, 33, 64, 600]  # 600: prefill-sized, where CPU int4 expands the weight
+BATCHES = [1, 2, 3, 7, 16, 33, 64, 200]  # 200: prefill-sized, where the CPU layers expand the weight
 BF16_EPS = 2.0**-8  # relative rounding of one bfloat16 value
 
 

@@ -34,6 +34,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 256
     disable_overlap_schedule: bool = False
     trust_remote_code: bool = False
+    cpu_threads: int | None = None  # CPU kernel threads; None = the cores this process may use
 
     def resolved_device(self) -> torch.device:
         if self.device:

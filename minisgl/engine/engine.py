@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 import time
 
@@ -11,11 +12,12 @@ import psutil
 import torch
 
 from minisgl.attention import create_backend, default_backend
+from minisgl.core.cpu_threads import default_threads
 from minisgl.core.forward_batch import ForwardBatch
 from minisgl.distributed.info import TPInfo
+from minisgl.engine import cpu_runner
 from minisgl.engine.config import EngineConfig
 from minisgl.kvcache.pool import KVPool
-from minisgl.models import native_decoder
 from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
 from minisgl.models.gguf import gguf_weight_types
 from minisgl.models.hub import resolve_model_path
@@ -41,6 +43,26 @@ def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
         pass
 
 
+def _log_cpu_choices(requested: str, dtype: torch.dtype) -> None:
+    """Say which native kernel level and activation dtype this CPU engine runs, and why."""
+    from minisgl.kernels import native
+    from minisgl.models.config import cpu_has_native_bf16
+
+    level, why = native.requested_level()
+    loaded = native.level()
+    if loaded != level:
+        why = f"{level} was asked for ({why}) but its library did not load"
+    if requested != "auto":
+        dtype_why = f"--dtype {requested}"
+    elif cpu_has_native_bf16():
+        dtype_why = "--dtype auto, and the CPU computes bf16 natively (AVX512-BF16/AMX)"
+    else:
+        dtype_why = "--dtype auto, and the CPU has no native bf16 (emulated bf16 is slower than fp32)"
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins)")
+    logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads, OMP_WAIT_POLICY %s", loaded, why, dtype,
+                dtype_why, torch.get_num_threads(), wait)  # fmt: skip
+
+
 class Engine:
     """Owns the model, the KV pool and the attention backend of one rank. Knows nothing about requests."""
 
@@ -53,9 +75,12 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         gguf_types = gguf_weight_types(self.model_path) if self.model_path.endswith(".gguf") else None
         self.quant = resolve_quant_config(config.quantization, config.quantize_lm_head, gguf_types, self.device)
-        if self.quant is not None and self.device.type == "cpu" and config.dtype == "auto":
-            # torch's packed CPU kernels are fast only with bf16 activations (about 10x slower with fp16/fp32).
-            self.dtype = torch.bfloat16
+        if self.device.type == "cpu":
+            threads = config.cpu_threads or default_threads()
+            if threads < 1:
+                raise ValueError(f"cpu_threads must be at least 1, not {threads}")
+            torch.set_num_threads(threads)
+            _log_cpu_choices(config.dtype, self.dtype)
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
 
@@ -76,10 +101,11 @@ class Engine:
         name = config.attention_backend or default_backend(self.device)
         self.attn_backend = create_backend(name, self.pool, num_q_heads, num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         logger.info("KV pool: %d pages of %d tokens, attention backend %s", num_pages, self.page_size, name)
+        self.cpu_runner = None
         if self.device.type == "cpu":
-            self.model.native_decoder = native_decoder.build(self.model, self.pool, self.attn_backend)
-            if self.model.native_decoder is not None:
-                logger.info("decode runs each decoder layer as one native call")
+            self.cpu_runner = cpu_runner.build(self.model, self.pool, self.attn_backend)
+            if self.cpu_runner is not None:
+                logger.info("decode runs each decoder layer as one native call (engine/cpu_runner.py)")
         self.graph_runner = self._maybe_capture_graphs(config)
 
     def _maybe_capture_graphs(self, config: EngineConfig):
@@ -152,4 +178,6 @@ class Engine:
             return self.graph_runner.run(batch)
         batch.attn_backend = self.attn_backend
         self.attn_backend.prepare(batch)
+        if self.cpu_runner is not None and self.cpu_runner.can_run(batch):
+            return self.cpu_runner.run(batch)
         return self.model(batch)

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _mix(x):
     """splitmix64's output function on uint64 (multiplication wraps mod 2**64; shifts are logical)."""

@@ -1,38 +1,39 @@
-"""CPU kernels in C++ (csrc/) for a decode step, loaded with ctypes: its small ops, an int4 matmul, and a whole
-Llama-family decoder layer.
+"""CPU kernels in C++ (csrc/) for a decode step, loaded with ctypes: its small ops, int4 and int8 matmuls, and a
+whole Llama-family decoder layer.
 
-The sources are compiled on first use with the system C++ compiler (`$CXX`, else g++ or c++), about a second,
-into `$MINISGL_CACHE_DIR` (default ~/.cache/minisgl) under a name that hashes the sources, the flags and the
-CPU's feature flags, so a copied cache never runs code built for another CPU. Without a compiler, or with
-`MINISGL_NATIVE=0`, `available()` is False and callers keep their torch ops.
+The sources are compiled when the package is built (kernels/build.py), one shared library per ISA level: `avx2`
+(x86-64-v3: AVX2, FMA, F16C) and `avx512` (x86-64-v4 with AVX512-BF16 and VNNI). At first use the best level the
+CPU reports is loaded; `MINISGL_CPU_ISA=avx2|avx512|none` forces a lower one (`none`, or `MINISGL_NATIVE=0`: no
+native kernels). Where no library fits (ARM, an x86 CPU below v3, a build without a compiler) `available()` is
+False and callers keep their torch ops; a log line says so. Nothing is compiled at run time.
 
 The wrappers expect CPU tensors of one dtype, float32 or bfloat16, whose last dim is contiguous; `fits()`
-checks that. They return results in the layouts the torch paths do.
+checks that. They return results in the layouts the torch paths do. A wrapper handed what its kernel cannot
+take raises ValueError instead of returning an unwritten output.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from minisgl.kernels.build import LEVEL_FLAGS, library_name
+
 log = logging.getLogger(__name__)
 
-_SOURCES = Path(__file__).with_name("csrc")  # api.cpp includes the headers beside it
-# Reassociation lets the compiler vectorise the fp32 reductions; no -ffast-math, so NaN and inf keep meaning.
-# -fopenmp: the library needs libgomp.so.1, which resolves to the copy torch has already loaded, so its parallel
-# loops run on torch's own threads.
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
-          "-fno-signed-zeros", "-shared", "-fPIC"]  # fmt: skip
+LEVELS = tuple(LEVEL_FLAGS)  # lowest first
+_LEVEL_CODES = {"avx2": 1, "avx512": 2}
+# What /proc/cpuinfo must list for a level's library to run: its -march level's features (x86-64-v3: AVX2, BMI1/2,
+# F16C, FMA, LZCNT (abm), MOVBE; v4 adds AVX-512 F/BW/CD/DQ/VL) plus the extensions it is compiled with.
+_REQUIRED_FLAGS = {
+    "avx2": {"avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe"},
+    "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_bf16", "avx512_vnni"},
+}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
@@ -43,73 +44,137 @@ _SIGNATURES = {
     "minisgl_silu_and_mul": [_int, _ptr, _ptr, _i64, _i64],
     "minisgl_decode_attention": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr,
                                  _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],  # fmt: skip
-    "minisgl_int4_gemm": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr],
-    "minisgl_int8_gemm": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
-    "minisgl_has_avx512": [],
+    "minisgl_int4_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
+    "minisgl_int8_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr],
     "minisgl_decoder_layer": [_ptr, _ptr, _ptr, _ptr, _int],
 }
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return line
+                return set(line.partition(":")[2].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return set()
 
 
-def _build(cxx: str) -> Path:
-    sources = [f.read_bytes() for f in sorted(_SOURCES.iterdir()) if f.suffix in (".h", ".cpp")]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join([cxx, *_FLAGS]).encode(), _cpu_flags().encode()]))
-    cache = Path(os.environ.get("MINISGL_CACHE_DIR") or Path.home() / ".cache" / "minisgl")
-    target = cache / f"native-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        try:
-            cmd = [cxx, *_FLAGS, "-o", tmp, str(_SOURCES / "api.cpp")]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            os.replace(tmp, target)  # atomic: processes building at once each install a whole library
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return target
+def cpu_level() -> str:
+    """The best level this CPU can run: 'avx512', 'avx2' or 'none'."""
+    flags = cpu_flags()
+    best = "none"
+    for level in LEVELS:
+        if _REQUIRED_FLAGS[level] <= flags:
+            best = level
+    return best
+
+
+def has_native_bf16() -> bool:
+    """Whether the CPU computes with bf16 natively (AVX512-BF16, or ARM's BF16/SME); elsewhere bf16 math is
+    emulated through fp32 at extra cost."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags or "bf16" in flags
+
+
+def requested_level() -> tuple[str, str]:
+    """(level, why): the CPU's best level, lowered by MINISGL_CPU_ISA or MINISGL_NATIVE=0."""
+    best = cpu_level()
+    if os.environ.get("MINISGL_NATIVE", "1") == "0":
+        return "none", "MINISGL_NATIVE=0"
+    forced = os.environ.get("MINISGL_CPU_ISA", "").strip().lower()
+    if not forced:
+        return best, f"the best level this CPU reports ({best})"
+    if forced not in ("none", *LEVELS):
+        raise ValueError(f"MINISGL_CPU_ISA={forced!r}: expected one of none, {', '.join(LEVELS)}")
+    if forced != "none" and (best == "none" or LEVELS.index(forced) > LEVELS.index(best)):
+        log.warning("MINISGL_CPU_ISA=%s is above what this CPU reports (%s); using %s", forced, best, best)
+        return best, f"the CPU's best ({best}); MINISGL_CPU_ISA={forced} is above it"
+    return forced, f"MINISGL_CPU_ISA={forced}"
+
+
+class Int4Weight(ctypes.Structure):
+    """An int4 linear in minisgl's CPU layout (quant/int4.py, csrc/int4.h), as csrc/decoder.h reads it."""
+
+    _fields_ = [("packed", _ptr), ("sm", _ptr), ("rows", _i64), ("k", _i64)]
+
+
+class DecoderWeights(ctypes.Structure):
+    """One decoder layer's weights and KV cache, as csrc/decoder.h reads them. It holds raw pointers: the
+    tensors they point into must outlive it."""
+
+    _fields_ = [
+        ("input_norm", _ptr), ("post_norm", _ptr),
+        ("qkv", Int4Weight), ("o", Int4Weight), ("gate_up", Int4Weight), ("down", Int4Weight),
+        ("k_cache", _ptr), ("v_cache", _ptr),
+        ("hidden", _i64), ("q_heads", _i64), ("kv_heads", _i64), ("head_dim", _i64), ("inter", _i64),
+        ("rotary_half", _i64), ("is_bf16", _i64),
+        ("eps", ctypes.c_double), ("scale", ctypes.c_double),
+    ]  # fmt: skip
+
+
+class DecodeStep(ctypes.Structure):
+    """What a decode step gives every layer: cos/sin [B, half] (the activations' dtype), out_loc [B], slots
+    [B, L], lens [B] (int64, see attention/cpu_backend.py)."""
+
+    _fields_ = [("cos", _ptr), ("sin", _ptr), ("out_loc", _ptr), ("slots", _ptr), ("lens", _ptr),
+                ("batch", _i64), ("max_len", _i64)]  # fmt: skip
+
+
+_STRUCTS = (Int4Weight, DecoderWeights, DecodeStep)  # minisgl_sizeof's numbering
+
+
+def _open(level: str) -> ctypes.CDLL:
+    path = Path(__file__).with_name(library_name(level))
+    lib = ctypes.CDLL(str(path))
+    lib.minisgl_isa.restype = _int
+    lib.minisgl_isa.argtypes = []
+    if lib.minisgl_isa() != _LEVEL_CODES[level]:
+        raise OSError(f"{path.name} reports ISA level {lib.minisgl_isa()}, not {level}'s")
+    lib.minisgl_sizeof.restype = _i64
+    lib.minisgl_sizeof.argtypes = [_int]
+    for i, struct in enumerate(_STRUCTS):
+        if lib.minisgl_sizeof(i) != ctypes.sizeof(struct):
+            raise OSError(f"{path.name}: sizeof {struct.__name__} is {lib.minisgl_sizeof(i)} in C, "
+                          f"{ctypes.sizeof(struct)} here: csrc/decoder.h and native.py disagree")  # fmt: skip
+    for name, args in _SIGNATURES.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
+    lib.level = level
+    return lib
 
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("MINISGL_NATIVE", "1") == "0":
-        return None
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        log.warning("no C++ compiler found: CPU decode uses torch ops (slower)")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(cxx)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("building the native CPU kernels failed, using torch ops instead: %s", detail[-2000:])
-        return None
-    for name, args in _SIGNATURES.items():
-        getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = None
-    lib.minisgl_has_avx512.restype = _int
-    lib.avx512 = bool(lib.minisgl_has_avx512())  # asked once: int8 layers check it on every call
-    return lib
+    level, why = requested_level()
+    while level != "none":
+        try:
+            lib = _open(level)
+        except OSError as e:
+            log.warning("native CPU kernels (%s) could not load: %s", level, e)
+            below = LEVELS.index(level) - 1
+            level, why = (LEVELS[below] if below >= 0 else "none"), f"the {level} library did not load"
+            continue
+        log.info("native CPU kernels: %s, chosen as %s", level, why)
+        return lib
+    log.warning("no native CPU kernels (%s): CPU decode uses torch ops", why)
+    return None
 
 
 def available() -> bool:
     return _lib() is not None
 
 
-def has_avx512() -> bool:
-    """Whether the library has the AVX-512 kernels: int4_gemm, int8_gemm and decoder_layer (it is compiled for
-    the CPU it runs on)."""
+def level() -> str:
+    """The ISA level of the loaded kernels: 'avx512', 'avx2', or 'none'."""
     lib = _lib()
-    return lib is not None and lib.avx512
+    return lib.level if lib is not None else "none"
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(f"native CPU kernel: {what}")
 
 
 def fits(*tensors: torch.Tensor) -> bool:
@@ -185,54 +250,44 @@ def decode_attention(
 
 
 def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (bf16, contiguous; K a multiple of 16, at most 4096) times int8 qweight [N, K] with per-row scale
-    [N] (bf16): the product aten._weight_int8pack_mm computes, [M, N]."""
+    """x [M, K] (fp32 or bf16, contiguous) times int8 qweight [N, K] with fp32 scales [N, G], each for K/G
+    consecutive columns (a multiple of 16: G = K/32 for GGUF's Q8_0, 1 per channel), [M, N] in x's dtype."""
     rows, k_len = x.shape
+    _check(x.dtype in _DTYPES, f"int8_gemm takes fp32 or bf16 activations, not {x.dtype}")
+    _check(qweight.dtype == torch.int8 and qweight.shape[1] == k_len, "int8_gemm: qweight must be int8 [N, K]")
+    _check(scale.dtype == torch.float32 and scale.dim() == 2 and scale.shape[0] == qweight.shape[0]
+           and k_len % scale.shape[1] == 0 and (k_len // scale.shape[1]) % 16 == 0,
+           "int8_gemm: scale must be fp32 [N, G] with K/G a multiple of 16")  # fmt: skip
+    _check(x.is_contiguous() and qweight.is_contiguous() and scale.is_contiguous(), "int8_gemm: contiguous inputs")
     y = x.new_empty((rows, qweight.shape[0]))
-    _lib().minisgl_int8_gemm(x.data_ptr(), rows, k_len, qweight.data_ptr(), scale.data_ptr(), qweight.shape[0],
-                             y.data_ptr())  # fmt: skip
+    _lib().minisgl_int8_gemm(_DTYPES[x.dtype], x.data_ptr(), rows, k_len, qweight.data_ptr(), scale.data_ptr(),
+                             scale.shape[1], qweight.shape[0], y.data_ptr())  # fmt: skip
     return y
 
 
-def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [M, K] (bf16, contiguous) times an int4 weight in torch's packed CPU layout (qweight uint8 [Np, K/2],
-    scale_zero bf16 [K/32, Np, 2]): the product aten._weight_int4pack_mm_for_cpu computes, [M, out_features]."""
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_min: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] (fp32 or bf16, contiguous) times an int4 weight in minisgl's CPU layout (quant/int4.py: qweight
+    uint8 [Np/64, K, 32], scale_min fp16 [Np/64, K/32, 2, 64]), [M, out_features]."""
     rows, k_len = x.shape
+    _check(x.dtype in _DTYPES, f"int4_gemm takes fp32 or bf16 activations, not {x.dtype}")
+    _check(qweight.dtype == torch.uint8 and qweight.dim() == 3 and qweight.shape[1:] == (k_len, 32),
+           f"int4_gemm: qweight must be uint8 [Np/64, {k_len}, 32], not {qweight.dtype} {list(qweight.shape)}")
+    _check(scale_min.dtype == torch.float16 and scale_min.shape == (qweight.shape[0], k_len // 32, 2, 64),
+           "int4_gemm: scale_min must be fp16 [Np/64, K/32, 2, 64]")
+    _check(k_len % 32 == 0 and 0 < out_features <= qweight.shape[0] * 64, "int4_gemm: K % 32 and the row count")
+    _check(x.is_contiguous() and qweight.is_contiguous() and scale_min.is_contiguous(), "int4_gemm: contiguous inputs")
     y = x.new_empty((rows, out_features))
-    _lib().minisgl_int4_gemm(x.data_ptr(), rows, k_len, qweight.data_ptr(), scale_zero.data_ptr(), out_features,
-                             scale_zero.shape[1], y.data_ptr())  # fmt: skip
+    _lib().minisgl_int4_gemm(_DTYPES[x.dtype], x.data_ptr(), rows, k_len, qweight.data_ptr(), scale_min.data_ptr(),
+                             out_features, y.data_ptr())  # fmt: skip
     return y
-
-
-class Int4Weight(ctypes.Structure):
-    """An int4 linear in torch's packed CPU layout (quant/int4.py), as csrc/decoder.h reads it."""
-
-    _fields_ = [("packed", _ptr), ("scale_zero", _ptr), ("rows", _i64), ("padded_rows", _i64), ("k", _i64)]
-
-
-class DecoderWeights(ctypes.Structure):
-    """One decoder layer's weights and KV cache, as csrc/decoder.h reads them. It holds raw pointers: the
-    tensors they point into must outlive it."""
-
-    _fields_ = [
-        ("input_norm", _ptr), ("post_norm", _ptr),
-        ("qkv", Int4Weight), ("o", Int4Weight), ("gate_up", Int4Weight), ("down", Int4Weight),
-        ("k_cache", _ptr), ("v_cache", _ptr),
-        ("hidden", _i64), ("q_heads", _i64), ("kv_heads", _i64), ("head_dim", _i64), ("inter", _i64),
-        ("rotary_half", _i64),
-        ("eps", ctypes.c_double), ("scale", ctypes.c_double),
-    ]  # fmt: skip
-
-
-class DecodeStep(ctypes.Structure):
-    """What a decode step gives every layer: cos/sin [B, half] (bf16), out_loc [B], slots [B, L], lens [B]
-    (int64, see attention/cpu_backend.py)."""
-
-    _fields_ = [("cos", _ptr), ("sin", _ptr), ("out_loc", _ptr), ("slots", _ptr), ("lens", _ptr),
-                ("batch", _i64), ("max_len", _i64)]  # fmt: skip
 
 
 def decoder_layer(weights: DecoderWeights, step: DecodeStep, h: torch.Tensor, residual: torch.Tensor, first: bool):
-    """Run one decoder layer's decode step in place: h [B, hidden] (bf16, contiguous) in, the layer's MLP output
-    out; residual updated (with first, only written: the first layer has none yet)."""
+    """Run one decoder layer's decode step in place: h [B, hidden] (contiguous, the layer's dtype) in, the layer's
+    MLP output out; residual updated (with first, only written: the first layer has none yet). The caller
+    (engine/cpu_runner.py) has checked the weights when it built them; here only h and residual."""
+    _check(h.dtype == residual.dtype == (torch.bfloat16 if weights.is_bf16 else torch.float32),
+           "decoder_layer: h and residual in the layer's dtype")
+    _check(h.is_contiguous() and residual.is_contiguous() and h.shape == residual.shape == (step.batch, weights.hidden),
+           "decoder_layer: h and residual contiguous [batch, hidden]")
     _lib().minisgl_decoder_layer(ctypes.byref(weights), ctypes.byref(step), h.data_ptr(), residual.data_ptr(), first)

@@ -17,9 +17,11 @@ W8_DEQUANT_MIN_M = 512
 FP8_WEIGHT_ONLY_MAX_M = 16
 
 # ---- CPU ------------------------------------------------------------------------------------------------------
-# From this many rows on (prefill chunks), a quantized linear expands its weight to the activations' dtype and
-# multiplies densely: the weight-only kernels cost about linearly in the rows, a dense matmul does not.
-CPU_DENSE_MIN_ROWS = 512
+# Up to this many rows a quantized linear runs its native kernel (csrc/int4.h, int8.h), whose cost grows with the
+# rows; from there on (prefill chunks) it expands its weight for a dense matmul, which reuses each weight across
+# many more rows at once (benchmark/native_cpu.py, "expand+dense").
+CPU_INT4_NATIVE_MAX_ROWS = 128
+CPU_INT8_NATIVE_MAX_ROWS = 16
 # A GGUF's tied LM head keeps a requantized int8 copy for small decode batches; from this many rows on it
 # multiplies by the dense embedding instead, for the same reason.
 CPU_DENSE_HEAD_MIN_ROWS = 8

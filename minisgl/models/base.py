@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -14,9 +14,6 @@ from minisgl.layers.linear import Linear, LMHead
 from minisgl.quant import QuantConfig, make_method
 from minisgl.quant.blocks import QuantizedBlocks, as_dense
 from minisgl.quant.config import KEEP_GGUF
-
-if TYPE_CHECKING:
-    from minisgl.models.native_decoder import NativeDecoder
 
 
 class CausalLM(nn.Module):
@@ -31,9 +28,6 @@ class CausalLM(nn.Module):
     """
 
     fused: ClassVar[list[tuple[str, str, int]]] = []
-    # Set by the engine where the model supports it (models/native_decoder.py): CPU decode steps run each
-    # decoder layer as one native call.
-    native_decoder: "NativeDecoder | None" = None
     ignored: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

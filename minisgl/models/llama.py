@@ -131,11 +131,8 @@ class LlamaForCausalLM(CausalLM):
         rope = self.model.rotary.lookup(batch.positions)
         h = self.model.embed_tokens(batch.input_ids)
         residual: torch.Tensor | None = None
-        if self.native_decoder is not None and self.native_decoder.applies(batch):
-            h, residual = self.native_decoder.run(rope, h, batch)
-        else:
-            for layer in self.model.layers:
-                h, residual = layer(rope, h, residual, batch)
+        for layer in self.model.layers:
+            h, residual = layer(rope, h, residual, batch)
         idx = batch.logits_index
         h = self.model.norm(h[idx] + residual[idx])
         return self.lm_head(h).float()

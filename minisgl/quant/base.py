@@ -51,7 +51,6 @@ class QuantMethod(ABC):
 
 
 
-
 def rows_to_device(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A float32 copy of one streamed weight slice on the device that quantizes it."""
     return weight.to(device=device, dtype=torch.float32)

@@ -26,8 +26,8 @@ class Int4Blocks:
     """w[r, 32g + i] = (q - 8) * scale[r, g] + zero[r, g], q in [0, 15].
 
     `packed` is uint8 [rows, cols / 2]: byte 16g + j holds column 32g + j in its low nibble and column 32g + 16 + j
-    in its high nibble (GGUF's Q4 nibble order, so those blocks copy over unchanged). scale and zero are float32
-    [rows, cols / 32].
+    in its high nibble (GGUF's Q4 nibble order, so those blocks copy over unchanged). scale is float32 and zero
+    float32 or float64 (GGUF's m + 8d, kept exact), [rows, cols / 32].
     """
 
     packed: torch.Tensor

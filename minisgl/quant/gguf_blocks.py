@@ -1,8 +1,9 @@
 """GGUF's 32-value block formats mapped onto our quantized layouts without touching a value.
 
 Q4_0 (w = d (q - 8)) and Q4_1 (w = d q + m) blocks are exactly Int4Blocks groups: scale d, zero 0 or m + 8d, and
-the 16 nibble bytes copy over as they are. Q8_0 (w = d q) is Int8Blocks. d and m are float16 in the file and
-float32 here, so the only difference from gguf's own dequantization is float32 rounding in (q - 8) d + (m + 8d).
+the 16 nibble bytes copy over as they are. Q8_0 (w = d q) is Int8Blocks. d and m are float16 in the file; d is
+float32 here and zero = m + 8d float64, where it is exact, so a consumer gets m back exactly as zero - 8d (the
+CPU int4 layout stores d and m themselves; see quant/int4.py).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def gguf_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, 
         q = blocks[:, 2:].contiguous().view(torch.int8)
         return Int8Blocks(q.view(rows, cols), d.view(rows, groups))
     if qtype == GGMLQuantizationType.Q4_0:
-        zero = torch.zeros_like(d)
+        zero = torch.zeros_like(d, dtype=torch.float64)
         packed = blocks[:, 2:]
     else:
-        zero = _half(blocks, 2) + 8.0 * d
+        zero = _half(blocks, 2).double() + 8.0 * d.double()
         packed = blocks[:, 4:]
     return Int4Blocks(packed.contiguous().view(rows, cols // 2), d.view(rows, groups), zero.view(rows, groups))

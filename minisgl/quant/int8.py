@@ -6,15 +6,9 @@ import torch
 from torch import nn
 
 from minisgl.kernels import native
-from minisgl.kernels.tuning import CPU_DENSE_MIN_ROWS
+from minisgl.kernels.tuning import CPU_INT8_NATIVE_MAX_ROWS
 from minisgl.quant.base import QuantMethod, rows_to_device
-from minisgl.quant.blocks import QuantizedBlocks, as_dense
-
-NATIVE_MAX_ROWS = 8
-
-
-def _native_fits(x: torch.Tensor, layer: nn.Module) -> bool:
-    return x.dtype == layer.qscale.dtype == torch.bfloat16 and x.shape[1] <= 4096 and native.has_avx512()
+from minisgl.quant.blocks import GROUP, Int8Blocks, QuantizedBlocks, as_dense
 
 
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,16 +21,24 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tens
     return q, scale
 
 
-class Int8Method(QuantMethod):
-    """Buffers: `qweight` int8 [N, K], `qscale` [N] (the activations' dtype on CPU, as torch's kernel wants;
-    float32 on CUDA).
+def quantize_int8_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [N, K], fp32 scale [N, K / group]) for float w [N, K], symmetric per group of columns."""
+    rows, cols = w.shape
+    g = w.float().view(rows, cols // group, group)
+    scale = (g.abs().amax(dim=2) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(g / scale.unsqueeze(2)).clamp_(-127, 127).to(torch.int8)
+    return q.view(rows, cols), scale
 
-    CPU: torch's packed weight-only kernel (aten._weight_int8pack_mm), with bf16 activations. It reads K in
-    steps of 16 and returns garbage for other K, so such layers stay dense. Below NATIVE_MAX_ROWS rows, the
-    native AVX-512 kernel computes the same product (~20% faster on the default model's LM head at one row);
-    prefill-sized inputs expand the weight and multiply densely instead (see CPU_DENSE_MIN_ROWS).
-    CUDA: the Triton W8A16 kernels.
-    Pre-quantized Q8_0 blocks (one scale per 32 values) are requantized to one scale per channel.
+
+class Int8Method(QuantMethod):
+    """CPU: `qweight` int8 [N, K] and `qscale` fp32 [N, K / g], a scale per group of g = 32 columns (16 where K
+    is not a multiple of 32): GGUF's Q8_0 blocks load as they are (the file's scales, exact), dense weights are
+    quantized per group. Up to CPU_INT8_NATIVE_MAX_ROWS rows the native kernel (AVX2 or AVX-512, fp32 or bf16
+    activations) multiplies; larger inputs, or no native kernels, expand the weight for a dense matmul. Layers
+    whose K is not a multiple of 16 stay dense.
+
+    CUDA: `qscale` float32 [N], one scale per output channel, for the Triton W8A16 kernels; Q8_0 blocks are
+    requantized to it.
     """
 
     name = "int8"
@@ -44,16 +46,21 @@ class Int8Method(QuantMethod):
     def supports(self, out_features: int, in_features: int) -> bool:
         return self.device.type == "cuda" or in_features % 16 == 0
 
-    def _scale_dtype(self) -> torch.dtype:
-        return torch.float32 if self.device.type == "cuda" else self.dtype
-
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
         layer.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=self.device))
-        layer.register_buffer("qscale", torch.empty(out_features, dtype=self._scale_dtype(), device=self.device))
+        groups = in_features // _cpu_group(in_features) if self.device.type == "cpu" else None
+        shape = (out_features, groups) if groups else (out_features,)
+        layer.register_buffer("qscale", torch.empty(shape, dtype=torch.float32, device=self.device))
 
     def load_rows(self, layer: nn.Module, start: int, weight: torch.Tensor | QuantizedBlocks) -> None:
-        w = rows_to_device(as_dense(weight), self.device)
-        q, scale = quantize_int8(w, self._scale_dtype())
+        if self.device.type == "cpu":
+            group = layer.qweight.shape[1] // layer.qscale.shape[1]
+            if isinstance(weight, Int8Blocks) and group == GROUP:
+                q, scale = weight.q, weight.scale.float()  # Q8_0: the file's codes and scales
+            else:
+                q, scale = quantize_int8_groups(as_dense(weight), group)
+        else:
+            q, scale = quantize_int8(rows_to_device(as_dense(weight), self.device), torch.float32)
         layer.qweight[start : start + q.shape[0]].copy_(q)
         layer.qscale[start : start + q.shape[0]].copy_(scale)
 
@@ -62,11 +69,17 @@ class Int8Method(QuantMethod):
             from minisgl.kernels.quant_matmul import w8a16_linear
 
             return w8a16_linear(x, layer.qweight, layer.qscale)
-        if x.shape[0] >= CPU_DENSE_MIN_ROWS:
-            return torch.nn.functional.linear(x, layer.qweight.to(x.dtype) * layer.qscale.to(x.dtype).unsqueeze(1))
-        if x.shape[0] < NATIVE_MAX_ROWS and _native_fits(x, layer):
+        if x.shape[0] <= CPU_INT8_NATIVE_MAX_ROWS and native.fits(x):
             return native.int8_gemm(x.contiguous(), layer.qweight, layer.qscale)
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), layer.qweight, layer.qscale)
+        return torch.nn.functional.linear(x, self.dequantize(layer).to(x.dtype))
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
-        return layer.qweight.float() * layer.qscale.float().unsqueeze(1)
+        if layer.qscale.dim() == 1:
+            return layer.qweight.float() * layer.qscale.float().unsqueeze(1)
+        rows, cols = layer.qweight.shape
+        q = layer.qweight.view(rows, layer.qscale.shape[1], -1).float()
+        return (q * layer.qscale.unsqueeze(2)).view(rows, cols)
+
+
+def _cpu_group(in_features: int) -> int:
+    return GROUP if in_features % GROUP == 0 else 16

@@ -47,6 +47,7 @@ class ServerArgs:
     dp: int = 1
     dp_rank: int = 0
     router_policy: str = "cache_aware"
+    cpu_threads: int | None = None
 
     def model_name(self, model_path: str) -> str:
         """The name clients must use in `model`: --served-model-name, else --model, else the file's name."""
@@ -80,6 +81,7 @@ class ServerArgs:
             quantization=self.quantization,
             quantize_lm_head=self.quantize_lm_head,
             seed=self.seed,
+            cpu_threads=self.cpu_threads,
             trust_remote_code=self.trust_remote_code,
         )
         return kw
@@ -167,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attention-backend", default=d.attention_backend,
                    help="torch, cpu, triton or flashinfer (default: triton on CUDA, cpu on the CPU)")
     e.add_argument("--seed", type=int, default=d.seed, help="seed for requests that do not set their own")
+    e.add_argument("--cpu-threads", type=int, default=d.cpu_threads, metavar="N",
+                   help="threads for CPU kernels (llama.cpp's -t); default: the cores this process may use")
 
     s = p.add_argument_group("server")
     s.add_argument("--host", default=d.host, help="address to listen on")

@@ -4,6 +4,9 @@
 // dtype casts, temporaries) was most of their time; a decode step ran ~25 of them per layer. Here each is one
 // call. Parallel loops run on torch's own OpenMP threads (this library resolves libgomp to the copy torch has
 // loaded), so no second thread pool spins beside torch's.
+//
+// Plain C ABI, no torch headers: one build serves every torch version. Compiled once per ISA level at package
+// build time (setup.py, kernels/build.py).
 
 #include "decoder.h"
 #include "int4.h"
@@ -60,34 +63,52 @@ void minisgl_decode_attention(int is_bf16, const void* q, int64_t q_stride, int6
                              lens, (float*)out, batch, max_len, q_heads, kv_heads, head_dim, scale);
 }
 
-// 1 when this build has the AVX-512 kernels (int4, int8, the decoder layer): the compiler targeted a CPU with
-// AVX-512F. Else 0.
-int minisgl_has_avx512() {
+// The ISA level this library was compiled for: 2 AVX-512 (x86-64-v4 with BF16 and VNNI), 1 AVX2 (x86-64-v3).
+// native.py loads one library per level and checks that it reports the level its file name says.
+int minisgl_isa() {
 #if defined(__AVX512F__)
+    return 2;
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     return 1;
 #else
-    return 0;
+#error "the native CPU kernels need at least x86-64-v3 (AVX2, FMA, F16C)"
 #endif
 }
 
-void minisgl_int4_gemm(const void* x, int64_t rows, int64_t k_len, const uint8_t* w, const uint32_t* scale_zero,
-                       int64_t n, int64_t padded_rows, void* y) {
-#if defined(__AVX512F__)
-    int4_gemm((const bf16*)x, rows, k_len, w, scale_zero, n, padded_rows, (bf16*)y);
-#endif
+// sizeof the structures native.py mirrors with ctypes (0: Int4Weight, 1: DecoderWeights, 2: DecodeStep), so a
+// layout that drifted on either side is caught at load instead of read as garbage.
+int64_t minisgl_sizeof(int which) {
+    switch (which) {
+        case 0: return sizeof(Int4Weight);
+        case 1: return sizeof(DecoderWeights);
+        case 2: return sizeof(DecodeStep);
+        default: return -1;
+    }
 }
 
-void minisgl_int8_gemm(const void* x, int64_t rows, int64_t k_len, const int8_t* w, const void* scale, int64_t n,
-                       void* y) {
-#if defined(__AVX512F__)
-    int8_gemm((const bf16*)x, rows, k_len, w, (const bf16*)scale, n, (bf16*)y);
-#endif
+void minisgl_int4_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, const uint8_t* w, const uint16_t* sm,
+                       int64_t n, void* y) {
+    if (is_bf16)
+        int4_gemm((const bf16*)x, rows, k_len, w, sm, n, (bf16*)y);
+    else
+        int4_gemm((const float*)x, rows, k_len, w, sm, n, (float*)y);
+}
+
+void minisgl_int8_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, const int8_t* w, const float* scale,
+                       int64_t groups, int64_t n, void* y) {
+    if (is_bf16)
+        int8_gemm((const bf16*)x, rows, k_len, w, scale, groups, n, (bf16*)y);
+    else
+        int8_gemm((const float*)x, rows, k_len, w, scale, groups, n, (float*)y);
 }
 
 void minisgl_decoder_layer(const void* weights, const void* step, void* h, void* residual, int first) {
-#if defined(__AVX512F__)
-    decoder_layer(*(const DecoderWeights*)weights, *(const DecodeStep*)step, (bf16*)h, (bf16*)residual, first != 0);
-#endif
+    const DecoderWeights& L = *(const DecoderWeights*)weights;
+    const DecodeStep& S = *(const DecodeStep*)step;
+    if (L.is_bf16)
+        decoder_layer(L, S, (bf16*)h, (bf16*)residual, first != 0);
+    else
+        decoder_layer(L, S, (float*)h, (float*)residual, first != 0);
 }
 
 }  // extern "C"

@@ -1,7 +1,9 @@
-// Weight-only int8 matmul (per-row scales) with AVX-512, on the layout aten._weight_int8pack_mm takes.
+// Weight-only int8 matmul with a scale per group of input columns (GGUF's Q8_0: 32 columns; a whole row for
+// per-channel scales), with AVX-512 or AVX2. w[r][k] = q[r][k] * scale[r][k / group]; q * scale is exact in fp32
+// (8 x 11 significant bits at most for fp16 scales), so the sums see the file's dequantized values.
 #pragma once
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 
 #include <vector>
@@ -10,56 +12,123 @@
 
 namespace minisgl {
 
-// dots[m][r] = x[m] . w[r] over k for 4 consecutive weight rows: 4 x M independent accumulators, so the FMA
-// latency is hidden even at M = 1. k_len is a multiple of 16.
+#if defined(__AVX512F__)
+constexpr int64_t kInt8Rows = 3;  // rows of x per pass over 4 weight rows (4 spills registers)
+constexpr int64_t kInt8Step = 16;
+
+// dots[m][r] = x[m] . w[r] over k for 4 consecutive weight rows (scales sc[r * groups + g]): 4 x M independent
+// accumulators, so the FMA latency is hidden even at M = 1. group is a multiple of 16.
 template <int M>
-void int8_rows4(const int8_t* w, int64_t k_len, const float* x, float dots[][4]) {
+void int8_rows4(const int8_t* w, int64_t k_len, const float* sc, int64_t groups, const float* x, float dots[][4]) {
+    const int64_t group = k_len / groups;
     __m512 acc[M][4];
     for (int m = 0; m < M; ++m)
         for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < k_len; k += 16) {
-        __m512 wr[4];
-        for (int r = 0; r < 4; ++r)
-            wr[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + r * k_len + k))));
-        for (int m = 0; m < M; ++m) {
-            const __m512 xv = _mm512_loadu_ps(x + m * k_len + k);
-            for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_fmadd_ps(wr[r], xv, acc[m][r]);
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512 s[4];
+        for (int r = 0; r < 4; ++r) s[r] = _mm512_set1_ps(sc[r * groups + g]);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+            __m512 wr[4];
+            for (int r = 0; r < 4; ++r)
+                wr[r] = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + r * k_len + k)))), s[r]);
+            for (int m = 0; m < M; ++m) {
+                const __m512 xv = _mm512_loadu_ps(x + m * k_len + k);
+                for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_fmadd_ps(wr[r], xv, acc[m][r]);
+            }
         }
     }
     for (int m = 0; m < M; ++m)
         for (int r = 0; r < 4; ++r) dots[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
+#else
+constexpr int64_t kInt8Rows = 2;  // 16 registers: 4 x 2 accumulators, 4 weights, 4 scales
+constexpr int64_t kInt8Step = 8;
 
-// y [rows][n] (bf16) = x [rows][k] (bf16) times w [n][k] (int8) scaled per output row (bf16), rounded once:
-// the product aten._weight_int8pack_mm computes. Output rows are split over torch's OpenMP threads.
-inline void int8_gemm(const bf16* x, int64_t rows, int64_t k_len, const int8_t* w, const bf16* scale, int64_t n,
-                      bf16* y) {
+inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// AVX2: as above with 8 lanes (group a multiple of 8).
+template <int M>
+void int8_rows4(const int8_t* w, int64_t k_len, const float* sc, int64_t groups, const float* x, float dots[][4]) {
+    const int64_t group = k_len / groups;
+    __m256 acc[M][4];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m256 s[4];
+        for (int r = 0; r < 4; ++r) s[r] = _mm256_set1_ps(sc[r * groups + g]);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+            __m256 wr[4];
+            for (int r = 0; r < 4; ++r)
+                wr[r] = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + r * k_len + k)))), s[r]);
+            for (int m = 0; m < M; ++m) {
+                const __m256 xv = _mm256_loadu_ps(x + m * k_len + k);
+                for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_fmadd_ps(wr[r], xv, acc[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < 4; ++r) dots[m][r] = hsum256(acc[m][r]);
+}
+#endif
+
+// y [rows][n] (T: fp32 or bf16) = x [rows][k] (T) times w [n][k] (int8) with fp32 scales [n][groups] (each for
+// k / groups consecutive columns, a multiple of 16), rounded once. Tiles of 64 output rows go over the OpenMP
+// threads; each quad of weight rows is read from memory once and reused from cache for every row of x. Results
+// gather in a per-tile buffer and are stored as contiguous runs: storing 4 values at a time into many rows of y
+// far apart (a vocabulary-sized head) ran several times slower.
+template <typename T>
+void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const float* scale, int64_t groups,
+               int64_t n, T* y) {
+    constexpr int64_t kTile = 64;
     std::vector<float> xf(rows * k_len);
     for (int64_t i = 0; i < rows * k_len; ++i) xf[i] = to_float(x[i]);
-    const int64_t quads = n / 4;
-#pragma omp parallel for schedule(static) if (quads >= 64)
-    for (int64_t q = 0; q < quads + (n % 4 != 0); ++q) {
-        const int64_t r0 = q * 4, live = n - r0 < 4 ? n - r0 : 4;
-        int8_t tail[4 * 4096];  // the last rows, padded to 4 with zeros (k_len <= 4096 checked by the caller)
-        const int8_t* wq = w + r0 * k_len;
-        if (live < 4) {
-            std::memset(tail, 0, 4 * k_len);
-            std::memcpy(tail, wq, live * k_len);
-            wq = tail;
-        }
-        for (int64_t m0 = 0; m0 < rows; m0 += 4) {
-            const int64_t mc = rows - m0 < 4 ? rows - m0 : 4;
-            float dots[4][4];
-            const float* xm = xf.data() + m0 * k_len;
-            switch (mc) {
-                case 1: int8_rows4<1>(wq, k_len, xm, dots); break;
-                case 2: int8_rows4<2>(wq, k_len, xm, dots); break;
-                case 3: int8_rows4<3>(wq, k_len, xm, dots); break;
-                default: int8_rows4<4>(wq, k_len, xm, dots); break;
+    const int64_t tiles = (n + kTile - 1) / kTile;
+#pragma omp parallel if (tiles >= 16)
+    {
+        std::vector<float> out(rows * kTile);
+        std::vector<int8_t> tail;  // the last rows, padded to 4 with zeros
+        std::vector<float> tail_scale;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t t0 = t * kTile, t_rows = n - t0 < kTile ? n - t0 : kTile;
+            for (int64_t r0 = t0; r0 < t0 + t_rows; r0 += 4) {
+                const int64_t live = n - r0 < 4 ? n - r0 : 4;
+                const int8_t* wq = w + r0 * k_len;
+                const float* sq = scale + r0 * groups;
+                if (live < 4) {
+                    tail.assign(4 * k_len, 0);
+                    tail_scale.assign(4 * groups, 0.0f);
+                    std::memcpy(tail.data(), wq, live * k_len);
+                    std::memcpy(tail_scale.data(), sq, live * groups * sizeof(float));
+                    wq = tail.data();
+                    sq = tail_scale.data();
+                }
+                for (int64_t m0 = 0; m0 < rows; m0 += kInt8Rows) {
+                    const int64_t mc = rows - m0 < kInt8Rows ? rows - m0 : kInt8Rows;
+                    float dots[4][4];
+                    const float* xm = xf.data() + m0 * k_len;
+                    switch (mc) {
+                        case 1: int8_rows4<1>(wq, k_len, sq, groups, xm, dots); break;
+#if defined(__AVX512F__)
+                        case 2: int8_rows4<2>(wq, k_len, sq, groups, xm, dots); break;
+                        default: int8_rows4<3>(wq, k_len, sq, groups, xm, dots); break;
+#else
+                        default: int8_rows4<2>(wq, k_len, sq, groups, xm, dots); break;
+#endif
+                    }
+                    for (int64_t m = 0; m < mc; ++m)
+                        for (int64_t r = 0; r < live; ++r) out[(m0 + m) * kTile + r0 - t0 + r] = dots[m][r];
+                }
             }
-            for (int64_t m = 0; m < mc; ++m)
-                for (int64_t r = 0; r < live; ++r)
-                    from_float(dots[m][r] * to_float(scale[r0 + r]), y + (m0 + m) * n + r0 + r);
+            for (int64_t m = 0; m < rows; ++m)
+                for (int64_t r = 0; r < t_rows; ++r) from_float(out[m * kTile + r], y + m * n + t0 + r);
         }
     }
 }

@@ -1,7 +1,7 @@
 """Check and time minisgl's Triton kernels on a GPU against torch eager, torch.compile and FlashInfer.
 
-    python benchmark/kernels.py            # full sweep (a few minutes on an H100)
-    python benchmark/kernels.py --quick    # a few shapes per table (about a minute)
+    python benchmark/kernel_bench.py            # full sweep (a few minutes on an H100)
+    python benchmark/kernel_bench.py --quick    # a few shapes per table (about a minute)
 
 Every kernel's output is first compared with a plain-torch computation of the same thing (the `ok` column);
 times are medians of triton.testing.do_bench. Decode attention reports the K/V bytes it must read per call

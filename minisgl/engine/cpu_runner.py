@@ -22,6 +22,7 @@ from minisgl.kernels.tuning import CPU_INT4_NATIVE_MAX_ROWS
 from minisgl.kvcache.pool import KVPool
 from minisgl.layers.linear import Linear
 from minisgl.models.llama import GatedMLP, LlamaForCausalLM
+from minisgl.quant.int4 import Int4CpuMethod
 
 # Up to as many sequences as the int4 layers multiply natively (the module path's own limit): beyond that the
 # layers expand their weights for dense matmuls, which the one-call layer does not.
@@ -29,7 +30,7 @@ MAX_BATCH = CPU_INT4_NATIVE_MAX_ROWS
 
 
 def _int4(linear: Linear) -> native.Int4Weight | None:
-    if linear.bias is not None or linear.tp.size != 1 or not hasattr(linear, "qscale_min"):
+    if linear.bias is not None or linear.tp.size != 1 or not isinstance(linear.method, Int4CpuMethod):
         return None
     qweight, sm = linear.qweight, linear.qscale_min
     if not (qweight.is_contiguous() and sm.is_contiguous() and sm.dtype == torch.float16):

@@ -13,8 +13,13 @@ __all__ = ["KEEP_GGUF", "SCHEMES", "QuantConfig", "QuantMethod", "make_method", 
 def make_method(scheme: str, device: torch.device, dtype: torch.dtype) -> QuantMethod:
     """The method object for `scheme` on `device` with activations of `dtype` (shared by all its layers)."""
     from minisgl.quant.fp8 import Fp8Method
-    from minisgl.quant.int4 import Int4Method
-    from minisgl.quant.int8 import Int8Method
+    from minisgl.quant.int4 import Int4CpuMethod, Int4CudaMethod
+    from minisgl.quant.int8 import Int8CpuMethod, Int8CudaMethod
 
-    methods: dict[str, type[QuantMethod]] = {"int8": Int8Method, "int4": Int4Method, "fp8": Fp8Method}
+    cuda = device.type == "cuda"
+    methods: dict[str, type[QuantMethod]] = {
+        "int8": Int8CudaMethod if cuda else Int8CpuMethod,
+        "int4": Int4CudaMethod if cuda else Int4CpuMethod,
+        "fp8": Fp8Method,
+    }
     return methods[scheme](device, dtype)

@@ -86,12 +86,44 @@ def expand_cpu(qweight: torch.Tensor, scale_min: torch.Tensor, dtype: torch.dtyp
     return w.view(blocks, cols, CPU_ROW_BLOCK).transpose(1, 2).to(dtype).reshape(blocks * CPU_ROW_BLOCK, cols)
 
 
-class Int4Method(QuantMethod):
-    """CUDA: buffers `qweight` (uint8 [N, K/2]), `qscale`, `qzero` ([N, K/32], the activations' dtype) hold
-    Int4Blocks' layout, which the Triton kernels read directly.
+class Int4CudaMethod(QuantMethod):
+    """Buffers `qweight` (uint8 [N, K/2]), `qscale`, `qzero` ([N, K/32], the activations' dtype) hold Int4Blocks'
+    layout, which the Triton kernels (kernels/quant_matmul.py) read directly. Layers whose K is not a multiple of
+    32 stay dense."""
 
-    CPU: while loading, `qweight` holds Int4Blocks' nibble order and `qscale`/`qmin` ([N, K/32] fp32) the file's
-    own scales and mins (GGUF's fp16 values, never rounded to the activations' dtype); finalize() converts them to
+    name = "int4"
+
+    def supports(self, out_features: int, in_features: int) -> bool:
+        return in_features % GROUP == 0
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
+        groups, dev = in_features // GROUP, self.device
+        layer.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=dev))
+        layer.register_buffer("qscale", torch.empty(out_features, groups, dtype=self.dtype, device=dev))
+        layer.register_buffer("qzero", torch.empty(out_features, groups, dtype=self.dtype, device=dev))
+
+    def load_rows(self, layer: nn.Module, start: int, weight: torch.Tensor | QuantizedBlocks) -> None:
+        if isinstance(weight, Int4Blocks):  # GGUF Q4_0/Q4_1: the codes are kept as they are
+            blocks = weight
+        else:
+            blocks = quantize_int4(rows_to_device(as_dense(weight), self.device), self.dtype)
+        n = blocks.packed.shape[0]
+        layer.qweight[start : start + n].copy_(blocks.packed)
+        layer.qscale[start : start + n].copy_(blocks.scale)
+        layer.qzero[start : start + n].copy_(blocks.zero)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from minisgl.kernels.quant_matmul import w4a16_linear
+
+        return w4a16_linear(x, layer.qweight, layer.qscale, layer.qzero)
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        return Int4Blocks(layer.qweight, layer.qscale, layer.qzero).dequantize()
+
+
+class Int4CpuMethod(QuantMethod):
+    """While loading, `qweight` holds Int4Blocks' nibble order and `qscale`/`qmin` ([N, K/32] fp32) the file's own
+    scales and mins (GGUF's fp16 values, never rounded to the activations' dtype); finalize() converts them to
     minisgl's CPU layout (`pack_cpu`): `qweight` uint8 [Np/64, K, 32] and `qscale_min` fp16 [Np/64, K/32, 2, 64].
     No byte depends on torch's packed int4 format, whose layout varies with the CPU. apply() runs the native int4
     kernel (AVX2 or AVX-512) for decode-sized inputs, and expands the weight to a dense matmul for prefill-sized
@@ -105,41 +137,24 @@ class Int4Method(QuantMethod):
 
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
         groups = in_features // GROUP
-        dev = self.device
-        layer.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=dev))
-        if dev.type == "cpu":
-            layer.register_buffer("qscale", torch.empty(out_features, groups, dtype=torch.float32))
-            layer.register_buffer("qmin", torch.empty(out_features, groups, dtype=torch.float32))
-            return
-        layer.register_buffer("qscale", torch.empty(out_features, groups, dtype=self.dtype, device=dev))
-        layer.register_buffer("qzero", torch.empty(out_features, groups, dtype=self.dtype, device=dev))
+        layer.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        layer.register_buffer("qscale", torch.empty(out_features, groups, dtype=torch.float32))
+        layer.register_buffer("qmin", torch.empty(out_features, groups, dtype=torch.float32))
 
     def load_rows(self, layer: nn.Module, start: int, weight: torch.Tensor | QuantizedBlocks) -> None:
-        if self.device.type == "cpu":
-            if isinstance(weight, Int4Blocks):  # GGUF Q4_0/Q4_1: codes, scales and mins kept as the file has them
-                packed, scale = weight.packed, weight.scale.float()
-                # zero = min + 8 scale, exact in float64 (gguf_blocks): so min comes back exactly
-                mins = (weight.zero.double() - 8.0 * weight.scale.double()).float()
-            else:
-                q, scale, mins = quantize_int4_min(rows_to_device(as_dense(weight), self.device))
-                packed = pack_int4(q)
-            n = packed.shape[0]
-            layer.qweight[start : start + n].copy_(packed)
-            layer.qscale[start : start + n].copy_(scale)
-            layer.qmin[start : start + n].copy_(mins)
-            return
-        if isinstance(weight, Int4Blocks):  # GGUF Q4_0/Q4_1: the codes are kept as they are
-            blocks = weight
+        if isinstance(weight, Int4Blocks):  # GGUF Q4_0/Q4_1: codes, scales and mins kept as the file has them
+            packed, scale = weight.packed, weight.scale.float()
+            # zero = min + 8 scale, exact in float64 (gguf_blocks): so min comes back exactly
+            mins = (weight.zero.double() - 8.0 * weight.scale.double()).float()
         else:
-            blocks = quantize_int4(rows_to_device(as_dense(weight), self.device), self.dtype)
-        n = blocks.packed.shape[0]
-        layer.qweight[start : start + n].copy_(blocks.packed)
-        layer.qscale[start : start + n].copy_(blocks.scale)
-        layer.qzero[start : start + n].copy_(blocks.zero)
+            q, scale, mins = quantize_int4_min(rows_to_device(as_dense(weight), self.device))
+            packed = pack_int4(q)
+        n = packed.shape[0]
+        layer.qweight[start : start + n].copy_(packed)
+        layer.qscale[start : start + n].copy_(scale)
+        layer.qmin[start : start + n].copy_(mins)
 
     def finalize(self, layer: nn.Module) -> None:
-        if self.device.type != "cpu" or hasattr(layer, "qscale_min"):
-            return
         codes = Int4Blocks(layer.qweight, layer.qscale, layer.qmin).codes()
         qweight, scale_min = pack_cpu(codes, layer.qscale, layer.qmin)
         stored = scale_min.float()
@@ -150,10 +165,6 @@ class Int4Method(QuantMethod):
         layer.register_buffer("qscale_min", scale_min)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            from minisgl.kernels.quant_matmul import w4a16_linear
-
-            return w4a16_linear(x, layer.qweight, layer.qscale, layer.qzero)
         rows = layer.out_features
         if x.shape[0] <= CPU_INT4_NATIVE_MAX_ROWS and native.fits(x):
             return native.int4_gemm(x.contiguous(), layer.qweight, layer.qscale_min, rows)
@@ -161,9 +172,7 @@ class Int4Method(QuantMethod):
         return y if y.shape[-1] == rows else y[..., :rows]
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
-        if self.device.type != "cpu":
-            return Int4Blocks(layer.qweight, layer.qscale, layer.qzero).dequantize()
-        if not hasattr(layer, "qscale_min"):
+        if not hasattr(layer, "qscale_min"):  # before finalize()
             codes = Int4Blocks(layer.qweight, layer.qscale, layer.qmin).codes().float()
             rows = codes.shape[0]
             w = codes.view(rows, -1, GROUP) * layer.qscale.unsqueeze(2) + layer.qmin.unsqueeze(2)

@@ -30,52 +30,63 @@ def quantize_int8_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     return q.view(rows, cols), scale
 
 
-class Int8Method(QuantMethod):
-    """CPU: `qweight` int8 [N, K] and `qscale` fp32 [N, K / g], a scale per group of g = 32 columns (16 where K
-    is not a multiple of 32): GGUF's Q8_0 blocks load as they are (the file's scales, exact), dense weights are
-    quantized per group. Up to CPU_INT8_NATIVE_MAX_ROWS rows the native kernel (AVX2 or AVX-512, fp32 or bf16
-    activations) multiplies; larger inputs, or no native kernels, expand the weight for a dense matmul. Layers
-    whose K is not a multiple of 16 stay dense.
+class Int8CudaMethod(QuantMethod):
+    """`qweight` int8 [N, K] and `qscale` float32 [N], one scale per output channel, for the Triton W8A16 kernels
+    (kernels/quant_matmul.py); GGUF's Q8_0 blocks are requantized to it."""
 
-    CUDA: `qscale` float32 [N], one scale per output channel, for the Triton W8A16 kernels; Q8_0 blocks are
-    requantized to it.
+    name = "int8"
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
+        layer.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=self.device))
+        layer.register_buffer("qscale", torch.empty(out_features, dtype=torch.float32, device=self.device))
+
+    def load_rows(self, layer: nn.Module, start: int, weight: torch.Tensor | QuantizedBlocks) -> None:
+        q, scale = quantize_int8(rows_to_device(as_dense(weight), self.device), torch.float32)
+        layer.qweight[start : start + q.shape[0]].copy_(q)
+        layer.qscale[start : start + q.shape[0]].copy_(scale)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from minisgl.kernels.quant_matmul import w8a16_linear
+
+        return w8a16_linear(x, layer.qweight, layer.qscale)
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        return layer.qweight.float() * layer.qscale.float().unsqueeze(1)
+
+
+class Int8CpuMethod(QuantMethod):
+    """`qweight` int8 [N, K] and `qscale` fp32 [N, K / g], a scale per group of g = 32 columns (16 where K is not
+    a multiple of 32): GGUF's Q8_0 blocks load as they are (the file's scales, exact), dense weights are quantized
+    per group. Up to CPU_INT8_NATIVE_MAX_ROWS rows the native kernel (AVX2 or AVX-512, fp32 or bf16 activations)
+    multiplies; larger inputs, or no native kernels, expand the weight for a dense matmul. Layers whose K is not a
+    multiple of 16 stay dense.
     """
 
     name = "int8"
 
     def supports(self, out_features: int, in_features: int) -> bool:
-        return self.device.type == "cuda" or in_features % 16 == 0
+        return in_features % 16 == 0
 
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
-        layer.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=self.device))
-        groups = in_features // _cpu_group(in_features) if self.device.type == "cpu" else None
-        shape = (out_features, groups) if groups else (out_features,)
-        layer.register_buffer("qscale", torch.empty(shape, dtype=torch.float32, device=self.device))
+        groups = in_features // _cpu_group(in_features)
+        layer.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        layer.register_buffer("qscale", torch.empty(out_features, groups, dtype=torch.float32))
 
     def load_rows(self, layer: nn.Module, start: int, weight: torch.Tensor | QuantizedBlocks) -> None:
-        if self.device.type == "cpu":
-            group = layer.qweight.shape[1] // layer.qscale.shape[1]
-            if isinstance(weight, Int8Blocks) and group == GROUP:
-                q, scale = weight.q, weight.scale.float()  # Q8_0: the file's codes and scales
-            else:
-                q, scale = quantize_int8_groups(as_dense(weight), group)
+        group = layer.qweight.shape[1] // layer.qscale.shape[1]
+        if isinstance(weight, Int8Blocks) and group == GROUP:
+            q, scale = weight.q, weight.scale.float()  # Q8_0: the file's codes and scales
         else:
-            q, scale = quantize_int8(rows_to_device(as_dense(weight), self.device), torch.float32)
+            q, scale = quantize_int8_groups(as_dense(weight), group)
         layer.qweight[start : start + q.shape[0]].copy_(q)
         layer.qscale[start : start + q.shape[0]].copy_(scale)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            from minisgl.kernels.quant_matmul import w8a16_linear
-
-            return w8a16_linear(x, layer.qweight, layer.qscale)
         if x.shape[0] <= CPU_INT8_NATIVE_MAX_ROWS and native.fits(x):
             return native.int8_gemm(x.contiguous(), layer.qweight, layer.qscale)
         return torch.nn.functional.linear(x, self.dequantize(layer).to(x.dtype))
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
-        if layer.qscale.dim() == 1:
-            return layer.qweight.float() * layer.qscale.float().unsqueeze(1)
         rows, cols = layer.qweight.shape
         q = layer.qweight.view(rows, layer.qscale.shape[1], -1).float()
         return (q * layer.qscale.unsqueeze(2)).view(rows, cols)

@@ -6,11 +6,12 @@ Each is read when asked, not at import, so a test can set one for the code it ru
 | variable | meaning |
 |---|---|
 | `MINISGL_NATIVE=0` | CPU: use torch ops instead of the native C++ kernels |
-| `MINISGL_CACHE_DIR` | where native kernels built on first use are kept (default ~/.cache/minisgl) |
+| `MINISGL_CPU_ISA=avx2\|avx512\|none` | CPU: load the native kernels of this level, not the best the CPU reports |
+| `OMP_WAIT_POLICY`, `GOMP_SPINCOUNT`, `KMP_BLOCKTIME` | OpenMP's own; unless one is set, `python -m minisgl` sets `OMP_WAIT_POLICY=PASSIVE` (core/cpu_threads.py) |
 | `MINISGL_PDL=0` | CUDA: launch the decode kernels without programmatic dependent launch |
 | `MINISGL_DISABLE_OVERLAP_SCHEDULING=1` | run each step's bookkeeping after its forward, not beside it |
 | `TRITON_INTERPRET=1` | Triton's own: run Triton kernels on the CPU in its interpreter (tests) |
-| `CXX` | the C++ compiler for the native kernels (default g++, else c++) |
+| `CXX` | at build time (setup.py, kernels/build.py): the C++ compiler for the native kernels (default g++, else c++) |
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def native_kernels() -> bool:
     return os.environ.get("MINISGL_NATIVE", "1") != "0"
 
 
-def native_cache_dir() -> str:
-    return os.environ.get("MINISGL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "minisgl")
+def cpu_isa() -> str:
+    """The forced ISA level, lower-cased; "" when not set."""
+    return os.environ.get("MINISGL_CPU_ISA", "").strip().lower()
 
 
 def pdl_allowed() -> bool:
@@ -36,7 +38,3 @@ def overlap_disabled() -> bool:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def cxx() -> str | None:
-    return os.environ.get("CXX")

@@ -17,11 +17,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from minisgl.core import settings
 from minisgl.kernels.build import LEVEL_FLAGS, library_name
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,9 @@ def has_native_bf16() -> bool:
 def requested_level() -> tuple[str, str]:
     """(level, why): the CPU's best level, lowered by MINISGL_CPU_ISA or MINISGL_NATIVE=0."""
     best = cpu_level()
-    if os.environ.get("MINISGL_NATIVE", "1") == "0":
+    if not settings.native_kernels():
         return "none", "MINISGL_NATIVE=0"
-    forced = os.environ.get("MINISGL_CPU_ISA", "").strip().lower()
+    forced = settings.cpu_isa()
     if not forced:
         return best, f"the best level this CPU reports ({best})"
     if forced not in ("none", *LEVELS):

@@ -147,7 +147,7 @@ def decode_rows(batches: list[int], contexts: list[int], num_sms: int) -> list[l
                     tbs = lambda t: None if t is None else kv_bytes / (t * 1e-3) / 1e12  # noqa: E731
                     rows.append([name, str(page_size), str(bs), str(ctx), str(splits), "ok" if ok else "MISMATCH",
                                  fmt(ms * 1e3, ".1f"), fmt(tbs(ms), ".2f"), fmt(tbs(fi_ms), ".2f"), fmt(None if torch_ms is None else torch_ms * 1e3, ".0f")])
-                    del k_cache, v_cache
+                    k_cache = v_cache = None  # free this shape's caches before the next one allocates
     return rows
 
 
@@ -178,7 +178,7 @@ def extend_rows(cases: list[tuple[int, int, int]]) -> list[list[str]]:
                 ms, torch_ms = bench(ours), bench(eager)
                 rows.append([name, str(page_size), str(bs), str(prefix), str(ext), "ok" if ok else "MISMATCH",
                              fmt(ms * 1e3, ".0f"), fmt(flops / (ms * 1e-3) / 1e12, ".1f"), fmt(torch_ms * 1e3, ".0f")])
-                del k_cache, v_cache
+                k_cache = v_cache = None  # free this shape's caches before the next one allocates
     return rows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +62,14 @@ class LLM:
         self.skip_tokenizer_init = skip_tokenizer_init
         self.scheduler = make_scheduler(self.config)
         self._tokenizer = None
+        self._tokenizer_lock = threading.Lock()
         self._next_id = 0
+        if self.config.grammar_backend != "none" and self.config.tp_size == 1 and not skip_tokenizer_init:
+            from minisgl.grammar import create_backend
+
+            mc = self.scheduler.model_config
+            self.scheduler.enable_grammar(lambda: create_backend(
+                self.config.grammar_backend, self.tokenizer, mc.vocab_size, list(mc.eos_token_ids)))
 
     def shutdown(self) -> None:
         """Stop tensor-parallel worker processes (nothing to do with tp_size == 1)."""
@@ -70,10 +78,11 @@ class LLM:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from minisgl.tokenizer import load_tokenizer
+        with self._tokenizer_lock:  # the grammar pool's thread may load it at the same time (imports are not safe)
+            if self._tokenizer is None:
+                from minisgl.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.scheduler.engine.model_path, self.config.tokenizer)
+                self._tokenizer = load_tokenizer(self.scheduler.engine.model_path, self.config.tokenizer)
         return self._tokenizer
 
     def generate(
@@ -88,6 +97,7 @@ class LLM:
         param_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(param_list) != len(prompts):
             raise ValueError("pass one SamplingParams or one per prompt")
+        self._check_grammars(param_list)
         results: dict[str, RequestOutput] = {}
         stops: dict[str, list[str]] = {}
         order: list[str] = []
@@ -109,6 +119,8 @@ class LLM:
         pending = total
         while pending and self.scheduler.has_work():
             for out in self.scheduler.step():
+                if out.error:
+                    raise RuntimeError(f"request {out.rid} failed: {out.error}")
                 comp = results[out.rid].outputs[out.index]
                 if comp.finish_reason is not None:
                     continue  # finished early by a stop string
@@ -129,6 +141,19 @@ class LLM:
                 if not comp.text and not self.skip_tokenizer_init:
                     comp.text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)
         return [results[rid] for rid in order]
+
+    def _check_grammars(self, params: list[SamplingParams]) -> None:
+        """Compile every request's grammar up front, so a bad one raises (ValueError) before anything runs."""
+        from minisgl.grammar import GrammarSpec
+
+        grammars = getattr(self.scheduler, "grammars", None)
+        for p in params:
+            p.validate()
+            if p.grammar is None:
+                continue
+            if grammars is None:
+                raise ValueError("structured output needs a grammar backend (grammar_backend='xgrammar') and tp_size 1")
+            grammars.compiler.submit(GrammarSpec(*p.grammar)).result()
 
     def _hit_stop(self, comp: Completion, stops: list[str]) -> bool:
         text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)

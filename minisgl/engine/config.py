@@ -34,6 +34,7 @@ class EngineConfig:
     cuda_graph_max_bs: int = 256
     disable_overlap_schedule: bool = False
     trust_remote_code: bool = False
+    grammar_backend: str = "xgrammar"  # xgrammar | llguidance | none: constrained decoding (structured output)
 
     def resolved_device(self) -> torch.device:
         if self.device:

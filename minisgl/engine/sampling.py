@@ -240,15 +240,49 @@ def _gumbel_argmax(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return (scaled + gumbel_noise(batch.seeds, batch.steps, batch.vocab_size)).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
-    """Pick one token per row of `logits` [B, V] (any float dtype) as `batch` says."""
+class TokenMask(NamedTuple):
+    """Grammar constraints of some rows: `bitmask` int32 [R, ceil(V / 32)] (bit i of word j allows token
+    32 * j + i), `rows` int64 [R] the batch rows they belong to; both on the logits' device."""
+
+    bitmask: torch.Tensor
+    rows: torch.Tensor
+
+
+_BITS = {}
+
+
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """A copy of float32 `logits` [B, V] with the tokens `mask` disallows set to -inf (other rows unchanged)."""
+    b, v = logits.shape
+    rows = logits.index_select(0, mask.rows)
+    if rows.is_cuda:
+        try:  # xgrammar's kernel reads the packed bits directly
+            from xgrammar import apply_token_bitmask_inplace
+
+            apply_token_bitmask_inplace(rows, mask.bitmask, vocab_size=v)
+            return logits.index_copy(0, mask.rows, rows)
+        except ImportError:
+            pass
+    bits = _BITS.get(logits.device)
+    if bits is None:
+        bits = _BITS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((mask.bitmask[:, :, None] >> bits) & 1).view(mask.bitmask.shape[0], -1)[:, :v].bool()
+    return logits.index_copy(0, mask.rows, rows.masked_fill_(~allowed, float("-inf")))
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, mask: TokenMask | None = None) -> SampleResult:
+    """Pick one token per row of `logits` [B, V] (any float dtype) as `batch` says, among the tokens `mask`
+    allows in its rows. Logprobs stay those of the model's own (unmasked, unpenalised) distribution."""
     if logits.shape[-1] != batch.vocab_size:
         raise ValueError(f"logits have {logits.shape[-1]} columns, the batch expects {batch.vocab_size}")
     if batch.all_greedy and batch.penalties is None and not batch.want_logprobs:
-        return SampleResult(logits.argmax(dim=-1), None, None, None)
+        x = logits if mask is None else apply_token_mask(logits.float(), mask)
+        return SampleResult(x.argmax(dim=-1), None, None, None)
 
     raw = logits.float()
     x = raw if batch.penalties is None else apply_penalties(raw, batch.penalties)
+    if mask is not None:
+        x = apply_token_mask(x, mask)
 
     if batch.all_greedy:
         tokens = x.argmax(dim=-1)

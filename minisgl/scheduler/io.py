@@ -12,7 +12,8 @@ class TokenOutput:
     `index` tells the n samples of a request apart (0..n-1). `finished` is set on the last output of a
     sample, with `finish_reason` "stop" (EOS / stop token), "length" (max_tokens or context) or "abort".
     `logprobs[i]` is the log-probability of `token_ids[i]`; `top_logprobs[i]` the alternatives as
-    (token_id, logprob) pairs, best first. Both are None unless the request asked for them.
+    (token_id, logprob) pairs, best first. Both are None unless the request asked for them. `error` ends the
+    sample without output (e.g. its grammar did not compile).
     """
 
     rid: str
@@ -25,6 +26,7 @@ class TokenOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    error_status: int = 500  # the HTTP status of `error`: 400 for the client's mistake (a bad grammar)
 
 
 @dataclass

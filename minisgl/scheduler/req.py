@@ -41,6 +41,7 @@ class Req:
     wait_for: "Req | None" = None  # a sibling sample whose prefill must finish first (n > 1 sharing)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    grammar: Any = None  # this sample's grammar Matcher: advanced only by tokens it really accepted
 
     @property
     def all_ids(self) -> list[int]:

@@ -43,6 +43,8 @@ class ServerArgs:
     log_level: str = "info"
     shell: bool = False
     seed: int = 0
+    grammar_backend: str = "xgrammar"
+    tool_call_parser: str = "hermes"
 
     def model_name(self, model_path: str) -> str:
         """The name clients must use in `model`: --served-model-name, else --model, else the file's name."""
@@ -77,6 +79,7 @@ class ServerArgs:
             quantize_lm_head=self.quantize_lm_head,
             seed=self.seed,
             trust_remote_code=self.trust_remote_code,
+            grammar_backend=self.grammar_backend,
         )
         return kw
 
@@ -163,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attention-backend", default=d.attention_backend,
                    help="torch, cpu, triton or flashinfer (default: triton on CUDA, cpu on the CPU)")
     e.add_argument("--seed", type=int, default=d.seed, help="seed for requests that do not set their own")
+    e.add_argument("--grammar-backend", default=d.grammar_backend, choices=["xgrammar", "llguidance", "none"],
+                   help="library for structured output (JSON schema, regex, EBNF, tool calls); none refuses them")
+    e.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=["hermes", "llama3-json"],
+                   help="format of tool calls in the model's output (<tool_call>{...}</tool_call>, or bare JSON)")
 
     s = p.add_argument_group("server")
     s.add_argument("--host", default=d.host, help="address to listen on")

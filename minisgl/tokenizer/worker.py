@@ -193,7 +193,9 @@ class TokenizerWorker:
             return None  # aborted by the client, or already ended by a stop string
         if out.error:
             self.reqs.pop(out.rid, None)
-            send(self.to_api, ReqError(out.rid, out.error, 500, code="engine_error"))
+            code = "invalid_grammar" if out.error_status == 400 else "engine_error"
+            send(self.to_api, ReqError(out.rid, out.error, out.error_status, "response_format" if
+                                       out.error_status == 400 else None, code))
             return None
         s = req.samples[out.index]
         s.tokens += len(out.token_ids)

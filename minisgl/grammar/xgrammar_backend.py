@@ -43,8 +43,8 @@ class XGrammarBackend(GrammarBackend):
             if spec.kind == "json_schema":
                 # Compact JSON: with free whitespace a small model can spend its whole budget on newlines.
                 return c.compile_json_schema(spec.text, any_whitespace=False)
-            if spec.kind == "json_object":
-                return c.compile_builtin_json_grammar()
+            if spec.kind == "json_object":  # OpenAI's json_object: an object, not any JSON value
+                return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if spec.kind == "regex":
                 return c.compile_regex(spec.text)
             if spec.kind == "ebnf":

@@ -62,7 +62,7 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
     app = FastAPI(title="minisgl", lifespan=lifespan)
     app.state.client = client
     install_error_handlers(app)
-    serving = OpenAIServing(client, model_name)
+    serving = OpenAIServing(client, model_name, args.tool_call_parser)
     app.include_router(serving.router)
     if args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=args.api_key)

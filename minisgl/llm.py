@@ -136,6 +136,8 @@ class LLM:
                     pending -= 1
                     bar.update(1)
         bar.close()
+        if hasattr(self.scheduler, "flush"):  # a surplus step may still hold finished requests' KV from the cache
+            self.scheduler.flush()
         for rid in order:
             for comp in results[rid].outputs:
                 if not comp.text and not self.skip_tokenizer_init:

@@ -53,13 +53,13 @@ class LLGuidanceBackend(GrammarBackend):
             else:
                 raise GrammarError(f"the llguidance backend does not support {spec.kind}; use --grammar-backend "
                                    "xgrammar")
-            ok, message = M.validate_grammar(grammar, self._tok)
+            message = M.validate_grammar(grammar, self._tok)  # "" when valid
         except GrammarError:
             raise
         except Exception as e:
             raise GrammarError(f"invalid {spec.kind}: {e}") from None
-        if not ok:
-            raise GrammarError(f"invalid {spec.kind}: {message}")
+        if message:
+            raise GrammarError(f"invalid {spec.kind}: {message.strip().splitlines()[0]}")
         return grammar
 
     def matcher(self, compiled: Any) -> Matcher:

@@ -162,6 +162,11 @@ class Scheduler:
                 req.finish_reason = "abort"
                 self._aborted.append(req)
 
+    def flush(self) -> None:
+        """Read the step in flight now (its outputs come with the next step), so requests it finished release
+        their KV to the prefix cache before new requests are admitted."""
+        self._ready += self._drain()
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._aborted or self._inflight or self._ready
                     or (self.grammars is not None and len(self.grammars) > 0))

@@ -132,3 +132,27 @@ def test_other_backend_is_a_drop_in(ckpt, backend):
     outs = llm.generate(PROMPTS[:3], GREEDY)
     for p, o in zip(PROMPTS[:3], outs):
         check_masked_greedy(hf, tok, p, o)
+
+
+@pytest.mark.parametrize("library", ["xgrammar", "torch"])
+def test_apply_token_mask_matches_the_bits(monkeypatch, library):
+    """Both paths of apply_token_mask (xgrammar's kernel, plain torch ops) mask exactly the cleared bits of
+    the constrained rows, including the ids past the last full word, and leave other rows alone."""
+    from minisgl.engine.sampling import TokenMask, apply_token_mask
+
+    if library == "torch":
+        monkeypatch.setitem(__import__("sys").modules, "xgrammar", None)  # import fails: the torch fallback
+    g = torch.Generator().manual_seed(0)
+    v = 100  # not a multiple of 32
+    logits = torch.randn(5, v, generator=g)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (2, 4), generator=g, dtype=torch.int64).to(torch.int32)
+    rows = torch.tensor([3, 1])
+    out = apply_token_mask(logits, TokenMask(bitmask, rows))
+    for b in range(5):
+        for t in range(v):
+            if b in (1, 3):
+                r = 0 if b == 3 else 1
+                allowed = (int(bitmask[r, t // 32]) >> (t % 32)) & 1
+                assert (out[b, t] == logits[b, t]) if allowed else out[b, t] == float("-inf")
+            else:
+                assert out[b, t] == logits[b, t]

@@ -248,21 +248,21 @@ class TokenMask(NamedTuple):
     rows: torch.Tensor
 
 
-_BITS = {}
+_BITS: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
     """A copy of float32 `logits` [B, V] with the tokens `mask` disallows set to -inf (other rows unchanged)."""
     b, v = logits.shape
     rows = logits.index_select(0, mask.rows)
-    if rows.is_cuda:
-        try:  # xgrammar's kernel reads the packed bits directly
-            from xgrammar import apply_token_bitmask_inplace
-
-            apply_token_bitmask_inplace(rows, mask.bitmask, vocab_size=v)
-            return logits.index_copy(0, mask.rows, rows)
-        except ImportError:
-            pass
+    try:  # xgrammar's kernels (C++ on the CPU, CUDA/Triton on the GPU) read the packed bits directly
+        from xgrammar import apply_token_bitmask_inplace
+    except ImportError:
+        apply_token_bitmask_inplace = None
+    if apply_token_bitmask_inplace is not None:
+        apply_token_bitmask_inplace(rows, mask.bitmask, vocab_size=v)
+        return logits.index_copy(0, mask.rows, rows)
+    # The same in torch ops: unpack the bits into a bool [R, V] mask (an order of magnitude slower on the CPU).
     bits = _BITS.get(logits.device)
     if bits is None:
         bits = _BITS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)

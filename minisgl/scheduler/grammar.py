@@ -35,6 +35,9 @@ class GrammarQueue:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def num_reqs(self) -> int:
+        return sum(len(e.reqs) for e in self.entries)
+
     def add(self, reqs: list[Req], spec: GrammarSpec) -> None:
         self.entries.append(_Entry(reqs, self.compiler.submit(spec), time.monotonic() + self.timeout))
 

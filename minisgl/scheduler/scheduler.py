@@ -174,7 +174,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         s = self._stats
         s.num_running_reqs = len(self.running)
-        s.num_queue_reqs = len(self.waiting) + sum(len(e.reqs) for e in (self.grammars.entries if self.grammars is not None else []))
+        s.num_queue_reqs = len(self.waiting) + (self.grammars.num_reqs() if self.grammars is not None else 0)
         s.token_usage = self.kv.used_pages / max(1, self.kv.capacity)
         s.cache_hit_rate = s.extra.get("cached_tokens", 0) / max(1, s.prompt_tokens_total)
         return s

@@ -36,7 +36,8 @@ class OpenAIServing:
     # ---- shared checks ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
-            raise APIError(404, f"the model `{safe_text(model)}` does not exist; this server serves `{self.model_name}`",
+            raise APIError(404, f"the model `{safe_text(model)}` does not exist; this server serves "
+                                f"`{self.model_name}`",
                            "model", "model_not_found")
 
     def check_ids(self, ids: list[int], param: str) -> None:

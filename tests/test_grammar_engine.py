@@ -156,3 +156,14 @@ def test_apply_token_mask_matches_the_bits(monkeypatch, library):
                 assert (out[b, t] == logits[b, t]) if allowed else out[b, t] == float("-inf")
             else:
                 assert out[b, t] == logits[b, t]
+
+
+def test_stop_strings_cut_constrained_output(ckpt):
+    path, _, tok = ckpt
+    llm = LLM(path, device="cpu", dtype="float32")
+    full = llm.generate([PROMPTS[1]], GREEDY)[0]
+    text = tok.decode(full.token_ids, skip_special_tokens=True)
+    assert len(text) >= 4
+    stop = text[2:4]
+    cut = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=40, regex=REGEX, stop=[stop]))[0]
+    assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"

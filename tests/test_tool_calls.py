@@ -69,3 +69,20 @@ def test_inject_tools_for_templates_without_a_tool_section():
     assert '"name": "f"' in out[0]["content"]
     assert out[2] == {"role": "assistant", "content": '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'}
     assert out[3] == {"role": "user", "content": "<tool_response>\n42\n</tool_response>"}
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_false_keeps_one_call(parallel):
+    from minisgl.server import protocol as P
+    from minisgl.server import structured
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    req = P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=[tool],
+                                  parallel_tool_calls=parallel)
+    plan = structured.tool_plan(req, "hermes")
+    fmt = get_format("hermes")
+    _, calls = structured.tool_calls(plan, fmt.render_call("f", {"a": 1}) + "\n" + fmt.render_call("f", {"a": 2}))
+    assert [json.loads(c.function.arguments)["a"] for c in calls] == ([1, 2] if parallel else [1])
+    assert plan.grammar is None and plan.choice == "auto"
+    req.tool_choice = "required"
+    assert json.loads(structured.tool_plan(req, "hermes").grammar)["format"]["stop_after_first"] is not parallel

@@ -144,7 +144,7 @@ class OpenAIServing:
                 text = d.content
                 calls = [P.DeltaToolCall(index=i, id=cid, type="function" if cid else None,
                                          function=P.DeltaFunctionCall(name=name, arguments=args))
-                         for i, cid, name, args in d.calls] or None
+                         for i, cid, name, args in d.calls if plan.parallel or i == 0] or None
                 called[o.index] = called[o.index] or bool(calls)
             reason = o.finish_reason if o.finished else None
             if reason == "stop" and called[o.index]:

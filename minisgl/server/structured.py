@@ -29,6 +29,7 @@ class ToolPlan:
     fmt: ToolCallFormat
     choice: str  # auto | required | a function name
     grammar: str | None  # structural tag enforcing the calls (required / named)
+    parallel: bool = True  # more than one call allowed (else later calls are dropped, as OpenAI does)
 
     def stream(self) -> ToolStream:
         return self.fmt.stream()
@@ -103,7 +104,7 @@ def tool_plan(req: P.ChatCompletionRequest, parser: str) -> ToolPlan | None:
         grammar = fmt.grammar(tools, req.parallel_tool_calls)
     elif name != "auto":
         grammar = fmt.grammar([t for t in tools if t["function"]["name"] == name], False)
-    return ToolPlan(tools, fmt, name, grammar)
+    return ToolPlan(tools, fmt, name, grammar, req.parallel_tool_calls)
 
 
 def tool_calls(plan: ToolPlan | None, text: str) -> tuple[str | None, list[P.ToolCall]]:
@@ -111,6 +112,7 @@ def tool_calls(plan: ToolPlan | None, text: str) -> tuple[str | None, list[P.Too
     if plan is None:
         return text, []
     content, calls = plan.fmt.parse(text)
+    calls = calls if plan.parallel else calls[:1]
     return content, [P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments))
                      for c in calls]
 

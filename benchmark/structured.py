@@ -65,7 +65,7 @@ def main() -> None:
 
     llm = LLM(args.model, tokenizer=args.tokenizer, device=args.device, load_format=args.load_format,
               grammar_backend=args.grammar_backend, max_total_tokens=args.batch * 256 + 4096,
-              max_running_requests=max(args.batch, 16))
+              max_running_requests=max(args.batch, 16), disable_radix_cache=True)  # both runs prefill alike
     vocab = llm.scheduler.vocab_size
     free = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=1)
     constrained = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=1, json_schema=json.dumps(SCHEMA))

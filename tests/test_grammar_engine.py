@@ -145,17 +145,19 @@ def test_apply_token_mask_matches_the_bits(monkeypatch, library):
     g = torch.Generator().manual_seed(0)
     v = 100  # not a multiple of 32
     logits = torch.randn(5, v, generator=g)
-    bitmask = torch.randint(-(2**31), 2**31 - 1, (2, 4), generator=g, dtype=torch.int64).to(torch.int32)
-    rows = torch.tensor([3, 1])
-    out = apply_token_mask(logits, TokenMask(bitmask, rows))
-    for b in range(5):
-        for t in range(v):
-            if b in (1, 3):
-                r = 0 if b == 3 else 1
-                allowed = (int(bitmask[r, t // 32]) >> (t % 32)) & 1
-                assert (out[b, t] == logits[b, t]) if allowed else out[b, t] == float("-inf")
-            else:
-                assert out[b, t] == logits[b, t]
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (5, 4), generator=g, dtype=torch.int64).to(torch.int32)
+    mask = TokenMask(bitmask, torch.tensor([3, 1]), [3, 1])
+    for inplace in (False, True):
+        src = logits.clone()
+        out = apply_token_mask(src, mask, inplace=inplace)
+        assert (out is src) == inplace and (inplace or torch.equal(src, logits))
+        for b in range(5):
+            for t in range(v):
+                if b in (1, 3):
+                    allowed = (int(bitmask[b, t // 32]) >> (t % 32)) & 1
+                    assert (out[b, t] == logits[b, t]) if allowed else out[b, t] == float("-inf")
+                else:
+                    assert out[b, t] == logits[b, t]
 
 
 def test_stop_strings_cut_constrained_output(ckpt):

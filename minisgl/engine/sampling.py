@@ -241,48 +241,54 @@ def _gumbel_argmax(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 class TokenMask(NamedTuple):
-    """Grammar constraints of some rows: `bitmask` int32 [R, ceil(V / 32)] (bit i of word j allows token
-    32 * j + i), `rows` int64 [R] the batch rows they belong to; both on the logits' device."""
+    """Grammar constraints of some rows of a batch: `bitmask` int32 [B, ceil(V / 32)] on the logits' device (bit i
+    of word j of row b allows token 32 * j + i in row b), `rows` the constrained rows (an int64 tensor on the
+    same device) and `indices` the same on the host. Rows outside `rows` are not read."""
 
     bitmask: torch.Tensor
     rows: torch.Tensor
+    indices: list[int]
 
 
 _BITS: dict[torch.device, torch.Tensor] = {}
 
 
-def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
-    """A copy of float32 `logits` [B, V] with the tokens `mask` disallows set to -inf (other rows unchanged)."""
-    b, v = logits.shape
-    rows = logits.index_select(0, mask.rows)
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask, inplace: bool = False) -> torch.Tensor:
+    """float32 `logits` [B, V] with the tokens `mask` disallows set to -inf in its rows (other rows unchanged):
+    `logits` itself when `inplace`, else a copy."""
+    v = logits.shape[1]
     try:  # xgrammar's kernels (C++ on the CPU, CUDA/Triton on the GPU) read the packed bits directly
         from xgrammar import apply_token_bitmask_inplace
     except ImportError:
         apply_token_bitmask_inplace = None
     if apply_token_bitmask_inplace is not None:
-        apply_token_bitmask_inplace(rows, mask.bitmask, vocab_size=v)
-        return logits.index_copy(0, mask.rows, rows)
+        out = logits if inplace else logits.clone()
+        apply_token_bitmask_inplace(out, mask.bitmask, vocab_size=v, indices=mask.indices)
+        return out
     # The same in torch ops: unpack the bits into a bool [R, V] mask (an order of magnitude slower on the CPU).
     bits = _BITS.get(logits.device)
     if bits is None:
         bits = _BITS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((mask.bitmask[:, :, None] >> bits) & 1).view(mask.bitmask.shape[0], -1)[:, :v].bool()
-    return logits.index_copy(0, mask.rows, rows.masked_fill_(~allowed, float("-inf")))
+    words = mask.bitmask.index_select(0, mask.rows)
+    allowed = ((words[:, :, None] >> bits) & 1).view(words.shape[0], -1)[:, :v].bool()
+    rows = logits.index_select(0, mask.rows).masked_fill_(~allowed, float("-inf"))
+    return logits.index_copy_(0, mask.rows, rows) if inplace else logits.index_copy(0, mask.rows, rows)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, mask: TokenMask | None = None) -> SampleResult:
     """Pick one token per row of `logits` [B, V] (any float dtype) as `batch` says, among the tokens `mask`
-    allows in its rows. Logprobs stay those of the model's own (unmasked, unpenalised) distribution."""
+    allows in its rows. Logprobs stay those of the model's own (unmasked, unpenalised) distribution. With a
+    mask and no logprobs, float32 `logits` may be masked in place."""
     if logits.shape[-1] != batch.vocab_size:
         raise ValueError(f"logits have {logits.shape[-1]} columns, the batch expects {batch.vocab_size}")
     if batch.all_greedy and batch.penalties is None and not batch.want_logprobs:
-        x = logits if mask is None else apply_token_mask(logits.float(), mask)
+        x = logits if mask is None else apply_token_mask(logits.float(), mask, inplace=True)
         return SampleResult(x.argmax(dim=-1), None, None, None)
 
     raw = logits.float()
     x = raw if batch.penalties is None else apply_penalties(raw, batch.penalties)
-    if mask is not None:
-        x = apply_token_mask(x, mask)
+    if mask is not None:  # in place unless x is still the raw logits that logprobs need below
+        x = apply_token_mask(x, mask, inplace=x is not raw or not batch.want_logprobs)
 
     if batch.all_greedy:
         tokens = x.argmax(dim=-1)

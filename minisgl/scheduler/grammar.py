@@ -85,7 +85,7 @@ class GrammarQueue:
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished and not r.grammar.terminated]
         if not rows:
             return None
-        bitmask = self.compiler.backend.allocate_bitmask(len(rows))
-        for j, i in enumerate(rows):
-            reqs[i].grammar.fill_mask(bitmask, j)
-        return TokenMask(bitmask.to(device, non_blocking=True), to_device(rows, torch.int64, device))
+        bitmask = self.compiler.backend.allocate_bitmask(len(reqs))
+        for i in rows:
+            reqs[i].grammar.fill_mask(bitmask, i)
+        return TokenMask(bitmask.to(device, non_blocking=True), to_device(rows, torch.int64, device), rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +65,14 @@ class LLM:
         self.skip_tokenizer_init = skip_tokenizer_init
         self.scheduler = make_scheduler(self.config)
         self._tokenizer = None
+        self._tokenizer_lock = threading.Lock()
         self._next_id = 0
+        if self.config.grammar_backend != "none" and self.config.tp_size == 1 and not skip_tokenizer_init:
+            from minisgl.grammar import create_backend
+
+            mc = self.scheduler.model_config
+            self.scheduler.enable_grammar(lambda: create_backend(
+                self.config.grammar_backend, self.tokenizer, mc.vocab_size, list(mc.eos_token_ids)))
 
     def shutdown(self) -> None:
         """Stop tensor-parallel worker processes (nothing to do with tp_size == 1)."""
@@ -72,11 +80,12 @@ class LLM:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from minisgl.tokenizer import load_tokenizer
+        with self._tokenizer_lock:  # the grammar pool's thread may load it at the same time (imports are not safe)
+            if self._tokenizer is None:
+                from minisgl.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.scheduler.engine.model_path, self.config.tokenizer,
-                                             self.config.trust_remote_code)
+                self._tokenizer = load_tokenizer(self.scheduler.engine.model_path, self.config.tokenizer,
+                                                 self.config.trust_remote_code)
         return self._tokenizer
 
     def generate(
@@ -91,6 +100,7 @@ class LLM:
         param_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(param_list) != len(prompts):
             raise ValueError("pass one SamplingParams or one per prompt")
+        self._check_grammars(param_list)
         results: dict[str, RequestOutput] = {}
         texts: dict[tuple[str, int], SampleText] = {}
         for prompt, p in zip(prompts, param_list):
@@ -154,6 +164,8 @@ class LLM:
                     key = (out.rid, out.index)
                     if key not in pending:
                         continue  # ended early by a stop string: the abort's own output
+                    if out.error:
+                        raise RuntimeError(f"request {out.rid} failed: {out.error}")
                     text = samples[key]
                     piece, hit_stop = text.feed(out.token_ids, out.finished, out.finish_reason) if text else ("", False)
                     if hit_stop and not out.finished:
@@ -167,3 +179,16 @@ class LLM:
                 self.scheduler.abort(rid, index)
             while self.scheduler.has_work():  # settle the step in flight, so the next call starts clean
                 self.scheduler.step()
+
+    def _check_grammars(self, params: list[SamplingParams]) -> None:
+        """Compile every request's grammar up front, so a bad one raises (ValueError) before anything runs."""
+        from minisgl.grammar import GrammarSpec
+
+        grammars = self.scheduler.grammars
+        for p in params:
+            p.validate()
+            if p.grammar is None:
+                continue
+            if grammars is None:
+                raise ValueError("structured output needs a grammar backend (grammar_backend='xgrammar') and tp_size 1")
+            grammars.compiler.submit(GrammarSpec(*p.grammar)).result()

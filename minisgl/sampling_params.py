@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 
@@ -13,6 +14,11 @@ class SamplingParams:
     Penalties follow the usual conventions: `repetition_penalty` is the multiplicative CTRL/HF penalty over
     prompt and output tokens; `frequency_penalty`/`presence_penalty` are OpenAI's additive penalties over the
     output tokens only. `seed` makes a request reproducible whatever else shares its batch.
+
+    Structured output (SGLang's fields; at most one may be set): `json_schema` (a JSON Schema as a string),
+    `json_object` (any JSON object), `regex`, `ebnf` (GBNF-style, `root ::= ...`) or `structural_tag`
+    (xgrammar's structural-tag JSON). The output is then guaranteed to match; the request ends ("stop") when
+    the grammar is complete.
     """
 
     temperature: float = 1.0
@@ -30,12 +36,19 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
+    json_object: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.json_schema, dict):  # the offline API takes the schema itself too
+            self.json_schema = json.dumps(self.json_schema)
 
     def validate(self) -> None:
         """Raise ValueError naming the first parameter that is out of range."""
@@ -54,6 +67,20 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        set_ = [k for k in _GRAMMAR_FIELDS if _is_set(self, k)]
+        if len(set_) > 1:
+            raise ValueError(f"{set_[0]} cannot be combined with {set_[1]}: give at most one output constraint")
+        for k in set_:
+            if k != "json_object" and not isinstance(getattr(self, k), str):
+                raise ValueError(f"{k} must be a string")
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, text) of the output constraint, or None."""
+        for k in _GRAMMAR_FIELDS:
+            if _is_set(self, k):
+                return (k, "") if k == "json_object" else (k, getattr(self, k))
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -63,3 +90,10 @@ class SamplingParams:
     def penalised(self) -> bool:
         """Whether any penalty is on (sampling then needs the prompt and output token ids)."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+_GRAMMAR_FIELDS = ("json_schema", "json_object", "regex", "ebnf", "structural_tag")
+
+
+def _is_set(p: SamplingParams, name: str) -> bool:
+    return bool(p.json_object) if name == "json_object" else getattr(p, name) is not None

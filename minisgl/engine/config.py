@@ -35,6 +35,7 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     trust_remote_code: bool = False
     cpu_threads: int | None = None  # CPU kernel threads; None = the cores this process may use
+    grammar_backend: str = "xgrammar"  # xgrammar | llguidance | none: constrained decoding (structured output)
 
     def resolved_device(self) -> torch.device:
         if self.device:

@@ -240,15 +240,55 @@ def _gumbel_argmax(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return (scaled + gumbel_noise(batch.seeds, batch.steps, batch.vocab_size)).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
-    """Pick one token per row of `logits` [B, V] (any float dtype) as `batch` says."""
+class TokenMask(NamedTuple):
+    """Grammar constraints of some rows of a batch: `bitmask` int32 [B, ceil(V / 32)] on the logits' device (bit i
+    of word j of row b allows token 32 * j + i in row b), `rows` the constrained rows (an int64 tensor on the
+    same device) and `indices` the same on the host. Rows outside `rows` are not read."""
+
+    bitmask: torch.Tensor
+    rows: torch.Tensor
+    indices: list[int]
+
+
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask, inplace: bool = False) -> torch.Tensor:
+    """float32 `logits` [B, V] with the tokens `mask` disallows set to -inf in its rows (other rows unchanged):
+    `logits` itself when `inplace`, else a copy."""
+    v = logits.shape[1]
+    try:  # xgrammar's kernels (C++ on the CPU, CUDA/Triton on the GPU) read the packed bits directly
+        from xgrammar import apply_token_bitmask_inplace
+    except ImportError:
+        apply_token_bitmask_inplace = None
+    if apply_token_bitmask_inplace is not None:
+        out = logits if inplace else logits.clone()
+        apply_token_bitmask_inplace(out, mask.bitmask, vocab_size=v, indices=mask.indices)
+        return out
+    # The same in torch ops: unpack the bits into a bool [R, V] mask (an order of magnitude slower on the CPU).
+    bits = _BITS.get(logits.device)
+    if bits is None:
+        bits = _BITS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+    words = mask.bitmask.index_select(0, mask.rows)
+    allowed = ((words[:, :, None] >> bits) & 1).view(words.shape[0], -1)[:, :v].bool()
+    rows = logits.index_select(0, mask.rows).masked_fill_(~allowed, float("-inf"))
+    return logits.index_copy_(0, mask.rows, rows) if inplace else logits.index_copy(0, mask.rows, rows)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, mask: TokenMask | None = None) -> SampleResult:
+    """Pick one token per row of `logits` [B, V] (any float dtype) as `batch` says, among the tokens `mask`
+    allows in its rows. Logprobs stay those of the model's own (unmasked, unpenalised) distribution. With a
+    mask and no logprobs, float32 `logits` may be masked in place."""
     if logits.shape[-1] != batch.vocab_size:
         raise ValueError(f"logits have {logits.shape[-1]} columns, the batch expects {batch.vocab_size}")
     if batch.all_greedy and batch.penalties is None and not batch.want_logprobs:
-        return SampleResult(logits.argmax(dim=-1), None, None, None)
+        x = logits if mask is None else apply_token_mask(logits.float(), mask, inplace=True)
+        return SampleResult(x.argmax(dim=-1), None, None, None)
 
     raw = logits.float()
     x = raw if batch.penalties is None else apply_penalties(raw, batch.penalties)
+    if mask is not None:  # in place unless x is still the raw logits that logprobs need below
+        x = apply_token_mask(x, mask, inplace=x is not raw or not batch.want_logprobs)
 
     if batch.all_greedy:
         tokens = x.argmax(dim=-1)

@@ -40,6 +40,8 @@ class GenerateReq:
     max_tokens: int | None = None
     echo: bool = False
     skip_special_tokens: bool = True
+    tools: list[dict] | None = None  # OpenAI tool definitions, rendered into the chat prompt
+    tool_format: str = "hermes"  # how tools are described to a template that has no tool section
 
 
 @register

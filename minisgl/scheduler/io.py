@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from minisgl.engine.engine import Engine
     from minisgl.models.config import ModelConfig
     from minisgl.sampling_params import SamplingParams
+    from minisgl.scheduler.grammar import GrammarQueue
     from minisgl.scheduler.kv_manager import KVManager
 
 
@@ -19,7 +20,8 @@ class TokenOutput:
     `index` tells the n samples of a request apart (0..n-1). `finished` is set on the last output of a
     sample, with `finish_reason` "stop" (EOS / stop token), "length" (max_tokens or context) or "abort".
     `logprobs[i]` is the log-probability of `token_ids[i]`; `top_logprobs[i]` the alternatives as
-    (token_id, logprob) pairs, best first. Both are None unless the request asked for them.
+    (token_id, logprob) pairs, best first. Both are None unless the request asked for them. `error` ends the
+    sample without output (e.g. its grammar did not compile).
     """
 
     rid: str
@@ -32,6 +34,7 @@ class TokenOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    error_status: int = 500  # the HTTP status of `error`: 400 for the client's mistake (a bad grammar)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class SchedulerHandle(Protocol):
     engine: Engine
     model_config: ModelConfig
     max_model_len: int
+    grammars: GrammarQueue | None  # None: constrained requests are refused
 
     @property
     def kv(self) -> KVManager: ...

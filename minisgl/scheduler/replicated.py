@@ -138,6 +138,7 @@ class TPScheduler:
         self.model_config = self.scheduler.model_config
         self.max_model_len = self.scheduler.max_model_len
         self.engine = self.scheduler.engine
+        self.grammars = None  # ranks would see a grammar ready at different steps: constrained requests refused
         self._pending: list[tuple] = []
         _broadcast(None, self.tp)  # every rank has loaded
 

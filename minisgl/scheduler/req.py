@@ -39,6 +39,7 @@ class Req:
     admitted: bool = False
     finish_reason: str | None = None
     wait_for: "Req | None" = None  # a sibling sample whose prefill must finish first (n > 1 sharing)
+    grammar: Any = None  # this sample's grammar Matcher: advanced only by tokens it really accepted
 
     @property
     def all_ids(self) -> list[int]:

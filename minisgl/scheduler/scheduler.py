@@ -6,6 +6,7 @@ import logging
 import random
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -15,14 +16,27 @@ from minisgl.core.forward_batch import ForwardMode
 from minisgl.core.transfer import to_device
 from minisgl.engine.engine import Engine
 from minisgl.engine.sampling import SampleResult, SamplingBatch, sample
+from minisgl.grammar import GrammarBackend, GrammarCompiler, GrammarError, GrammarSpec
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import make_forward_batch
+from minisgl.scheduler.grammar import GrammarQueue
 from minisgl.scheduler.io import SchedulerStats, TokenOutput
 from minisgl.scheduler.kv_manager import KVManager
 from minisgl.scheduler.req import Req
 
 logger = logging.getLogger(__name__)
 _MASK63 = (1 << 63) - 1
+GRAMMAR_TIMEOUT_S = 60.0  # a grammar still compiling after this long fails its request
+
+
+@dataclass
+class _Forward:
+    """A step whose forward is launched and whose logits wait to be sampled."""
+
+    batch: object
+    reqs: list[Req]  # the rows that produce a token
+    all_rows: bool  # every request of the batch produces one
+    logits: torch.Tensor
 
 
 @dataclass
@@ -52,6 +66,11 @@ class Scheduler:
     page-table row, on the device), never from the host. A request therefore may have one `pending` token
     the host has not seen; one found finished late has that extra token discarded. Anything that needs the
     host's view to be exact (retraction, penalties, aborts) first drains the step in flight.
+
+    Grammars: a constrained request waits in the grammar queue until its grammar compiles (on a thread
+    pool), then queues like any other. A step launches its forward, then reads the previous step's tokens
+    (advancing each matcher by the token it accepted), and only then fills the constrained rows' bitmasks
+    and samples: the mask needs the previous token, the forward does not, so overlap keeps working.
     """
 
     def __init__(self, engine: Engine):
@@ -82,6 +101,11 @@ class Scheduler:
         self.overlap = not (config.disable_overlap_schedule or settings.overlap_disabled())
         self._inflight: _Launched | None = None
         self._ready: list[TokenOutput] = []  # outputs drained outside step(), returned by the next one
+        self.grammars: GrammarQueue | None = None
+
+    def enable_grammar(self, make_backend: Callable[[], GrammarBackend], timeout: float = GRAMMAR_TIMEOUT_S) -> None:
+        """Accept constrained requests; `make_backend` builds the grammar backend (on the compile pool)."""
+        self.grammars = GrammarQueue(GrammarCompiler(make_backend), timeout)
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, rid: str, input_ids: list[int], params: SamplingParams) -> None:
@@ -98,21 +122,39 @@ class Scheduler:
             )
         if self.kv.pages_for(len(input_ids) + 1) > self.kv.capacity:
             raise ValueError(f"prompt of {len(input_ids)} tokens does not fit in the KV pool")
+        spec = None
+        if params.grammar is not None:
+            if self.tp.size > 1:
+                raise ValueError("structured output needs --tp 1 (ranks would compile grammars at different steps)")
+            if self.grammars is None:
+                raise ValueError("structured output is disabled on this server (--grammar-backend none)")
+            try:
+                spec = GrammarSpec(*params.grammar)
+            except GrammarError as e:
+                raise ValueError(str(e)) from None
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         max_len = min(self.max_model_len, len(input_ids) + params.max_tokens)
         first: Req | None = None
+        reqs = []
         for i in range(params.n):
             seed = base_seed if i == 0 else (base_seed * 0x9E3779B97F4A7C15 + i) & _MASK63
             req = Req(rid, i, list(input_ids), params, seed, max_len)
             if first is not None and not self.config.disable_radix_cache:
                 req.wait_for = first  # share the prompt's KV once the first sample has computed it
             first = first or req
-            self.waiting.append(req)
+            reqs.append(req)
+        if spec is not None:
+            self.grammars.add(reqs, spec)
+        else:
+            self.waiting.extend(reqs)
         self._stats.prompt_tokens_total += len(input_ids) * params.n
 
     def abort(self, rid: str, index: int | None = None) -> None:
         """End every sample of `rid` (or only sample `index`); each yields a final "abort" output."""
         self._ready += self._drain()  # the host's view of every request must be exact before releasing KV
+        for req in self.grammars.abort(rid, index) if self.grammars is not None else []:
+            req.finish_reason = "abort"
+            self._aborted.append(req)
         for queue in (self.waiting, self.running):
             for req in [r for r in queue if r.rid == rid and index in (None, r.index)]:
                 queue.remove(req)
@@ -130,7 +172,8 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._aborted or self._inflight or self._ready)
+        return bool(self.waiting or self.running or self._aborted or self._inflight or self._ready
+                    or (self.grammars is not None and len(self.grammars) > 0))
 
     def shutdown(self) -> None:
         """Nothing to stop: the engine lives in this process (`TPScheduler.shutdown` stops its ranks)."""
@@ -138,7 +181,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         s = self._stats
         s.num_running_reqs = len(self.running)
-        s.num_queue_reqs = len(self.waiting)
+        s.num_queue_reqs = len(self.waiting) + (self.grammars.num_reqs() if self.grammars is not None else 0)
         s.token_usage = self.kv.used_pages / max(1, self.kv.capacity)
         s.cache_hit_rate = s.extra.get("cached_tokens", 0) / max(1, s.prompt_tokens_total)
         return s
@@ -148,14 +191,24 @@ class Scheduler:
         outputs, self._ready = self._ready, []
         outputs += [TokenOutput(r.rid, r.index, [], True, "abort") for r in self._aborted]
         self._aborted.clear()
+        if self.grammars is not None and len(self.grammars):
+            outputs += self._poll_grammars()
         if not self.overlap or self._needs_exact_state():
             outputs += self._drain()
-        launched = self._launch()
-        outputs += self._drain()  # the previous step's tokens, read while `launched` runs
+        fwd = self._launch()
+        outputs += self._drain()  # the previous step's tokens, read while `fwd` runs
+        launched = self._sample_launched(fwd) if fwd is not None else None
         self._inflight = launched
         if not self.overlap:
             outputs += self._drain()
         return outputs
+
+    def _poll_grammars(self) -> list[TokenOutput]:
+        if not (self.waiting or self.running or self._inflight):  # nothing else to do: do not spin
+            self.grammars.wait(0.005)
+        ready, failed = self.grammars.poll()
+        self.waiting.extend(ready)
+        return [TokenOutput(r.rid, r.index, [], True, "abort", error=msg, error_status=400) for r, msg in failed]
 
     def _drain(self) -> list[TokenOutput]:
         launched, self._inflight = self._inflight, None
@@ -223,7 +276,7 @@ class Scheduler:
         return reqs
 
     # ---- launch a batch, then account for its tokens ---------------------------------------------
-    def _launch(self) -> _Launched | None:
+    def _launch(self) -> _Forward | None:
         scheduled = self._schedule_prefill()
         if scheduled:
             mode, (reqs, lens) = ForwardMode.EXTEND, scheduled
@@ -246,27 +299,31 @@ class Scheduler:
                     self.kv.cache_progress(r)
         if not sampled:
             return None
-        result = self._sample(logits, sampled)
-        if len(sampled) == len(reqs):
-            rows = batch.rows
-        else:
-            rows = to_device([r.row for r in sampled], torch.int64, self.token_buf.device)
-        self.token_buf[rows] = result.token_ids
-        for r in sampled:
+        for r in sampled:  # counted now: draining the previous step must see this token as in flight
             r.pending += 1
-        return self._to_host(sampled, result)
+        return _Forward(batch, sampled, len(sampled) == len(reqs), logits)
+
+    def _sample_launched(self, fwd: _Forward) -> _Launched:
+        result = self._sample(fwd.logits, fwd.reqs)
+        if fwd.all_rows:
+            rows = fwd.batch.rows
+        else:
+            rows = to_device([r.row for r in fwd.reqs], torch.int64, self.token_buf.device)
+        self.token_buf[rows] = result.token_ids
+        return self._to_host(fwd.reqs, result)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleResult:
         sb = SamplingBatch.build(
             [r.params for r in reqs],
             [r.seed for r in reqs],
-            [len(r.output_ids) + r.pending for r in reqs],
+            [len(r.output_ids) + r.pending - 1 for r in reqs],  # this step's token is already counted
             [r.prompt_ids for r in reqs],
             [r.output_ids for r in reqs],
             self.vocab_size,
             logits.device,
         )
-        result = sample(logits, sb)
+        mask = self.grammars.token_mask(reqs, logits.device) if self.grammars is not None else None
+        result = sample(logits, sb, mask)
         if self.tp.size > 1:  # every rank continues with rank 0's tokens, whatever rounding did elsewhere
             dist.broadcast(result.token_ids, src=0)
         return result
@@ -309,6 +366,15 @@ class Scheduler:
                 k = req.params.top_logprobs
                 out.top_logprobs = [list(zip(top_ids[i][:k], top_lps[i][:k]))] if k and top_ids else [[]]
             reason = self._finish_reason(req, tok)
+            if req.grammar is not None and not reason:
+                if not req.grammar.accept(tok):  # the mask allowed it, so this is a backend bug: end loudly
+                    logger.error("request %s: the grammar rejected sampled token %d", req.rid, tok)
+                    out.error = "internal error: the grammar rejected a token it allowed"
+                    reason = "abort"
+                elif req.grammar.terminated:
+                    reason = "stop"
+            elif req.grammar is not None:
+                req.grammar.accept(tok)  # a stop token: keeps the matcher's state consistent for retraction
             if reason:
                 req.finish_reason = out.finish_reason = reason
                 out.finished = True

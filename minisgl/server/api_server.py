@@ -69,7 +69,7 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
     app = FastAPI(title="minisgl", lifespan=lifespan)
     app.state.client = client
     install_error_handlers(app)
-    serving = OpenAIServing(client, model_name)
+    serving = OpenAIServing(client, model_name, args.tool_call_parser)
     app.include_router(serving.router)
     app.include_router(NativeServing(client, serving, args).router)  # SGLang's /generate, /flush_cache, ...
     if args.api_key:

@@ -48,6 +48,8 @@ class ServerArgs:
     dp_rank: int = 0
     router_policy: str = "cache_aware"
     cpu_threads: int | None = None
+    grammar_backend: str = "xgrammar"
+    tool_call_parser: str = "hermes"
 
     def model_name(self, model_path: str) -> str:
         """The name clients must use in `model`: --served-model-name, else --model, else the file's name."""
@@ -83,6 +85,7 @@ class ServerArgs:
             seed=self.seed,
             cpu_threads=self.cpu_threads,
             trust_remote_code=self.trust_remote_code,
+            grammar_backend=self.grammar_backend,
         )
         return kw
 
@@ -171,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=d.seed, help="seed for requests that do not set their own")
     e.add_argument("--cpu-threads", type=int, default=d.cpu_threads, metavar="N",
                    help="threads for CPU kernels (llama.cpp's -t); default: the cores this process may use")
+    e.add_argument("--grammar-backend", default=d.grammar_backend, choices=["xgrammar", "llguidance", "none"],
+                   help="library for structured output (JSON schema, regex, EBNF, tool calls); none refuses them")
+    e.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=["hermes", "llama3-json"],
+                   help="format of tool calls in the model's output (<tool_call>{...}</tool_call>, or bare JSON)")
 
     s = p.add_argument_group("server")
     s.add_argument("--host", default=d.host, help="address to listen on")

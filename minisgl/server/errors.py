@@ -46,8 +46,16 @@ class APIError(Exception):
         return f"data: {json.dumps(self.body())}\n\n"
 
 
+def safe_text(value: object) -> str:
+    """Client-supplied text made safe to echo: anything UTF-8 cannot encode (a lone UTF-16 surrogate such as
+    "\\ud83d", which JSON allows) becomes a backslash escape instead of failing the response."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+    """The OpenAI error object; every string is made encodable, so building the response can never fail."""
+    return {"error": {"message": safe_text(message), "type": _TYPES.get(status, "server_error"),
+                      "param": None if param is None else safe_text(param), "code": code}}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -16,17 +16,19 @@ from fastapi.responses import Response, StreamingResponse
 from minisgl.message import GenerateReq, StrOutput, TokenLogprob
 from minisgl.sampling_params import SamplingParams
 from minisgl.server import protocol as P
+from minisgl.server import structured
 from minisgl.server.engine_client import ClientGone, EngineClient, Job
-from minisgl.server.errors import APIError
+from minisgl.server.errors import APIError, safe_text
 
 MAX_N = 128  # samples per request: more would let one request flood the queue
 _SEED_MOD = 2**63  # the engine takes non-negative seeds; OpenAI allows any int64
 
 
 class OpenAIServing:
-    def __init__(self, client: EngineClient, model_name: str):
+    def __init__(self, client: EngineClient, model_name: str, tool_call_parser: str = "hermes"):
         self.client = client
         self.model_name = model_name
+        self.tool_call_parser = tool_call_parser
         self.router = APIRouter()
         self.router.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
         self.router.add_api_route("/v1/completions", self.completions, methods=["POST"])
@@ -34,7 +36,8 @@ class OpenAIServing:
     # ---- shared checks ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
-            raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
+            raise APIError(404, f"the model `{safe_text(model)}` does not exist; this server serves "
+                                f"`{self.model_name}`",
                            "model", "model_not_found")
 
     def check_ids(self, ids: list[int], param: str) -> None:
@@ -44,7 +47,7 @@ class OpenAIServing:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param)
 
     def sampling_params(self, req: P._SamplingRequest, max_tokens: int | None, logprobs: bool,
-                        top_logprobs: int) -> SamplingParams:
+                        top_logprobs: int, plan: structured.ToolPlan | None = None) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         p = SamplingParams(
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
@@ -52,7 +55,7 @@ class OpenAIServing:
             presence_penalty=req.presence_penalty, seed=None if req.seed is None else req.seed % _SEED_MOD,
             max_tokens=1 if max_tokens is None else max_tokens,  # None: the worker fills in the rest of the context
             stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, n=req.n,
-            logprobs=logprobs, top_logprobs=top_logprobs,
+            logprobs=logprobs, top_logprobs=top_logprobs, **structured.constraint(req, plan),
         )
         try:
             p.validate()
@@ -85,10 +88,12 @@ class OpenAIServing:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self.sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0)
+        plan = structured.tool_plan(req, self.tool_call_parser)
+        params = self.sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, plan)
         messages = [flatten_message(m, i) for i, m in enumerate(req.messages)]
         gen = GenerateReq(self.client.new_rid(), params, messages=messages, max_tokens=max_tokens,
-                          skip_special_tokens=req.skip_special_tokens)
+                          skip_special_tokens=req.skip_special_tokens, tools=plan.tools if plan else None,
+                          tool_format=self.tool_call_parser)
         try:
             job, events, first = await self.start(request, [gen], params.n)
         except ClientGone:
@@ -96,7 +101,7 @@ class OpenAIServing:
         rid, created = P.new_id("chatcmpl-"), P.now()
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self.client, job, self._chat_stream(rid, created, params.n, first, events, usage))
+            return _sse(self.client, job, self._chat_stream(rid, created, params.n, first, events, usage, plan))
         texts: list[list[str]] = [[] for _ in range(params.n)]
         lps: list[list[P.ChatTokenLogprob]] = [[] for _ in range(params.n)]
         reasons: list[str | None] = [None] * params.n
@@ -109,16 +114,18 @@ class OpenAIServing:
                 acc.add(o)
         except ClientGone:
             return Response(status_code=499)
-        choices = [
-            P.ChatChoice(index=i, message=P.ChatResponseMessage(content="".join(texts[i])),
-                         logprobs=P.ChatLogprobs(content=lps[i]) if req.logprobs else None, finish_reason=reasons[i])
-            for i in range(params.n)
-        ]
+        choices = []
+        for i in range(params.n):
+            content, calls = structured.tool_calls(plan, "".join(texts[i]))
+            reason = "tool_calls" if calls and reasons[i] == "stop" else reasons[i]
+            msg = P.ChatResponseMessage(content=content, tool_calls=calls or None)
+            choices.append(P.ChatChoice(index=i, message=msg, logprobs=P.ChatLogprobs(content=lps[i]) if req.logprobs
+                                        else None, finish_reason=reason))
         return P.ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
                                         usage=acc.usage())
 
     async def _chat_stream(self, rid: str, created: int, n: int, first: StrOutput, events: AsyncIterator[StrOutput],
-                           include_usage: bool) -> AsyncIterator[str]:
+                           include_usage: bool, plan: structured.ToolPlan | None = None) -> AsyncIterator[str]:
         def chunk(choices: list[P.ChatChunkChoice], usage: P.Usage | None = None) -> str:
             c = P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
             return f"data: {c.model_dump_json()}\n\n"
@@ -126,12 +133,25 @@ class OpenAIServing:
         for i in range(n):  # OpenAI opens every choice with the role
             yield chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
         acc = _Usage()
+        tools = [plan.stream() for _ in range(n)] if plan is not None else None
+        called = [False] * n
         async for o in _chain(first, events):
             acc.add(o)
             lp = P.ChatLogprobs(content=_chat_logprobs(o.logprobs)) if o.logprobs is not None else None
-            if o.text or o.finished or lp:
-                yield chunk([P.ChatChunkChoice(index=o.index, delta=P.ChatDelta(content=o.text or None),
-                                               logprobs=lp, finish_reason=o.finish_reason if o.finished else None)])
+            text, calls = o.text, None
+            if tools is not None:
+                d = tools[o.index].feed(o.text, final=o.finished)
+                text = d.content
+                calls = [P.DeltaToolCall(index=i, id=cid, type="function" if cid else None,
+                                         function=P.DeltaFunctionCall(name=name, arguments=args))
+                         for i, cid, name, args in d.calls if plan.parallel or i == 0] or None
+                called[o.index] = called[o.index] or bool(calls)
+            reason = o.finish_reason if o.finished else None
+            if reason == "stop" and called[o.index]:
+                reason = "tool_calls"
+            if text or o.finished or lp or calls:
+                yield chunk([P.ChatChunkChoice(index=o.index, delta=P.ChatDelta(content=text or None, tool_calls=calls),
+                                               logprobs=lp, finish_reason=reason)])
         if include_usage:
             yield chunk([], acc.usage())
 
@@ -258,10 +278,7 @@ def flatten_message(m: P.ChatMessage, i: int) -> dict:
                                "messages")
             parts.append(part.text)
         content = "".join(parts)
-    msg = {"role": m.role, "content": content or ""}
-    if m.name:
-        msg["name"] = m.name
-    return msg
+    return structured.message_dict(m, content or "")
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:

@@ -138,7 +138,10 @@ def scheduler_main(ready: Any, engine_kwargs: dict, paths: IpcPaths, max_queued:
     from minisgl.engine.config import EngineConfig
     from minisgl.scheduler.replicated import make_scheduler
 
-    scheduler = make_scheduler(EngineConfig(**engine_kwargs))
+    config = EngineConfig(**engine_kwargs)
+    scheduler = make_scheduler(config)
+    if config.grammar_backend != "none" and config.tp_size == 1:
+        scheduler.enable_grammar(_grammar_backend_factory(config, scheduler))
     ctx = zmq.Context()
     sock_in = inbox(ctx, paths.scheduler)
     sock_out = outbox(ctx, paths.tokenizer)
@@ -164,3 +167,18 @@ def serving_context_length(scheduler: SchedulerHandle) -> int:
         logger.warning("the KV pool holds %d tokens, fewer than the context length %d: requests are limited to %d",
                        pool_tokens, context, pool_tokens)
     return min(context, pool_tokens)
+
+
+def _grammar_backend_factory(config: Any, scheduler: Any) -> Any:
+    """Builds the grammar backend on first use (on the compile pool): it needs the tokenizer's vocabulary."""
+    from minisgl.grammar import create_backend
+    from minisgl.tokenizer import load_tokenizer
+
+    mc = scheduler.model_config
+    path = scheduler.engine.model_path
+
+    def make() -> Any:
+        tokenizer = load_tokenizer(path, config.tokenizer, config.trust_remote_code)
+        return create_backend(config.grammar_backend, tokenizer, mc.vocab_size, list(mc.eos_token_ids))
+
+    return make

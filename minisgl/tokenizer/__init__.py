@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,19 +25,49 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None, trust_rem
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def encode_chat(tokenizer: Any, messages: list[dict]) -> list[int]:
+def encode_chat(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None,
+                tool_format: str = "hermes") -> list[int]:
     """Token ids of a conversation rendered with the tokenizer's chat template, ready for the assistant's turn.
 
     Raises ValueError when the tokenizer has no template or the template rejects the conversation (e.g. roles
     that do not alternate). The template writes BOS itself where the model wants one, so none is added here.
+    `tools` (OpenAI tool definitions), assistant `tool_calls` and `tool` messages go to a template that knows
+    them; for one that does not, they are written into the messages in `tool_format` (see tool_calls.py).
     """
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise ValueError("this model's tokenizer has no chat template")
+    kwargs: dict = {}
+    uses_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+    if uses_tools and isinstance(template, str) and "tools" in template:
+        kwargs["tools"] = tools or None
+        messages = [_with_object_arguments(m) for m in messages]
+    elif uses_tools:
+        from minisgl.tokenizer.tool_calls import get_format, inject_tools
+
+        messages = inject_tools(messages, tools, get_format(tool_format))
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     except Exception as e:  # jinja raises its own types, from inside the template
         raise ValueError(f"cannot apply the chat template: {e}") from e
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _with_object_arguments(m: dict) -> dict:
+    """Templates with tool support expect each call's arguments as a mapping (OpenAI sends a JSON string)."""
+    calls = m.get("tool_calls")
+    if not calls:
+        return m
+    out = []
+    for c in calls:
+        fn = dict(c.get("function", {}))
+        if isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except ValueError:
+                pass
+        out.append({**c, "function": fn})
+    return {**m, "tool_calls": out}
 
 
 __all__ = ["encode_chat", "load_tokenizer"]

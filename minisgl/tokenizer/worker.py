@@ -108,10 +108,11 @@ class TokenizerWorker:
             logger.error("unexpected message %r", type(msg).__name__)
 
     # ---- requests -------------------------------------------------------------------------------------
-    def _render(self, text: str | None, messages: list[dict] | None, add_special_tokens: bool = True) -> list[int]:
+    def _render(self, text: str | None, messages: list[dict] | None, add_special_tokens: bool = True,
+                tools: list[dict] | None = None, tool_format: str = "hermes") -> list[int]:
         if messages is not None:
             try:
-                return encode_chat(self.tokenizer, messages)
+                return encode_chat(self.tokenizer, messages, tools, tool_format)
             except ValueError as e:
                 raise BadRequest(str(e), "messages") from e
         return self.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
@@ -128,7 +129,7 @@ class TokenizerWorker:
             ids = list(req.input_ids)
             self._check_ids(ids, param)
         else:
-            ids = self._render(req.text, req.messages)
+            ids = self._render(req.text, req.messages, tools=req.tools, tool_format=req.tool_format)
         if not ids:
             raise BadRequest(f"the {param} is empty", param)
         assert self.info is not None, "requests are accepted only after ModelInfo"
@@ -192,7 +193,8 @@ class TokenizerWorker:
             return None  # aborted by the client, or already ended by a stop string
         if out.error:
             self.reqs.pop(out.rid, None)
-            send(self.to_api, ReqError(out.rid, out.error, 500, code="engine_error"))
+            code = "invalid_grammar" if out.error_status == 400 else "engine_error"
+            send(self.to_api, ReqError(out.rid, out.error, out.error_status, code=code))
             return None
         s = req.samples[out.index]
         s.tokens += len(out.token_ids)

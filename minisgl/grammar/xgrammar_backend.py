@@ -1,0 +1,68 @@
+"""The xgrammar backend (the default of SGLang and vLLM): pushdown automata with precomputed token masks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from minisgl.grammar.base import GrammarBackend, GrammarError, GrammarSpec, Matcher
+
+
+class XGrammarMatcher(Matcher):
+    def __init__(self, matcher: Any):
+        self._m = matcher
+
+    def accept(self, token: int) -> bool:
+        return bool(self._m.accept_token(token))
+
+    def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    @property
+    def terminated(self) -> bool:
+        return bool(self._m.is_terminated())
+
+
+class XGrammarBackend(GrammarBackend):
+    name = "xgrammar"
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
+        super().__init__(tokenizer, vocab_size, stop_token_ids)
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids)
+        # Compilation already runs on our own pool; one thread each keeps it off the cores the model uses.
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        c = self._compiler
+        try:
+            if spec.kind == "json_schema":
+                # Compact JSON: with free whitespace a small model can spend its whole budget on newlines.
+                return c.compile_json_schema(spec.text, any_whitespace=False)
+            if spec.kind == "json_object":  # OpenAI's json_object: an object, not any JSON value
+                return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if spec.kind == "regex":
+                return c.compile_regex(spec.text)
+            if spec.kind == "ebnf":
+                return c.compile_grammar(spec.text)
+            if spec.kind == "structural_tag":
+                return c.compile_structural_tag(json.loads(spec.text) if spec.text.lstrip().startswith("{")
+                                                else spec.text)
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
+            raise GrammarError(f"invalid {spec.kind}: {_first_line(e)}") from None
+        raise GrammarError(f"the xgrammar backend does not support {spec.kind}")
+
+    def matcher(self, compiled: Any) -> Matcher:
+        return XGrammarMatcher(self._xgr.GrammarMatcher(compiled))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    # xgrammar prefixes "[time] /path/file.cc:line: "; the client needs only the message.
+    if text.startswith("[") and ": " in text:
+        text = text.split(": ", 1)[1]
+    return text.splitlines()[0] if text else type(e).__name__

@@ -106,11 +106,10 @@ class LLM:
         for prompt, p in zip(prompts, param_list):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = self._add(ids, p)
-            logprobs = [] if p.logprobs else None
             results[rid] = RequestOutput(
                 prompt if isinstance(prompt, str) else None,
                 ids,
-                [Completion("", [], None, logprobs, [] if p.logprobs else None) for _ in range(p.n)],
+                [Completion("", [], None, [] if p.logprobs else None, [] if p.logprobs else None) for _ in range(p.n)],
             )
             for i in range(p.n):
                 texts[rid, i] = self._sample_text(p)

@@ -263,7 +263,10 @@ def apply_token_mask(logits: torch.Tensor, mask: TokenMask, inplace: bool = Fals
         apply_token_bitmask_inplace = None
     if apply_token_bitmask_inplace is not None:
         out = logits if inplace else logits.clone()
-        apply_token_bitmask_inplace(out, mask.bitmask, vocab_size=v, indices=mask.indices)
+        # On a GPU the rows go as a device tensor: from a list, xgrammar would copy them from pageable memory,
+        # which waits for the whole stream and so stalls overlap scheduling.
+        indices = mask.rows.to(torch.int32) if logits.is_cuda else mask.indices
+        apply_token_bitmask_inplace(out, mask.bitmask, vocab_size=v, indices=indices)
         return out
     # The same in torch ops: unpack the bits into a bool [R, V] mask (an order of magnitude slower on the CPU).
     bits = _BITS.get(logits.device)

@@ -69,6 +69,12 @@ class GrammarBackend(ABC):
     def matcher(self, compiled: Any) -> Matcher:
         """A fresh matcher at the start of `compiled`."""
 
+    def fill_masks(self, matchers: list[Matcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Fill row rows[i] of `bitmask` for matchers[i]: one step's constrained rows at once, so a backend that
+        can fill them in parallel does (a batch of them per step is on the host's critical path)."""
+        for m, row in zip(matchers, rows):
+            m.fill_mask(bitmask, row)
+
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         """An all-allowed int32 bitmask of `rows` rows on the CPU."""
         return torch.full((rows, bitmask_width(self.vocab_size)), -1, dtype=torch.int32)

@@ -36,6 +36,7 @@ class XGrammarBackend(GrammarBackend):
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids)
         # Compilation already runs on our own pool; one thread each keeps it off the cores the model uses.
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._batch = xgr.BatchGrammarMatcher(max_threads="auto")  # fills a step's masks on several threads
 
     def compile(self, spec: GrammarSpec) -> Any:
         c = self._compiler
@@ -55,6 +56,9 @@ class XGrammarBackend(GrammarBackend):
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
             raise GrammarError(f"invalid {spec.kind}: {_first_line(e)}") from None
         raise GrammarError(f"the xgrammar backend does not support {spec.kind}")
+
+    def fill_masks(self, matchers: list[Matcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        self._batch.batch_fill_next_token_bitmask([m._m for m in matchers], bitmask, rows)
 
     def matcher(self, compiled: Any) -> Matcher:
         return XGrammarMatcher(self._xgr.GrammarMatcher(compiled))

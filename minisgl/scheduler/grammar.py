@@ -85,7 +85,9 @@ class GrammarQueue:
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished and not r.grammar.terminated]
         if not rows:
             return None
-        bitmask = self.compiler.backend.allocate_bitmask(len(reqs))
-        for i in rows:
-            reqs[i].grammar.fill_mask(bitmask, i)
-        return TokenMask(bitmask.to(device, non_blocking=True), to_device(rows, torch.int64, device), rows)
+        backend = self.compiler.backend
+        bitmask = backend.allocate_bitmask(len(reqs))
+        backend.fill_masks([reqs[i].grammar for i in rows], bitmask, rows)
+        if device.type == "cuda":  # through pinned memory, so the copy queues behind the forward (core/transfer.py)
+            bitmask = bitmask.pin_memory().to(device, non_blocking=True)
+        return TokenMask(bitmask, to_device(rows, torch.int64, device), rows)

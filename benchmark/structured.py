@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import sys
 import time
 
-# This folder's kernels.py would shadow the `kernels` package that transformers imports.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-from minisgl import LLM, SamplingParams  # noqa: E402
+from minisgl import LLM, SamplingParams
 
 SCHEMA = {
     "type": "object",

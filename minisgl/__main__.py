@@ -6,9 +6,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minisgl.core.cpu_threads import use_passive_waits
+    from minisgl.core.cpu_threads import use_short_spins
 
-    use_passive_waits()  # before anything loads torch (and its OpenMP runtime); spawned engines inherit it
+    use_short_spins()  # before anything loads torch (and its OpenMP runtime); spawned engines inherit it
     from minisgl.server.args import parse_args
 
     args = parse_args(argv)

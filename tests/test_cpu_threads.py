@@ -1,4 +1,4 @@
-"""CPU kernel threads share the machine: passive OpenMP waits unless the user chose otherwise, --cpu-threads."""
+"""CPU kernel threads share the machine: short OpenMP spins unless the user chose otherwise, --cpu-threads."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ import torch
 
 from checkpoints import build_checkpoint
 from minisgl import LLM
-from minisgl.core.cpu_threads import default_threads, use_passive_waits
+from minisgl.core.cpu_threads import SPIN_COUNT, default_threads, use_short_spins
 from minisgl.server.args import parse_args
 
 
-def test_passive_waits_unless_the_user_chose(monkeypatch):
+def test_short_spins_unless_the_user_chose(monkeypatch):
     for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
         monkeypatch.delenv(var, raising=False)
-    assert use_passive_waits() and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert use_short_spins() and os.environ["GOMP_SPINCOUNT"] == str(SPIN_COUNT)
     monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
-    assert not use_passive_waits() and "OMP_WAIT_POLICY" not in os.environ
+    assert not use_short_spins() and os.environ["GOMP_SPINCOUNT"] == "10000"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert not use_passive_waits() and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert not use_short_spins() and "GOMP_SPINCOUNT" not in os.environ
 
 
 def test_cpu_threads_flag_reaches_the_engine(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from minisgl.core.forward_batch import ForwardBatch
 from minisgl.engine.config import EngineConfig
+from minisgl.engine.sampling import PendingTokens, SamplingBatch, TokenMask, sample
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.scheduler import Scheduler
 
@@ -33,6 +34,9 @@ class FakeEngine:
     @property
     def pool(self) -> SimpleNamespace:
         return SimpleNamespace(num_pages=self.num_pages)
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch, mask: TokenMask | None = None) -> PendingTokens:
+        return PendingTokens(sample(logits, batch, mask))
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         self.batches.append(batch)

@@ -10,6 +10,7 @@ import time
 
 import psutil
 import torch
+import torch.distributed as dist
 
 from minisgl.attention import create_backend, default_backend
 from minisgl.core.cpu_threads import default_threads
@@ -17,6 +18,7 @@ from minisgl.core.forward_batch import ForwardBatch
 from minisgl.distributed.info import TPInfo
 from minisgl.engine import cpu_runner
 from minisgl.engine.config import EngineConfig
+from minisgl.engine.sampling import PendingTokens, SamplingBatch, TokenMask, sample
 from minisgl.kvcache.pool import KVPool
 from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
 from minisgl.models.gguf import gguf_weight_types
@@ -58,8 +60,8 @@ def _log_cpu_choices(requested: str, dtype: torch.dtype) -> None:
         dtype_why = "--dtype auto, and the CPU computes bf16 natively (AVX512-BF16/AMX)"
     else:
         dtype_why = "--dtype auto, and the CPU has no native bf16 (emulated bf16 is slower than fp32)"
-    wait = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins)")
-    logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads, OMP_WAIT_POLICY %s", loaded, why, dtype,
+    wait = ", ".join(f"{v}={os.environ[v]}" for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if v in os.environ)
+    logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads, waits: %s", loaded, why, dtype,
                 dtype_why, torch.get_num_threads(), wait)  # fmt: skip
 
 
@@ -172,6 +174,14 @@ class Engine:
         return pages
 
     @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch, mask: TokenMask | None = None) -> PendingTokens:
+        """Pick one token per row of `logits` (see sampling.sample). Under tensor parallelism every rank goes on
+        with rank 0's tokens, whatever floating-point rounding did elsewhere, so their states never diverge."""
+        result = sample(logits, batch, mask)
+        if self.tp.size > 1:
+            dist.broadcast(result.token_ids, src=0)
+        return PendingTokens(result)
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Run the model on one batch; returns float32 logits [len(batch.logits_index), vocab]."""
         if self.graph_runner is not None and self.graph_runner.can_run(batch):

@@ -210,6 +210,34 @@ class SampleResult(NamedTuple):
     top_logprobs: torch.Tensor | None  # [B, K] float32
 
 
+class HostTokens(NamedTuple):
+    """A SampleResult read back to the host, as lists."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_ids: list[list[int]] | None
+    top_logprobs: list[list[float]] | None
+
+
+class PendingTokens:
+    """One step's sampled tokens: on the device at once (`token_ids`, which the next step reads as its input),
+    on the host once `wait()` returns. The copy to the host starts when this is made (through pinned memory, after
+    the sampling kernels), so the host never waits for the device before it needs the tokens."""
+
+    def __init__(self, result: SampleResult):
+        self.token_ids = result.token_ids
+        cuda = result.token_ids.is_cuda
+        self._host = [t.to("cpu", non_blocking=True) if t is not None and cuda else t for t in result]
+        self._event = torch.cuda.Event() if cuda else None
+        if self._event is not None:
+            self._event.record()
+
+    def wait(self) -> HostTokens:
+        if self._event is not None:
+            self._event.synchronize()
+        return HostTokens(*(None if t is None else t.tolist() for t in self._host))
+
+
 def apply_penalties(logits: torch.Tensor, pen: _Penalties) -> torch.Tensor:
     """Penalised copy of float32 logits [B, V]; rows outside `pen.rows` are returned unchanged.
 

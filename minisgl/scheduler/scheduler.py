@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from minisgl.core import settings
 from minisgl.core.forward_batch import ForwardMode
 from minisgl.core.transfer import to_device
 from minisgl.engine.engine import Engine
-from minisgl.engine.sampling import SampleResult, SamplingBatch, sample
+from minisgl.engine.sampling import PendingTokens, SamplingBatch
 from minisgl.grammar import GrammarBackend, GrammarCompiler, GrammarError, GrammarSpec
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import make_forward_batch
@@ -44,11 +43,7 @@ class _Launched:
     """A step whose tokens are sampled on the device but not yet read by the host."""
 
     reqs: list[Req]
-    tokens: torch.Tensor
-    logprobs: torch.Tensor | None
-    top_ids: torch.Tensor | None
-    top_logprobs: torch.Tensor | None
-    event: torch.cuda.Event | None
+    tokens: PendingTokens
 
 
 class Scheduler:
@@ -304,15 +299,7 @@ class Scheduler:
         return _Forward(batch, sampled, len(sampled) == len(reqs), logits)
 
     def _sample_launched(self, fwd: _Forward) -> _Launched:
-        result = self._sample(fwd.logits, fwd.reqs)
-        if fwd.all_rows:
-            rows = fwd.batch.rows
-        else:
-            rows = to_device([r.row for r in fwd.reqs], torch.int64, self.token_buf.device)
-        self.token_buf[rows] = result.token_ids
-        return self._to_host(fwd.reqs, result)
-
-    def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleResult:
+        reqs = fwd.reqs
         sb = SamplingBatch.build(
             [r.params for r in reqs],
             [r.seed for r in reqs],
@@ -320,36 +307,19 @@ class Scheduler:
             [r.prompt_ids for r in reqs],
             [r.output_ids for r in reqs],
             self.vocab_size,
-            logits.device,
+            fwd.logits.device,
         )
-        mask = self.grammars.token_mask(reqs, logits.device) if self.grammars is not None else None
-        result = sample(logits, sb, mask)
-        if self.tp.size > 1:  # every rank continues with rank 0's tokens, whatever rounding did elsewhere
-            dist.broadcast(result.token_ids, src=0)
-        return result
-
-    def _to_host(self, reqs: list[Req], result: SampleResult) -> _Launched:
-        """Start copying the sampled tokens to the host without waiting for them."""
-        cuda = result.token_ids.is_cuda
-
-        def host(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or not cuda:
-                return t
-            return t.to("cpu", non_blocking=True)
-
-        launched = _Launched(reqs, host(result.token_ids), host(result.logprobs), host(result.top_ids),
-                             host(result.top_logprobs), torch.cuda.Event() if cuda else None)
-        if launched.event is not None:
-            launched.event.record()
-        return launched
+        mask = self.grammars.token_mask(reqs, fwd.logits.device) if self.grammars is not None else None
+        tokens = self.engine.sample(fwd.logits, sb, mask)
+        if fwd.all_rows:
+            rows = fwd.batch.rows
+        else:
+            rows = to_device([r.row for r in reqs], torch.int64, self.token_buf.device)
+        self.token_buf[rows] = tokens.token_ids
+        return _Launched(reqs, tokens)
 
     def _process(self, launched: _Launched) -> list[TokenOutput]:
-        if launched.event is not None:
-            launched.event.synchronize()
-        tokens = launched.tokens.tolist()
-        logprobs = launched.logprobs.tolist() if launched.logprobs is not None else None
-        top_ids = launched.top_ids.tolist() if launched.top_ids is not None else None
-        top_lps = launched.top_logprobs.tolist() if launched.top_logprobs is not None else None
+        tokens, logprobs, top_ids, top_lps = launched.tokens.wait()
         outputs = []
         for i, (req, tok) in enumerate(zip(launched.reqs, tokens)):
             req.pending -= 1

@@ -36,8 +36,10 @@ from pathlib import Path
 
 import psutil
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches near old "
-         "river banks under bright autumn skies and distant mountains echo with songs of travelling merchants").split()  # fmt: skip
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches near old river "
+    "banks under bright autumn skies and distant mountains echo with songs of travelling merchants"
+).split()
 
 
 def prompt(seed: int, words: int = 80) -> str:
@@ -161,7 +163,7 @@ def main() -> None:
     if args.busy_core:
         busy = multiprocessing.Process(target=busy_loop, daemon=True)
         busy.start()
-        print("[bench] one core kept busy by a Python loop (pid %d)" % busy.pid)
+        print(f"[bench] one core kept busy by a Python loop (pid {busy.pid})")
     results = {}
     try:
         env = dict(os.environ)
@@ -188,8 +190,10 @@ def main() -> None:
     flags = {f for f in open("/proc/cpuinfo").read().split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
     model_name = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                       "?")  # fmt: skip
-    print(f"\nCPU: {model_name} ({', '.join(sorted(flags))}); {args.threads} threads; isa={args.isa or 'auto'}; "
-          f"busy core: {'yes' if args.busy_core else 'no'}; {args.max_tokens} new tokens, median of {args.repeat}")
+    print(
+        f"\nCPU: {model_name} ({', '.join(sorted(flags))}); {args.threads} threads; isa={args.isa or 'auto'}; "
+        f"busy core: {'yes' if args.busy_core else 'no'}; {args.max_tokens} new tokens, median of {args.repeat}"
+    )
     print(f"{'server':10s} {'batch-1 tok/s':>14s} {'16 concurrent tok/s':>20s} {'TTFT ms':>8s} {'RSS MB':>7s}")
     for name, r in results.items():
         print(f"{name:10s} {r['decode']:14.1f} {r['concurrent']:20.1f} {r['ttft_ms']:8.0f} {r['rss_mb']:7.0f}")

@@ -11,7 +11,7 @@ divided by its time (FlashInfer's paged decode reaches about 2.95 TB/s on an H10
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -129,10 +129,14 @@ def decode_rows(batches: list[int], contexts: list[int], num_sms: int) -> list[l
                     splits = num_kv_splits(bs, hkv, num_sms)
                     scale = d**-0.5
                     out = torch.empty_like(q)
-                    ours = lambda: decode_attention(q, k_cache, v_cache, table, seq_lens, page_size, scale, splits, out=out)  # noqa: E731
+                    ours = lambda: decode_attention(
+                        q, k_cache, v_cache, table, seq_lens, page_size, scale, splits, out=out
+                    )  # noqa: E731
                     ours()
                     check = min(bs, 4)
-                    ref = torch_paged_attention(q[:check], k_cache, v_cache, table, [ctx - 1] * check, [1] * check, page_size, scale)
+                    ref = torch_paged_attention(
+                        q[:check], k_cache, v_cache, table, [ctx - 1] * check, [1] * check, page_size, scale
+                    )
                     ok = close(out[:check], ref, 2e-2)
                     kv_bytes = 2 * bs * ctx * hkv * d * k_cache.element_size()
                     ms = bench(ours)
@@ -143,10 +147,26 @@ def decode_rows(batches: list[int], contexts: list[int], num_sms: int) -> list[l
                         fi_ms = bench(fi)
                     torch_ms = None
                     if bs * ctx <= 32 * 2048:  # the eager gather is slow and large beyond this
-                        torch_ms = bench(lambda: torch_paged_attention(q, k_cache, v_cache, table, [ctx - 1] * bs, [1] * bs, page_size, scale))
+                        torch_ms = bench(
+                            lambda: torch_paged_attention(
+                                q, k_cache, v_cache, table, [ctx - 1] * bs, [1] * bs, page_size, scale
+                            )
+                        )
                     tbs = lambda t: None if t is None else kv_bytes / (t * 1e-3) / 1e12  # noqa: E731
-                    rows.append([name, str(page_size), str(bs), str(ctx), str(splits), "ok" if ok else "MISMATCH",
-                                 fmt(ms * 1e3, ".1f"), fmt(tbs(ms), ".2f"), fmt(tbs(fi_ms), ".2f"), fmt(None if torch_ms is None else torch_ms * 1e3, ".0f")])
+                    rows.append(
+                        [
+                            name,
+                            str(page_size),
+                            str(bs),
+                            str(ctx),
+                            str(splits),
+                            "ok" if ok else "MISMATCH",
+                            fmt(ms * 1e3, ".1f"),
+                            fmt(tbs(ms), ".2f"),
+                            fmt(tbs(fi_ms), ".2f"),
+                            fmt(None if torch_ms is None else torch_ms * 1e3, ".0f"),
+                        ]
+                    )
                     k_cache = v_cache = None  # free this shape's caches before the next one allocates
     return rows
 
@@ -169,15 +189,30 @@ def extend_rows(cases: list[tuple[int, int, int]]) -> list[list[str]]:
                 cu = torch.arange(0, bs + 1, dtype=torch.int32, device=DEV) * ext
                 scale = d**-0.5
                 out = torch.empty_like(q)
-                ours = lambda: extend_attention(q, k_cache, v_cache, table, prefix_t, cu, tiles, page_size, scale, block_m, block_n, out=out)  # noqa: E731
+                ours = lambda: extend_attention(
+                    q, k_cache, v_cache, table, prefix_t, cu, tiles, page_size, scale, block_m, block_n, out=out
+                )  # noqa: E731
                 ours()
-                eager = lambda: torch_paged_attention(q, k_cache, v_cache, table, [prefix] * bs, [ext] * bs, page_size, scale)  # noqa: E731
+                eager = lambda: torch_paged_attention(
+                    q, k_cache, v_cache, table, [prefix] * bs, [ext] * bs, page_size, scale
+                )  # noqa: E731
                 ok = close(out, eager(), 2e-2)
                 # causal FLOPs: each new token i attends prefix + i + 1 positions; QK and PV are 2 * d each
                 flops = 4 * d * hq * bs * sum(prefix + i + 1 for i in range(ext))
                 ms, torch_ms = bench(ours), bench(eager)
-                rows.append([name, str(page_size), str(bs), str(prefix), str(ext), "ok" if ok else "MISMATCH",
-                             fmt(ms * 1e3, ".0f"), fmt(flops / (ms * 1e-3) / 1e12, ".1f"), fmt(torch_ms * 1e3, ".0f")])
+                rows.append(
+                    [
+                        name,
+                        str(page_size),
+                        str(bs),
+                        str(prefix),
+                        str(ext),
+                        "ok" if ok else "MISMATCH",
+                        fmt(ms * 1e3, ".0f"),
+                        fmt(flops / (ms * 1e-3) / 1e12, ".1f"),
+                        fmt(torch_ms * 1e3, ".0f"),
+                    ]
+                )
                 k_cache = v_cache = None  # free this shape's caches before the next one allocates
     return rows
 
@@ -241,23 +276,62 @@ def op_rows(token_counts: list[int]) -> list[list[str]]:
             store_kv(kc2, vc2, loc, k, v)
             eager_store(kc, vc, loc, k, v)
             checks = {
-                "rmsnorm": (lambda: rmsnorm(x, w, 1e-6), lambda: eager_rmsnorm(x, w), compiled[eager_rmsnorm], (x, w),
-                            close(rmsnorm(x, w, 1e-6), eager_rmsnorm(x, w), 3e-2), 2 * x.numel() * e),
-                "add+rmsnorm": (lambda: fused_add_rmsnorm(rx, rr, w, 1e-6), lambda: eager_add_rmsnorm(x, r, w), compiled[eager_add_rmsnorm], (x, r, w),
-                                close(fused_add_rmsnorm(x.clone(), r.clone(), w, 1e-6)[0], eager_add_rmsnorm(x, r, w)[0], 3e-2), 4 * x.numel() * e),
-                "rotary(q,k)": (rot_ours, lambda: eager_rotary(qk, cos, sin), compiled[eager_rotary], (qk, cos, sin),
-                                close(rot_ours(), eager_rotary(qk, cos, sin), 3e-2), 2 * qk.numel() * e),
-                "silu*mul": (lambda: silu_and_mul(gu), lambda: eager_silu_mul(gu), compiled[eager_silu_mul], (gu,),
-                             close(silu_and_mul(gu), eager_silu_mul(gu), 3e-2), 1.5 * gu.numel() * e),
-                "store_kv": (lambda: store_kv(kc2, vc2, loc, k, v), lambda: eager_store(kc, vc, loc, k, v), None, (),
-                             torch.equal(kc2, kc) and torch.equal(vc2, vc), 4 * k.numel() * e),
+                "rmsnorm": (
+                    lambda: rmsnorm(x, w, 1e-6),
+                    lambda: eager_rmsnorm(x, w),
+                    compiled[eager_rmsnorm],
+                    (x, w),
+                    close(rmsnorm(x, w, 1e-6), eager_rmsnorm(x, w), 3e-2),
+                    2 * x.numel() * e,
+                ),
+                "add+rmsnorm": (
+                    lambda: fused_add_rmsnorm(rx, rr, w, 1e-6),
+                    lambda: eager_add_rmsnorm(x, r, w),
+                    compiled[eager_add_rmsnorm],
+                    (x, r, w),
+                    close(fused_add_rmsnorm(x.clone(), r.clone(), w, 1e-6)[0], eager_add_rmsnorm(x, r, w)[0], 3e-2),
+                    4 * x.numel() * e,
+                ),
+                "rotary(q,k)": (
+                    rot_ours,
+                    lambda: eager_rotary(qk, cos, sin),
+                    compiled[eager_rotary],
+                    (qk, cos, sin),
+                    close(rot_ours(), eager_rotary(qk, cos, sin), 3e-2),
+                    2 * qk.numel() * e,
+                ),
+                "silu*mul": (
+                    lambda: silu_and_mul(gu),
+                    lambda: eager_silu_mul(gu),
+                    compiled[eager_silu_mul],
+                    (gu,),
+                    close(silu_and_mul(gu), eager_silu_mul(gu), 3e-2),
+                    1.5 * gu.numel() * e,
+                ),
+                "store_kv": (
+                    lambda: store_kv(kc2, vc2, loc, k, v),
+                    lambda: eager_store(kc, vc, loc, k, v),
+                    None,
+                    (),
+                    torch.equal(kc2, kc) and torch.equal(vc2, vc),
+                    4 * k.numel() * e,
+                ),
             }
             for op, (ours, eager, comp, args, ok, nbytes) in checks.items():
                 ms, eager_ms = bench(ours), bench(eager)
                 comp_ms = None if comp is None else bench(lambda: comp(*args))
-                rows.append([op, name, str(tokens), "ok" if ok else "MISMATCH", fmt(ms * 1e3, ".1f"),
-                             fmt(nbytes / (ms * 1e-3) / 1e9, ".0f"), fmt(eager_ms * 1e3, ".1f"),
-                             fmt(None if comp_ms is None else comp_ms * 1e3, ".1f")])
+                rows.append(
+                    [
+                        op,
+                        name,
+                        str(tokens),
+                        "ok" if ok else "MISMATCH",
+                        fmt(ms * 1e3, ".1f"),
+                        fmt(nbytes / (ms * 1e-3) / 1e9, ".0f"),
+                        fmt(eager_ms * 1e3, ".1f"),
+                        fmt(None if comp_ms is None else comp_ms * 1e3, ".1f"),
+                    ]
+                )
     return rows
 
 
@@ -267,27 +341,56 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["decode", "extend", "ops"])
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
-          f"flashinfer {getattr(flashinfer, '__version__', None) if flashinfer else 'absent'}", flush=True)
+    print(
+        f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}, "
+        f"flashinfer {getattr(flashinfer, '__version__', None) if flashinfer else 'absent'}",
+        flush=True,
+    )
     out = []
     if "decode" not in args.skip:
         batches, contexts = ([1, 32, 256], [512, 8192]) if args.quick else ([1, 8, 32, 64, 128, 256], [512, 2048, 8192])
         rows = decode_rows(batches, contexts, props.multi_processor_count)
-        out.append(table("decode attention (bf16; TB/s = K+V bytes read / time)",
-                         ["shape", "page", "bs", "ctx", "splits", "check", "ours us", "ours TB/s", "flashinfer TB/s", "torch us"], rows))
+        out.append(
+            table(
+                "decode attention (bf16; TB/s = K+V bytes read / time)",
+                [
+                    "shape",
+                    "page",
+                    "bs",
+                    "ctx",
+                    "splits",
+                    "check",
+                    "ours us",
+                    "ours TB/s",
+                    "flashinfer TB/s",
+                    "torch us",
+                ],
+                rows,
+            )
+        )
         print(out[-1], flush=True)
     if "extend" not in args.skip:
         cases = [(1, 0, 2048), (4, 1024, 512), (1, 4096, 4096)]
         if not args.quick:
             cases += [(1, 0, 512), (1, 0, 8192), (8, 0, 1024), (16, 2048, 1)]
         rows = extend_rows(cases)
-        out.append(table("extend attention (bf16, causal over prefix + chunk)",
-                         ["shape", "page", "bs", "prefix", "extend", "check", "ours us", "ours TFLOP/s", "torch us"], rows))
+        out.append(
+            table(
+                "extend attention (bf16, causal over prefix + chunk)",
+                ["shape", "page", "bs", "prefix", "extend", "check", "ours us", "ours TFLOP/s", "torch us"],
+                rows,
+            )
+        )
         print(out[-1], flush=True)
     if "ops" not in args.skip:
         rows = op_rows([1, 4096] if args.quick else [1, 64, 512, 4096, 16384])
-        out.append(table("fused ops (bf16; GB/s = bytes moved / time)",
-                         ["op", "shape", "tokens", "check", "ours us", "ours GB/s", "eager us", "compile us"], rows))
+        out.append(
+            table(
+                "fused ops (bf16; GB/s = bytes moved / time)",
+                ["op", "shape", "tokens", "check", "ours us", "ours GB/s", "eager us", "compile us"],
+                rows,
+            )
+        )
         print(out[-1], flush=True)
     print("\n\n######## summary" + "".join(out))
     assert not any("MISMATCH" in t for t in out), "a kernel disagreed with its reference"

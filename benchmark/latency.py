@@ -1,7 +1,7 @@
 """Batch-1 latency: time to first token for a 1024-token prompt, then decode tokens per second.
 
-    python benchmark/latency.py --model benchmark/configs/qwen3-0.6b --load-format dummy
-    python benchmark/latency.py --profile 32   # then a torch.profiler table of the kernels of 32 decode steps
+python benchmark/latency.py --model benchmark/configs/qwen3-0.6b --load-format dummy
+python benchmark/latency.py --profile 32   # then a torch.profiler table of the kernels of 32 decode steps
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ def profile(llm: LLM, prompt_len: int, decode_tokens: int, vocab: int) -> None:
     events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     events.sort(key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in events)
-    print(f"profile: {decode_tokens} decode steps after a {prompt_len}-token prompt, {wall * 1e3:.1f} ms wall, "
-          f"kernels {total / 1e3:.1f} ms; per kernel: total ms, calls, mean us")
+    print(
+        f"profile: {decode_tokens} decode steps after a {prompt_len}-token prompt, {wall * 1e3:.1f} ms wall, "
+        f"kernels {total / 1e3:.1f} ms; per kernel: total ms, calls, mean us"
+    )
     for e in events[:30]:
         print(f"  {e.device_time_total / 1e3:8.2f} {e.count:6d} {e.device_time_total / e.count:8.1f}  {e.key[:100]}")
     # One kernel serves several shapes (the GEMVs of qkv, o, gate_up, down): the trace's launch grids tell them
@@ -93,9 +95,15 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS", help="then profile this many decode steps")
     args = ap.parse_args()
     llm = LLM(
-        args.model, skip_tokenizer_init=True, load_format=args.load_format, attention_backend=args.attention_backend,
-        dtype=args.dtype, device=args.device, max_total_tokens=8 * (args.prompt_len + args.decode_tokens + 64),
-        quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
+        args.model,
+        skip_tokenizer_init=True,
+        load_format=args.load_format,
+        attention_backend=args.attention_backend,
+        dtype=args.dtype,
+        device=args.device,
+        max_total_tokens=8 * (args.prompt_len + args.decode_tokens + 64),
+        quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
         **({"cuda_graph_max_bs": args.cuda_graph_max_bs} if args.cuda_graph_max_bs else {}),
     )
     ttft, tps = measure(llm, args.prompt_len, args.decode_tokens, llm.scheduler.vocab_size)

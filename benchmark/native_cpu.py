@@ -68,8 +68,14 @@ def bench_level(args, dtype: torch.dtype) -> None:
             times = {
                 "native": median_us(lambda: native.int4_gemm(x, layer.qweight, layer.qscale_min, n), rep),
                 "dense": median_us(lambda: F.linear(x, dense), rep),
-                "expand+dense": median_us(lambda: layer.method.apply(layer, x) if m >= 512 else
-                                          F.linear(x, expand_cpu(layer.qweight, layer.qscale_min, dtype)), rep),
+                "expand+dense": median_us(
+                    lambda: (
+                        layer.method.apply(layer, x)
+                        if m >= 512
+                        else F.linear(x, expand_cpu(layer.qweight, layer.qscale_min, dtype))
+                    ),
+                    rep,
+                ),
                 "aten_int4": median_us(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz), rep),
             }
             row(f"int4 {name}", f"{n}x{k}", m, times)
@@ -96,8 +102,15 @@ def bench_level(args, dtype: torch.dtype) -> None:
         row("rmsnorm", "576", m, {"native": median_us(lambda: native.rmsnorm(x, w, 1e-5), rep),
                                   "torch": median_us(torch_rms, rep)})  # fmt: skip
         gu = torch.randn(m, 3072).to(dtype)
-        row("silu_and_mul", "1536", m, {"native": median_us(lambda: native.silu_and_mul(gu), rep),
-                                        "torch": median_us(lambda: F.silu(gu[:, :1536]) * gu[:, 1536:], rep)})
+        row(
+            "silu_and_mul",
+            "1536",
+            m,
+            {
+                "native": median_us(lambda: native.silu_and_mul(gu), rep),
+                "torch": median_us(lambda: F.silu(gu[:, :1536]) * gu[:, 1536:], rep),
+            },
+        )
         qk = torch.randn(m, 12, 64).to(dtype)
         ang = torch.rand(m, 32)
         cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
@@ -138,8 +151,10 @@ def main() -> None:
     levels = args.levels or [lvl for lvl in native.LEVELS if best != "none"
                              and native.LEVELS.index(lvl) <= native.LEVELS.index(best)]  # fmt: skip
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, torch CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, torch CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')}"
+    )
     for level in levels:
         os.environ["MINISGL_CPU_ISA"] = level
         native._lib.cache_clear()

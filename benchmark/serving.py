@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 
 import httpx
 
-WORDS = ("the of and to in is was for on that with as by at from his her an which this are had not be or but "
-         "river mountain city garden music paper window light stone cloud engine market story letter bridge").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an which this are had not be or but "
+    "river mountain city garden music paper window light stone cloud engine market story letter bridge"
+).split()
 
 
 @dataclass
@@ -45,8 +47,10 @@ class Result:
 def build_trace(args: argparse.Namespace) -> list[tuple[float, str]]:
     """(arrival offset in seconds, prompt): a system prompt drawn from a few, then a distinct question."""
     rng = random.Random(args.seed)
-    systems = [f"System prompt {k}: " + " ".join(rng.choice(WORDS) for _ in range(args.system_prompt_len))
-               for k in range(args.num_system_prompts)]
+    systems = [
+        f"System prompt {k}: " + " ".join(rng.choice(WORDS) for _ in range(args.system_prompt_len))
+        for k in range(args.num_system_prompts)
+    ]
     t, trace = 0.0, []
     for i in range(args.num_prompts):
         question = " ".join(rng.choice(WORDS) for _ in range(args.question_len))
@@ -56,8 +60,11 @@ def build_trace(args: argparse.Namespace) -> list[tuple[float, str]]:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, output_len: int) -> Result:
-    body = {"text": prompt, "stream": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}}
+    body = {
+        "text": prompt,
+        "stream": True,
+        "sampling_params": {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True},
+    }
     res = Result()
     start = last = time.perf_counter()
     tokens = 0
@@ -90,8 +97,9 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, output_l
     return res
 
 
-async def run_trace(url: str, trace: list[tuple[float, str]], output_len: int, max_concurrency: int | None
-                    ) -> tuple[list[Result], float]:
+async def run_trace(
+    url: str, trace: list[tuple[float, str]], output_len: int, max_concurrency: int | None
+) -> tuple[list[Result], float]:
     limits = httpx.Limits(max_connections=max_concurrency or 1000, max_keepalive_connections=100)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
@@ -125,11 +133,16 @@ def report(results: list[Result], duration: float) -> dict:
     prompt_tokens = sum(r.prompt_tokens for r in ok)
     errors = sorted({r.error for r in results if not r.ok})
     return {
-        "completed": len(ok), "failed": len(results) - len(ok), "errors": errors[:5], "duration_s": duration,
-        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": errors[:5],
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": out_tokens / duration,
         "input_throughput": prompt_tokens / duration,
         "cache_hit_rate": sum(r.cached_tokens for r in ok) / max(1, prompt_tokens),
-        "ttft_s": percentiles([r.ttft for r in ok]), "itl_s": percentiles([x for r in ok for x in r.itl]),
+        "ttft_s": percentiles([r.ttft for r in ok]),
+        "itl_s": percentiles([x for r in ok for x in r.itl]),
         "e2e_s": percentiles([r.e2e for r in ok]),
     }
 
@@ -138,13 +151,17 @@ def print_report(s: dict) -> None:
     print(f"completed {s['completed']}, failed {s['failed']} in {s['duration_s']:.1f}s")
     for e in s["errors"]:
         print(f"  error: {e}")
-    print(f"request throughput {s['request_throughput']:.2f} req/s, output {s['output_throughput']:.1f} tok/s, "
-          f"input {s['input_throughput']:.1f} tok/s, prefix-cache hit rate {100 * s['cache_hit_rate']:.1f}%")
+    print(
+        f"request throughput {s['request_throughput']:.2f} req/s, output {s['output_throughput']:.1f} tok/s, "
+        f"input {s['input_throughput']:.1f} tok/s, prefix-cache hit rate {100 * s['cache_hit_rate']:.1f}%"
+    )
     for name, unit, scale in (("ttft_s", "ms", 1e3), ("itl_s", "ms", 1e3), ("e2e_s", "s", 1)):
         p = s[name]
         if p:
-            print(f"{name[:-2].upper():5s} mean {p['mean'] * scale:9.1f} {unit}  p50 {p['p50'] * scale:9.1f}  "
-                  f"p90 {p['p90'] * scale:9.1f}  p99 {p['p99'] * scale:9.1f}")
+            print(
+                f"{name[:-2].upper():5s} mean {p['mean'] * scale:9.1f} {unit}  p50 {p['p50'] * scale:9.1f}  "
+                f"p90 {p['p90'] * scale:9.1f}  p99 {p['p99'] * scale:9.1f}"
+            )
 
 
 def _free_port() -> int:
@@ -189,8 +206,9 @@ def main() -> None:
     p.add_argument("--server-args", default="", help="more flags for the server this script starts")
     p.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for the started server")
     p.add_argument("--num-prompts", type=int, default=200)
-    p.add_argument("--request-rate", type=float, default=4.0,
-                   help="mean requests per second (Poisson arrivals); inf: all at once")
+    p.add_argument(
+        "--request-rate", type=float, default=4.0, help="mean requests per second (Poisson arrivals); inf: all at once"
+    )
     p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
     p.add_argument("--num-system-prompts", type=int, default=4)
     p.add_argument("--system-prompt-len", type=int, default=300, help="words per system prompt")
@@ -207,8 +225,9 @@ def main() -> None:
         proc, url = start_server(args.dp, args.server_args, args.server_timeout)
     try:
         trace = build_trace(args)
-        warm = argparse.Namespace(**{**vars(args), "seed": args.seed + 1, "num_prompts": args.warmup,
-                                     "request_rate": float("inf")})
+        warm = argparse.Namespace(
+            **{**vars(args), "seed": args.seed + 1, "num_prompts": args.warmup, "request_rate": float("inf")}
+        )
         for _, prompt in build_trace(warm):
             asyncio.run(run_trace(url, [(0.0, prompt)], 4, None))
         results, duration = asyncio.run(run_trace(url, trace, args.output_len, args.max_concurrency))

@@ -58,9 +58,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
 
-    llm = LLM(args.model, tokenizer=args.tokenizer, device=args.device, load_format=args.load_format,
-              grammar_backend=args.grammar_backend, max_total_tokens=args.batch * 256 + 4096,
-              max_running_requests=max(args.batch, 16), disable_radix_cache=True)  # both runs prefill alike
+    llm = LLM(
+        args.model,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        load_format=args.load_format,
+        grammar_backend=args.grammar_backend,
+        max_total_tokens=args.batch * 256 + 4096,
+        max_running_requests=max(args.batch, 16),
+        disable_radix_cache=True,
+    )  # both runs prefill alike
     vocab = llm.scheduler.vocab_size
     free = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=1)
     constrained = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=1, json_schema=json.dumps(SCHEMA))
@@ -74,8 +81,10 @@ def main() -> None:
         rates["json_schema"].append(run(llm, batch, constrained))
     med = {k: statistics.median(v) for k, v in rates.items()}
     for k, v in rates.items():
-        print(f"{k:>14}: {med[k]:.1f} output tok/s ({args.batch} x {args.max_tokens}; runs "
-              f"{', '.join(f'{x:.1f}' for x in v)})")
+        print(
+            f"{k:>14}: {med[k]:.1f} output tok/s ({args.batch} x {args.max_tokens}; runs "
+            f"{', '.join(f'{x:.1f}' for x in v)})"
+        )
     print(f"constrained / unconstrained: {med['json_schema'] / med['unconstrained']:.3f}")
 
 

@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run_worker_node(args) -> int:
     """Nodes 1..N-1 of a multi-node group serve no HTTP: they run their tensor-parallel ranks, which take
     every command from rank 0 on node 0 (--dist-init-addr), until node 0 shuts them down."""
-    from minisgl.scheduler.replicated import run_worker_node
     from minisgl.engine.config import EngineConfig
     from minisgl.models.hub import resolve_model_path
+    from minisgl.scheduler.replicated import run_worker_node
     from minisgl.server.launch import setup_logging
 
     setup_logging(args.log_level)

@@ -71,8 +71,11 @@ class LLM:
             from minisgl.grammar import create_backend
 
             mc = self.scheduler.model_config
-            self.scheduler.enable_grammar(lambda: create_backend(
-                self.config.grammar_backend, self.tokenizer, mc.vocab_size, list(mc.eos_token_ids)))
+            self.scheduler.enable_grammar(
+                lambda: create_backend(
+                    self.config.grammar_backend, self.tokenizer, mc.vocab_size, list(mc.eos_token_ids)
+                )
+            )
 
     def shutdown(self) -> None:
         """Stop tensor-parallel worker processes (nothing to do with tp_size == 1)."""
@@ -84,8 +87,9 @@ class LLM:
             if self._tokenizer is None:
                 from minisgl.tokenizer import load_tokenizer
 
-                self._tokenizer = load_tokenizer(self.scheduler.engine.model_path, self.config.tokenizer,
-                                                 self.config.trust_remote_code)
+                self._tokenizer = load_tokenizer(
+                    self.scheduler.engine.model_path, self.config.tokenizer, self.config.trust_remote_code
+                )
         return self._tokenizer
 
     def generate(
@@ -147,12 +151,12 @@ class LLM:
     def _sample_text(self, params: SamplingParams) -> SampleText | None:
         if self.skip_tokenizer_init:
             return None
-        hidden = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.scheduler.model_config.eos_token_ids))
+        hidden = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else set(self.scheduler.model_config.eos_token_ids)
+        )
         return SampleText(self.tokenizer, params.stop, hidden)
 
-    def _run(
-        self, samples: dict[tuple[str, int], SampleText | None]
-    ) -> Iterator[tuple[TokenOutput, str, str | None]]:
+    def _run(self, samples: dict[tuple[str, int], SampleText | None]) -> Iterator[tuple[TokenOutput, str, str | None]]:
         """Step the scheduler until every sample in `samples` has ended; yield (output, its text, the sample's
         finish reason once it has ended). A sample whose text runs into a stop string ends there ("stop") and
         is aborted in the scheduler. If the caller stops iterating, the samples left are aborted."""

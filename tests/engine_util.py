@@ -7,9 +7,9 @@ import random
 import torch
 
 from minisgl.core.forward_batch import ForwardMode
+from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import make_forward_batch
 from minisgl.scheduler.req import Req
-from minisgl.sampling_params import SamplingParams
 
 
 def random_prompts(n: int = 12, lo: int = 3, hi: int = 300, vocab: int = 384, seed: int = 0) -> list[list[int]]:

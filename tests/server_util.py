@@ -78,8 +78,9 @@ class Server:
 
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.api_key, max_retries=0, timeout=120, **kw)
 
-    def post(self, path: str, json: Any = None, content: bytes | None = None, headers: dict | None = None
-             ) -> httpx.Response:
+    def post(
+        self, path: str, json: Any = None, content: bytes | None = None, headers: dict | None = None
+    ) -> httpx.Response:
         h = {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json", **(headers or {})}
         return httpx.post(f"{self.url}{path}", json=json, content=content, headers=h, timeout=120)
 
@@ -125,8 +126,9 @@ def start_server(args: list[str], log_path: str, api_key: str | None = None, tim
     if api_key:
         cmd += ["--api-key", api_key]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=minisgl_env(), cwd=REPO,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=minisgl_env(), cwd=REPO, start_new_session=True
+        )
     server = Server(proc, port, log_path, api_key or "none")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -164,6 +166,7 @@ def wait_for(cond: Any, timeout: float, interval: float = 0.1) -> bool:
 
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     """The processes of `procs` still alive (zombies count as gone) after up to `timeout` seconds."""
+
     def alive() -> list[psutil.Process]:
         out = []
         for p in procs:

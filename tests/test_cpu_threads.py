@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
-
 from checkpoints import build_checkpoint
+
 from minisgl import LLM
 from minisgl.core.cpu_threads import SPIN_COUNT, default_threads, use_short_spins
 from minisgl.server.args import parse_args

@@ -13,9 +13,9 @@ import random
 
 import pytest
 import torch
-
 from checkpoints import build_checkpoint
 from engine_util import hf_model, random_prompts, teacher_forced_greedy
+
 from minisgl import LLM, SamplingParams
 from minisgl.core.forward_batch import ForwardMode
 from minisgl.scheduler.batch import make_forward_batch
@@ -69,7 +69,9 @@ def test_decode_graph_replay_equals_eager(arch, tmp_path):
     path = build_checkpoint(str(tmp_path), arch)
     prompts = random_prompts(n=13, lo=3, hi=200, seed=2)  # 13 rows: the bs-16 graph pads 3 of them
     greedy = [SamplingParams(temperature=0, max_tokens=4 + i, ignore_eos=True) for i in range(13)]
-    sampled = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20 - i, seed=i, ignore_eos=True) for i in range(13)]
+    sampled = [
+        SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20 - i, seed=i, ignore_eos=True) for i in range(13)
+    ]
     for params in (greedy, sampled):
         eager, _, eager_graphs = run(path, prompts, params, page_size=16, cuda_graph_max_bs=0)
         graphed, _, graphs = run(path, prompts, params, page_size=16, cuda_graph_max_bs=32)
@@ -121,8 +123,14 @@ def test_qwen3_06b_bf16_logits_match_torch_backend():
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 150000) for _ in range(n)] for n in (3, 9, 130, 700, 1500)]
     common = dict(
-        skip_tokenizer_init=True, load_format="dummy", device="cuda", dtype="bfloat16", page_size=16,
-        max_total_tokens=8192, chunked_prefill_size=4096, cuda_graph_max_bs=8,
+        skip_tokenizer_init=True,
+        load_format="dummy",
+        device="cuda",
+        dtype="bfloat16",
+        page_size=16,
+        max_total_tokens=8192,
+        chunked_prefill_size=4096,
+        cuda_graph_max_bs=8,
     )
     results = {}
     for backend in ("triton", "torch"):

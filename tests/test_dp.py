@@ -66,16 +66,21 @@ def test_router_serves_openai_and_native_endpoints(server):
     native = server.post("/generate", json={"text": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 8}})
     assert native.status_code == 200, native.text
     assert native.json()["text"] in texts
-    chat = server.client().chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}],
-                                                   max_tokens=4, temperature=0)
+    chat = server.client().chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
     assert chat.choices[0].message.content
 
     # streams, through the router
     stream = server.client().completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) in texts
     events = []
-    with httpx.stream("POST", f"{server.url}/generate", timeout=60, json={
-            "text": PROMPT, "stream": True, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/generate",
+        timeout=60,
+        json={"text": PROMPT, "stream": True, "sampling_params": {"temperature": 0, "max_new_tokens": 8}},
+    ) as r:
         assert r.status_code == 200
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and len(events) > 2
@@ -109,8 +114,7 @@ def _hit_rate(router_url: str, replicas: list[str], prompts: list[str]) -> float
         assert httpx.post(f"{u}/flush_cache").status_code == 200
     before = [counters(u) for u in replicas]
     for p in prompts:
-        r = httpx.post(f"{router_url}/generate", json={"text": p, "sampling_params": {"max_new_tokens": 1}},
-                       timeout=60)
+        r = httpx.post(f"{router_url}/generate", json={"text": p, "sampling_params": {"max_new_tokens": 1}}, timeout=60)
         assert r.status_code == 200, r.text
     after = [counters(u) for u in replicas]
     cached = sum(a["cached_tokens"] - b["cached_tokens"] for a, b in zip(after, before))
@@ -124,14 +128,32 @@ def test_cache_aware_routing_beats_round_robin(server, tmp_path):
 
     # the same replicas registered with a second router run by hand, round-robin (docs/serving.md)
     port = free_port()
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *replicas, "--policy", "round_robin",
-           "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()), "--log-level", "warn",
-           "--worker-startup-check-interval", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--worker-urls",
+        *replicas,
+        "--policy",
+        "round_robin",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-port",
+        str(free_port()),
+        "--log-level",
+        "warn",
+        "--worker-startup-check-interval",
+        "1",
+    ]
     with open(tmp_path / "router.log", "w") as log:
         # dies with this process even if the test is killed (no orphan router)
-        router = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=minisgl_env(),
-                                  preexec_fn=dataparallel._router_child_setup)
+        router = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=minisgl_env(), preexec_fn=dataparallel._router_child_setup
+        )
     try:
+
         def ready() -> bool:
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200
@@ -157,9 +179,16 @@ def test_killing_a_replica_fails_requests_cleanly_and_tears_everything_down(serv
 
     def stream() -> None:
         try:
-            with httpx.stream("POST", f"{server.url}/generate", timeout=60, json={
-                    "text": "Tell me a long story", "stream": True,
-                    "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}) as r:
+            with httpx.stream(
+                "POST",
+                f"{server.url}/generate",
+                timeout=60,
+                json={
+                    "text": "Tell me a long story",
+                    "stream": True,
+                    "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True},
+                },
+            ) as r:
                 lines = [line for line in r.iter_lines() if line.startswith("data: ")]
                 outcome["done"] = bool(lines) and lines[-1] == "data: [DONE]"
                 outcome["status"] = r.status_code

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-
 from checkpoints import build_checkpoint
 from engine_util import hf_model, random_prompts
+
 from minisgl import LLM, SamplingParams
 
 PROMPTS = random_prompts(n=6, hi=120, seed=3)
@@ -57,12 +57,14 @@ def test_sharded_checkpoint_from_hub_cache(llama, tmp_path):
     )
     # A fresh process: huggingface_hub reads HF_HOME when it is imported.
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(PROMPTS[:3])], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(PROMPTS[:3])], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     from_hub = json.loads(proc.stdout.strip().splitlines()[-1])
     local = LLM(path, device="cpu", dtype="float32").generate(
-        PROMPTS[:3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        PROMPTS[:3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    )
     assert from_hub == [o.token_ids for o in local]
 
 
@@ -147,8 +149,14 @@ def test_penalties_follow_transformers_and_openai_formulas(llama, llm):
     from transformers import RepetitionPenaltyLogitsProcessor
 
     hf = llama[1]
-    params = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.3, frequency_penalty=0.5,
-                            presence_penalty=0.4, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=8,
+        repetition_penalty=1.3,
+        frequency_penalty=0.5,
+        presence_penalty=0.4,
+        ignore_eos=True,
+    )
     prompt = PROMPTS[2]
     out = llm.generate([prompt], params)[0].token_ids
     rep = RepetitionPenaltyLogitsProcessor(1.3)
@@ -167,13 +175,15 @@ def test_stop_tokens_eos_and_length(llama, tmp_path):
     path = str(tmp_path / "ckpt")
     shutil.copytree(llama[0], path)
     free = LLM(path, device="cpu", dtype="float32").generate(
-        [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+        [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    )[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 10
     target = free.token_ids[4]
     cut = free.token_ids.index(target) + 1
 
     stopped = LLM(path, device="cpu", dtype="float32").generate(
-        [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[target], ignore_eos=True))[0]
+        [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[target], ignore_eos=True)
+    )[0]
     assert stopped.token_ids == free.token_ids[:cut] and stopped.finish_reason == "stop"
 
     # EOS comes from generation_config.json when there is one (chat models stop on it), else config.json.
@@ -191,8 +201,9 @@ def test_stop_strings_cut_the_text(llm):
     text = free.text
     assert len(text) > 4
     stop = text[2:4]
-    out = llm.generate(["Paris is the capital"], SamplingParams(temperature=0, max_tokens=12, stop=[stop],
-                                                                 ignore_eos=True))[0]
+    out = llm.generate(
+        ["Paris is the capital"], SamplingParams(temperature=0, max_tokens=12, stop=[stop], ignore_eos=True)
+    )[0]
     assert out.text == text[: text.find(stop)] and out.finish_reason == "stop"
 
 

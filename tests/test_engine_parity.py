@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from checkpoints import build_checkpoint
 from engine_util import engine_prefill_logits, hf_model, random_prompts, teacher_forced_greedy
+
 from minisgl import LLM, SamplingParams
 from minisgl.kernels import native
 

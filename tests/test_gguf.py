@@ -49,7 +49,9 @@ def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     for off in _SCALE_OFFSETS[qtype]:
-        raw[:, off : off + 2] = (rng.standard_normal(raw.shape[0]) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, off : off + 2] = (
+            (rng.standard_normal(raw.shape[0]) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        )
     return raw.reshape(rows, cols // block * size)
 
 
@@ -181,7 +183,9 @@ def test_tiny_weights_and_config(tiny, arch):
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
                 "bos_token_id", "eos_token_id", "model_type"):  # fmt: skip
         # Qwen2Config has no head_dim attribute: the model derives it as hidden/heads.
-        hf_value = getattr(hf, key, None) if key != "head_dim" else getattr(hf, key, hf.hidden_size // hf.num_attention_heads)
+        hf_value = (
+            getattr(hf, key, None) if key != "head_dim" else getattr(hf, key, hf.hidden_size // hf.num_attention_heads)
+        )
         assert cfg[key] == hf_value == src[key], key
     assert cfg["architectures"] == src["architectures"]
     assert cfg["rope_theta"] == hf.rope_parameters["rope_theta"] == src["rope_theta"]
@@ -312,7 +316,9 @@ def test_default_model_weights_match_transformers(default_path):
     for dtype in (torch.float32, torch.bfloat16):
         start = time.perf_counter()
         n = sum(t.numel() for _, t in mg.iter_gguf_weights(default_path, dtype))
-        print(f"\niter_gguf_weights(default model, {dtype}): {n / 1e6:.1f}M params in {time.perf_counter() - start:.2f}s")
+        print(
+            f"\niter_gguf_weights(default model, {dtype}): {n / 1e6:.1f}M params in {time.perf_counter() - start:.2f}s"
+        )
     start = time.perf_counter()
     model = hf_gguf_model(default_path)
     print(f"transformers GGUF load: {time.perf_counter() - start:.2f}s")

@@ -11,9 +11,9 @@ import re
 
 import pytest
 import torch
-
 from checkpoints import build_checkpoint
 from engine_util import hf_model, random_prompts
+
 from minisgl import LLM, SamplingParams
 
 REGEX = r"[a-z ]{3,24}\."
@@ -96,8 +96,9 @@ def test_mixed_batch_sampling_n_and_logprobs(ckpt):
     llm = LLM(path, device="cpu", dtype="float32")
     free = SamplingParams(temperature=1.0, seed=11, max_tokens=20)
     alone = llm.generate(PROMPTS[:3], free)
-    constrained = SamplingParams(temperature=1.0, seed=12, max_tokens=40, n=3, regex=REGEX, logprobs=True,
-                                 top_logprobs=3)
+    constrained = SamplingParams(
+        temperature=1.0, seed=12, max_tokens=40, n=3, regex=REGEX, logprobs=True, top_logprobs=3
+    )
     mixed = llm.generate(PROMPTS[:6], [free] * 3 + [constrained] * 3)
     assert [o.token_ids for o in alone] == [o.token_ids for o in mixed[:3]]
     finished = 0

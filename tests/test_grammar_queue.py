@@ -71,8 +71,10 @@ def test_ready_failed_timeout_abort_and_cache():
     ready, failed = _poll_until(q, 4)
     assert sorted((r.rid, r.index) for r in ready) == [("a", 0), ("a", 1)]
     assert all(r.grammar is not None for r in ready) and ready[0].grammar is not ready[1].grammar  # one each
-    assert [(r.rid, msg) for r, msg in failed] == [("b", "invalid regex: bad"), ("c", "the grammar did not compile "
-                                                                                      "within 0.5s")]
+    assert [(r.rid, msg) for r, msg in failed] == [
+        ("b", "invalid regex: bad"),
+        ("c", "the grammar did not compile within 0.5s"),
+    ]
     assert len(q) == 0
     backend.release.set()
     q.add(_reqs("e"), GrammarSpec("regex", "ok"))  # cached: no second compilation

@@ -47,8 +47,10 @@ def test_kernel_equals_reference(v):
 def test_cuda_sample_equals_cpu_sample():
     v = 151936
     x, _, _ = _case(v, "cpu")
-    params = [SamplingParams(temperature=t, top_k=k, seed=s) for t, k, s in
-              zip([0.6, 1.0, 0.0, 1.3, 0.8, 1.0], [0, 50, 0, 0, 5, 0], SEEDS)]
+    params = [
+        SamplingParams(temperature=t, top_k=k, seed=s)
+        for t, k, s in zip([0.6, 1.0, 0.0, 1.3, 0.8, 1.0], [0, 50, 0, 0, 5, 0], SEEDS)
+    ]
     steps = [0, 1, 7, 100, 2**40, 3]
 
     def run(device: str) -> list[int]:

@@ -32,7 +32,7 @@ def sse(server, path: str, body: dict) -> list:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line.startswith("data: "):
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -45,8 +45,16 @@ def completion(server, prompt, max_tokens: int, **kw) -> dict:
 
 def test_generate_matches_completions(server):
     ref = completion(server, PROMPT, 16, logprobs=2)
-    r = generate(server, {"text": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 16},
-                          "return_logprob": True, "top_logprobs_num": 2, "return_text_in_logprobs": True})
+    r = generate(
+        server,
+        {
+            "text": PROMPT,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 16},
+            "return_logprob": True,
+            "top_logprobs_num": 2,
+            "return_text_in_logprobs": True,
+        },
+    )
     assert r.status_code == 200, r.text
     out = r.json()
     choice = ref["choices"][0]
@@ -77,8 +85,11 @@ def test_generate_matches_completions(server):
 def test_generate_stream_matches_completions_stream(server):
     body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stream": True}
     ref = "".join(e["choices"][0]["text"] for e in sse(server, "/v1/completions", body)[:-1] if e["choices"])
-    events = sse(server, "/generate", {"text": PROMPT, "stream": True,
-                                       "sampling_params": {"temperature": 0, "max_new_tokens": 12}})
+    events = sse(
+        server,
+        "/generate",
+        {"text": PROMPT, "stream": True, "sampling_params": {"temperature": 0, "max_new_tokens": 12}},
+    )
     assert events[-1] == "[DONE]" and len(events) > 3
     chunks = events[:-1]
     texts = [e["text"] for e in chunks]
@@ -93,8 +104,14 @@ def test_generate_stream_matches_completions_stream(server):
 def test_stop_and_n_and_rid(server):
     text = completion(server, PROMPT, 16)["choices"][0]["text"]
     stop = text.strip().split()[1]  # a word the greedy answer reaches
-    r = generate(server, {"text": PROMPT, "rid": "my-rid-1",
-                          "sampling_params": {"temperature": 0, "max_new_tokens": 16, "stop": [stop]}}).json()
+    r = generate(
+        server,
+        {
+            "text": PROMPT,
+            "rid": "my-rid-1",
+            "sampling_params": {"temperature": 0, "max_new_tokens": 16, "stop": [stop]},
+        },
+    ).json()
     assert r["meta_info"]["id"] == "my-rid-1"
     assert r["meta_info"]["finish_reason"]["type"] == "stop" and stop not in r["text"]
     assert text.startswith(r["text"])
@@ -127,8 +144,11 @@ def test_flush_cache_drops_the_prefix_cache_and_refuses_while_running(server):
 
     # while a request runs the cache is not flushed: an error status, and the request is unharmed
     result = {}
-    long = {"text": "Tell me a story", "rid": "long-1",
-            "sampling_params": {"temperature": 0, "max_new_tokens": 3000, "ignore_eos": True}}
+    long = {
+        "text": "Tell me a story",
+        "rid": "long-1",
+        "sampling_params": {"temperature": 0, "max_new_tokens": 3000, "ignore_eos": True},
+    }
     t = threading.Thread(target=lambda: result.setdefault("r", generate(server, long)))
     t.start()
     deadline = time.monotonic() + 30
@@ -146,32 +166,35 @@ def test_flush_cache_drops_the_prefix_cache_and_refuses_while_running(server):
     assert wait_for(lambda: server.post("/flush_cache").status_code == 200, 10)
 
 
-@pytest.mark.parametrize("path,body,param", [
-    ("/generate", {}, "text"),
-    ("/generate", {"text": "a", "input_ids": [1]}, "text"),
-    ("/generate", {"text": []}, "text"),
-    ("/generate", {"input_ids": []}, "input_ids"),
-    ("/generate", {"text": "a", "sampling_params": {"max_new_token": 4}}, "sampling_params"),
-    ("/generate", {"text": "a", "sampling_params": {"regex": "a+"}}, "sampling_params"),
-    ("/generate", {"text": "a", "unknown_field": 1}, "unknown_field"),
-    ("/generate", {"text": "a", "sampling_params": {"temperature": -1}}, "temperature"),
-    ("/generate", {"text": "a", "sampling_params": {"top_p": 0}}, "top_p"),
-    ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 0}}, "max_new_tokens"),
-    ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 10**6}}, "max_new_tokens"),
-    ("/generate", {"text": "a", "sampling_params": {"seed": 1, "sampling_seed": 2}}, "sampling_params"),
-    ("/generate", {"input_ids": [1, 2, 10**7]}, "input_ids"),
-    ("/generate", {"text": "a", "sampling_params": {"stop_token_ids": [10**7]}}, "stop_token_ids"),
-    ("/generate", {"text": ["a", "b"], "rid": "x"}, "rid"),
-    ("/generate", {"text": "a", "rid": ["x"]}, "rid"),
-    ("/generate", {"text": "a", "return_logprob": True, "logprob_start_len": 0}, "logprob_start_len"),
-    ("/generate", {"text": "a", "top_logprobs_num": 2}, "top_logprobs_num"),
-    ("/generate", {"text": "a", "return_hidden_states": True}, None),
-    ("/generate", {"text": "a", "model": "another-model"}, "model"),
-    ("/generate", {"text": "a", "sampling_params": {"temperature": "hot"}}, "sampling_params"),
-    ("/abort_request", {}, "rid"),
-    ("/abort_request", {"rid": 5}, "rid"),
-    ("/abort_request", {"rid": "x", "force": True}, "force"),
-])
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/generate", {}, "text"),
+        ("/generate", {"text": "a", "input_ids": [1]}, "text"),
+        ("/generate", {"text": []}, "text"),
+        ("/generate", {"input_ids": []}, "input_ids"),
+        ("/generate", {"text": "a", "sampling_params": {"max_new_token": 4}}, "sampling_params"),
+        ("/generate", {"text": "a", "sampling_params": {"regex": "a+"}}, "sampling_params"),
+        ("/generate", {"text": "a", "unknown_field": 1}, "unknown_field"),
+        ("/generate", {"text": "a", "sampling_params": {"temperature": -1}}, "temperature"),
+        ("/generate", {"text": "a", "sampling_params": {"top_p": 0}}, "top_p"),
+        ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 0}}, "max_new_tokens"),
+        ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 10**6}}, "max_new_tokens"),
+        ("/generate", {"text": "a", "sampling_params": {"seed": 1, "sampling_seed": 2}}, "sampling_params"),
+        ("/generate", {"input_ids": [1, 2, 10**7]}, "input_ids"),
+        ("/generate", {"text": "a", "sampling_params": {"stop_token_ids": [10**7]}}, "stop_token_ids"),
+        ("/generate", {"text": ["a", "b"], "rid": "x"}, "rid"),
+        ("/generate", {"text": "a", "rid": ["x"]}, "rid"),
+        ("/generate", {"text": "a", "return_logprob": True, "logprob_start_len": 0}, "logprob_start_len"),
+        ("/generate", {"text": "a", "top_logprobs_num": 2}, "top_logprobs_num"),
+        ("/generate", {"text": "a", "return_hidden_states": True}, None),
+        ("/generate", {"text": "a", "model": "another-model"}, "model"),
+        ("/generate", {"text": "a", "sampling_params": {"temperature": "hot"}}, "sampling_params"),
+        ("/abort_request", {}, "rid"),
+        ("/abort_request", {"rid": 5}, "rid"),
+        ("/abort_request", {"rid": "x", "force": True}, "force"),
+    ],
+)
 def test_bad_inputs_are_400(server, path, body, param):
     r = server.post(path, json=body)
     expected = 404 if param == "model" else 400
@@ -187,6 +210,11 @@ def test_bad_json_and_bad_stream_request_are_400(server):
     r = server.post("/generate", content=b"{not json")
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     h = {"Authorization": f"Bearer {server.api_key}"}
-    with httpx.stream("POST", f"{server.url}/generate", headers=h, timeout=60,
-                      json={"text": "a", "stream": True, "sampling_params": {"max_new_tokens": 10**6}}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/generate",
+        headers=h,
+        timeout=60,
+        json={"text": "a", "stream": True, "sampling_params": {"max_new_tokens": 10**6}},
+    ) as r:
         assert r.status_code == 400

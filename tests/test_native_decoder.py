@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from checkpoints import build_checkpoint
 from engine_util import random_prompts
+
 from minisgl import LLM, SamplingParams
+from minisgl.engine import cpu_runner
 from minisgl.engine.engine import Engine
 from minisgl.kernels import native
-from minisgl.engine import cpu_runner
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no native CPU kernels for this CPU or build")
 

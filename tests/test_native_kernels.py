@@ -7,9 +7,9 @@ import ctypes
 import pytest
 import torch
 import torch.nn.functional as F
+from test_quant_methods import quantized_linear
 
 from minisgl.kernels import native
-from test_quant_methods import quantized_linear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no native CPU kernels for this CPU or build")
 

@@ -24,7 +24,9 @@ BATCHES = [1, 2, 3, 7, 16, 33, 64, 200]  # 200: prefill-sized, where the CPU lay
 BF16_EPS = 2.0**-8  # relative rounding of one bfloat16 value
 
 
-def quantized_linear(scheme: str, n: int, k: int, dtype=torch.bfloat16, bias: bool = False) -> tuple[Linear, torch.Tensor]:
+def quantized_linear(
+    scheme: str, n: int, k: int, dtype=torch.bfloat16, bias: bool = False
+) -> tuple[Linear, torch.Tensor]:
     """A Linear quantized with `scheme` from a random float32 weight (returned too), finalized for its kernel."""
     torch.manual_seed(n * 1000 + k)
     w = torch.randn(n, k) * 0.05

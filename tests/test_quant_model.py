@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from checkpoints import build_checkpoint
 from engine_util import engine_prefill_logits, hf_model, random_prompts, teacher_forced_greedy
+from safetensors.torch import save_file
+
 from minisgl import LLM, SamplingParams
 from minisgl.layers.linear import Linear, LMHead
 from minisgl.models.weights import iter_safetensors
@@ -121,4 +121,6 @@ def test_quantization_none_is_the_dense_path(tmp_path):
     src = build_checkpoint(str(tmp_path / "src"), "llama")
     llm = LLM(src, device="cpu", dtype="float32", quantization="none")
     assert not quantized_layers(llm)
-    assert all(isinstance(m.weight, torch.nn.Parameter) for m in llm.scheduler.engine.model.modules() if isinstance(m, Linear))
+    assert all(
+        isinstance(m.weight, torch.nn.Parameter) for m in llm.scheduler.engine.model.modules() if isinstance(m, Linear)
+    )

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from engine_util import engine_prefill_logits
+
 from minisgl import LLM
 from minisgl.models.default_model import default_model_path
 

@@ -48,6 +48,7 @@ def as_signed(x: int) -> int:
 
 # ---- the hash ---------------------------------------------------------------------------------------------
 
+
 def py_mix(z: int) -> int:
     z &= M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
@@ -57,8 +58,13 @@ def py_mix(z: int) -> int:
 
 def test_splitmix64_matches_published_vectors():
     # The first outputs of the reference splitmix64 generator seeded with 1234567.
-    expected = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
-                16408922859458223821]
+    expected = [
+        6457827717110365317,
+        3203168211198807973,
+        9817491932198370423,
+        4593380528125082431,
+        16408922859458223821,
+    ]
     states = torch.tensor([as_signed(1234567 + n * 0x9E3779B97F4A7C15) for n in range(1, 6)])
     got = [x & M64 for x in splitmix64(states).tolist()]
     assert got == expected
@@ -77,6 +83,7 @@ def test_random_bits_match_unbounded_int_reference():
 
 
 # ---- filters ----------------------------------------------------------------------------------------------
+
 
 def ref_keep(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> tuple[np.ndarray, bool]:
     """Per-row reference: returns the kept set and whether the top-p boundary is too close to call."""
@@ -139,7 +146,8 @@ def test_filter_mask_single_filters_and_none():
     assert filter_mask(probs, None, torch.tensor([0.9]), None).tolist() == [[True, True, True, False, False]]
     # After top-k=2 the renormalised masses are .731/.269: 0.7 keeps only the top token.
     assert filter_mask(probs, torch.tensor([2]), torch.tensor([0.7]), None).tolist() == [
-        [True, False, False, False, False]]
+        [True, False, False, False, False]
+    ]
     assert filter_mask(probs, None, None, torch.tensor([0.1])).tolist() == [[True, True, True, False, False]]
     # Mass exactly top_p is enough: the next token is not needed.
     exact = torch.tensor([[0.5, 0.25, 0.125, 0.125]])
@@ -149,8 +157,10 @@ def test_filter_mask_single_filters_and_none():
 
 # ---- penalties --------------------------------------------------------------------------------------------
 
-def ref_penalise(row: list[float], prompt: list[int], output: list[int], rep: float, freq: float,
-                 pres: float) -> list[float]:
+
+def ref_penalise(
+    row: list[float], prompt: list[int], output: list[int], rep: float, freq: float, pres: float
+) -> list[float]:
     counts = Counter(output)
     seen = set(prompt) | set(output)
     out = []
@@ -179,8 +189,9 @@ def test_penalties_follow_the_formulas():
     batch = build(params, prompts=prompts, outputs=outputs, logits=logits)
     got = apply_penalties(logits, batch.penalties)
     for i, p in enumerate(params):
-        ref = ref_penalise(logits[i].tolist(), prompts[i], outputs[i], p.repetition_penalty,
-                           p.frequency_penalty, p.presence_penalty)
+        ref = ref_penalise(
+            logits[i].tolist(), prompts[i], outputs[i], p.repetition_penalty, p.frequency_penalty, p.presence_penalty
+        )
         torch.testing.assert_close(got[i], torch.tensor(ref), rtol=1e-6, atol=1e-6)
     assert torch.equal(got[1], logits[1]) and torch.equal(got[4], logits[4])
 
@@ -194,12 +205,14 @@ def test_penalty_changes_greedy_choice():
 
 # ---- greedy -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_greedy_is_argmax(dtype):
     gen = torch.Generator().manual_seed(3)
     logits = (torch.randn(9, 300, generator=gen) * 4).to(dtype)
     params = [SamplingParams(temperature=0), SamplingParams(top_k=1, temperature=0.7)] * 4 + [
-        SamplingParams(temperature=0, top_p=0.3)]
+        SamplingParams(temperature=0, top_p=0.3)
+    ]
     res = sample(logits, build(params, logits=logits))
     ref = np.argmax(logits.float().numpy(), axis=1)
     assert res.token_ids.tolist() == ref.tolist()
@@ -209,22 +222,27 @@ def test_greedy_is_argmax(dtype):
 
 # ---- seeded draws -----------------------------------------------------------------------------------------
 
+
 def test_same_seed_and_step_same_token_in_any_batch():
     gen = torch.Generator().manual_seed(4)
     v = 500
     n = 24
     target_logits = torch.randn(n, v, generator=gen)
-    target_params = [SamplingParams(temperature=1.3, top_p=[1.0, 0.9, 0.6][i % 3], top_k=[-1, 50][i % 2])
-                     for i in range(n)]
+    target_params = [
+        SamplingParams(temperature=1.3, top_p=[1.0, 0.9, 0.6][i % 3], top_k=[-1, 50][i % 2]) for i in range(n)
+    ]
     seeds = [1000 + 17 * i for i in range(n)]
     steps = [i * 3 for i in range(n)]
-    alone = [sample(target_logits[i:i + 1], build([target_params[i]], [seeds[i]], [steps[i]], vocab=v))
-             .token_ids.item() for i in range(n)]
+    alone = [
+        sample(target_logits[i : i + 1], build([target_params[i]], [seeds[i]], [steps[i]], vocab=v)).token_ids.item()
+        for i in range(n)
+    ]
 
     # Interleave with unrelated rows (greedy, penalised, other seeds) in a shuffled order.
     other = torch.randn(n, v, generator=gen)
-    other_params = [SamplingParams(temperature=0) if i % 2 else SamplingParams(min_p=0.1, frequency_penalty=1.0)
-                    for i in range(n)]
+    other_params = [
+        SamplingParams(temperature=0) if i % 2 else SamplingParams(min_p=0.1, frequency_penalty=1.0) for i in range(n)
+    ]
     rows = [("t", i) for i in range(n)] + [("o", i) for i in range(n)]
     perm = torch.randperm(len(rows), generator=gen).tolist()
     rows = [rows[j] for j in perm]
@@ -319,6 +337,7 @@ def test_consecutive_steps_are_independent():
 
 # ---- logprobs ---------------------------------------------------------------------------------------------
 
+
 def test_logprobs_are_raw_log_softmax():
     gen = torch.Generator().manual_seed(5)
     v = 64
@@ -352,6 +371,7 @@ def test_logprobs_without_top_alternatives():
 
 # ---- mixed batches ----------------------------------------------------------------------------------------
 
+
 def test_mixed_batch_rows_match_solo_runs():
     gen = torch.Generator().manual_seed(6)
     v = 200
@@ -372,14 +392,16 @@ def test_mixed_batch_rows_match_solo_runs():
     outputs = [torch.randint(0, v, (i,), generator=gen).tolist() for i in range(n)]
     together = sample(logits, build(params, seeds, steps, prompts, outputs, vocab=v)).token_ids.tolist()
     for i in range(n):
-        solo = sample(logits[i:i + 1], build([params[i]], [seeds[i]], [steps[i]], [prompts[i]], [outputs[i]],
-                                             vocab=v)).token_ids.item()
+        solo = sample(
+            logits[i : i + 1], build([params[i]], [seeds[i]], [steps[i]], [prompts[i]], [outputs[i]], vocab=v)
+        ).token_ids.item()
         assert together[i] == solo, f"row {i}"
     # Greedy rows also agree with the explicit penalty formulas.
     for i in (0, 2, 5):
         p = params[i]
-        ref = ref_penalise(logits[i].tolist(), prompts[i], outputs[i], p.repetition_penalty,
-                           p.frequency_penalty, p.presence_penalty)
+        ref = ref_penalise(
+            logits[i].tolist(), prompts[i], outputs[i], p.repetition_penalty, p.frequency_penalty, p.presence_penalty
+        )
         assert together[i] == int(np.argmax(ref))
 
 

@@ -11,7 +11,6 @@ import math
 
 import httpx
 import pytest
-
 from server_util import TINY_ARGS, chat_ids, hf_greedy, serve, tiny_checkpoint
 
 NAME = "tiny"
@@ -50,8 +49,7 @@ def decode(tok, ids: list[int]) -> str:
 
 def greedy(extra: dict | None = None, **kw) -> dict:
     """Arguments of a greedy request for N_TOKENS tokens (EOS ignored: a random model may emit it anywhere)."""
-    return dict(model=NAME, temperature=0, max_tokens=N_TOKENS, extra_body={"ignore_eos": True, **(extra or {})},
-                **kw)
+    return dict(model=NAME, temperature=0, max_tokens=N_TOKENS, extra_body={"ignore_eos": True, **(extra or {})}, **kw)
 
 
 # ---- chat ----------------------------------------------------------------------------------------------------
@@ -71,10 +69,16 @@ def test_chat_greedy_matches_transformers_streamed_and_not(server, tok, hf):
     assert r.choices[0].message.content == decode(tok, ref_tokens)
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
-        len(ids), N_TOKENS, len(ids) + N_TOKENS)
+        len(ids),
+        N_TOKENS,
+        len(ids) + N_TOKENS,
+    )
 
-    chunks = list(client.chat.completions.create(messages=MESSAGES, stream=True,
-                                                 stream_options={"include_usage": True}, **greedy()))
+    chunks = list(
+        client.chat.completions.create(
+            messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **greedy()
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -125,8 +129,10 @@ def test_chat_n_and_seed(server):
     assert [x.message.content for x in c.choices] != texts
     # streamed samples are the same samples
     chunks = list(client.chat.completions.create(seed=7, n=3, stream=True, **kw))
-    streamed = ["".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
-                for i in range(3)]
+    streamed = [
+        "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
+        for i in range(3)
+    ]
     assert streamed == texts
 
 
@@ -162,8 +168,9 @@ def test_completions_async_greedy_streamed_and_not(server, tok, hf):
     async def run():
         client = server.async_client()
         r = await client.completions.create(prompt=PROMPT, logprobs=2, **greedy())
-        stream = await client.completions.create(prompt=PROMPT, stream=True, stream_options={"include_usage": True},
-                                                 **greedy())
+        stream = await client.completions.create(
+            prompt=PROMPT, stream=True, stream_options={"include_usage": True}, **greedy()
+        )
         chunks = [c async for c in stream]
         await client.close()
         return r, chunks
@@ -216,8 +223,15 @@ def test_48_concurrent_streams_complete_with_their_lengths(server):
 
     async def one(client, i: int, n: int) -> tuple[int, str | None, int]:
         stream = await client.chat.completions.create(
-            model=NAME, messages=[{"role": "user", "content": f"request {i}"}], max_tokens=n, temperature=0.8,
-            seed=i, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            model=NAME,
+            messages=[{"role": "user", "content": f"request {i}"}],
+            max_tokens=n,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         reason, usage = None, None
         async for c in stream:
             if c.choices and c.choices[0].finish_reason:
@@ -257,12 +271,27 @@ BAD = [
     (CHAT, {"messages": USER, "presence_penalty": 3}, 400, "presence_penalty", None),
     (CHAT, {"messages": USER, "seed": 2**70}, 400, "seed", None),
     (CHAT, {"messages": USER, "max_tokens": 5000}, 400, "max_tokens", "context_length_exceeded"),
-    (CHAT, {"messages": [{"role": "user", "content": "hi " * 1000}], "max_tokens": 4}, 400, "messages",
-     "context_length_exceeded"),
-    (CHAT, {"messages": [{"role": "user", "content": "hi " * 300}], "max_tokens": 800}, 400, "max_tokens",
-     "context_length_exceeded"),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
-     "messages", None),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "hi " * 1000}], "max_tokens": 4},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "hi " * 300}], "max_tokens": 800},
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    ),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages",
+        None,
+    ),
     (CHAT, {"messages": USER, "stop_token_ids": [384]}, 400, "stop_token_ids", None),
     (CHAT, {"messages": USER, "model": "gpt-4"}, 404, "model", "model_not_found"),
     (COMPLETIONS, {"prompt": [1, 2, 384]}, 400, "prompt", None),
@@ -306,9 +335,17 @@ def test_server_survives_bad_input(server, tok, hf):
 
 def test_metrics_are_prometheus(server):
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("num_running_reqs", "num_queue_reqs", "token_usage", "cache_hit_rate", "prompt_tokens_total",
-                 "generation_tokens_total", "time_to_first_token_seconds_bucket",
-                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_count"):
+    for name in (
+        "num_running_reqs",
+        "num_queue_reqs",
+        "token_usage",
+        "cache_hit_rate",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_bucket",
+        "inter_token_latency_seconds_bucket",
+        "e2e_request_latency_seconds_count",
+    ):
         assert f"minisgl:{name}{{" in text, name
     m = server.metrics()
     assert m["minisgl:prompt_tokens_total"] > 0 and m["minisgl:num_running_reqs"] == 0

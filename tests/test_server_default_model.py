@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from server_util import serve
 
 from minisgl.models.default_model import default_model_path
-from server_util import serve
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,9 @@ def test_default_model_is_listed_and_chats(server):
     expected = os.path.splitext(os.path.basename(default_model_path()))[0]
     models = client.models.list().data
     assert [m.id for m in models] == [expected]
-    r = client.chat.completions.create(model=expected, messages=[{"role": "user", "content": "What is 2+2?"}],
-                                       max_tokens=8, temperature=0)
+    r = client.chat.completions.create(
+        model=expected, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=8, temperature=0
+    )
     answer = r.choices[0].message.content
     assert answer.strip() and "\ufffd" not in answer
     assert 1 <= r.usage.completion_tokens <= 8 and r.choices[0].finish_reason in ("stop", "length")

@@ -12,9 +12,7 @@ import sys
 
 import httpx
 import pytest
-
-from server_util import (REPO, TINY_ARGS, free_port, minisgl_env, serve, tiny_checkpoint, wait_for,
-                         wait_gone)
+from server_util import REPO, TINY_ARGS, free_port, minisgl_env, serve, tiny_checkpoint, wait_for, wait_gone
 
 MAX_TOKENS = 16000  # seconds of decoding: only an abort ends such a request within the test
 
@@ -26,8 +24,13 @@ def server(tmp_path_factory):
 
 
 def body(server, stream: bool) -> dict:
-    return {"messages": [{"role": "user", "content": "go on"}], "max_tokens": MAX_TOKENS, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
+    return {
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 def idle_after_abort(server, tokens_before: float) -> None:
@@ -55,8 +58,13 @@ def test_disconnect_while_waiting_for_a_whole_answer_aborts(server):
 
 
 def test_server_still_serves_after_aborts(server):
-    r = server.client().completions.create(model=server.client().models.list().data[0].id, prompt="hello",
-                                           max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    r = server.client().completions.create(
+        model=server.client().models.list().data[0].id,
+        prompt="hello",
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
 
 
@@ -88,7 +96,15 @@ def test_port_in_use_fails_before_loading(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "minisgl", "--model", tiny_checkpoint(tmp_path_factory), *TINY_ARGS,
-               "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "minisgl",
+            "--model",
+            tiny_checkpoint(tmp_path_factory),
+            *TINY_ARGS,
+            "--port",
+            str(port),
+        ]
         p = subprocess.run(cmd, env=minisgl_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in p.stderr

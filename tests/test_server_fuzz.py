@@ -13,7 +13,6 @@ import random
 
 import httpx
 import pytest
-
 from server_util import TINY_ARGS, serve, tiny_checkpoint
 
 SEED = 1234
@@ -39,38 +38,83 @@ def _breakages(endpoint: str, model: str, rng: random.Random) -> list:
     chat = endpoint == "/v1/chat/completions"
     big = rng.choice([2**63, 2**70, -(2**64)])
     out: list = [
-        ("model", s), ("model", model + s), ("model", 12), ("model", ["x"]),
-        ("temperature", -rng.random() - 0.01), ("temperature", "hot"), ("top_p", 1 + rng.random()),
-        ("top_p", 0), ("top_k", -5), ("min_p", 2.0), ("n", 0), ("n", 10_000), ("n", big),
-        ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", big), ("max_tokens", 10**9),
-        ("seed", big), ("seed", "x"), ("frequency_penalty", 3.5), ("presence_penalty", -9),
-        ("repetition_penalty", 0), ("stop", [s]), ("stop", 5), ("stop_token_ids", [-1]),
-        ("stop_token_ids", [10**7]), ("stream", "maybe"), ("stream_options", 3),
-        ("regex", "(" * rng.randint(1, 5)), ("regex", s), ("ebnf", "root ::= " + s), ("ebnf", "root := x"),
-        ("json_schema", "{not json"), ("json_schema", json.dumps({"type": rng.choice([1, "nope", s])})),
-        ("regex", "[a-z]"), ("logprobs", "many"),
+        ("model", s),
+        ("model", model + s),
+        ("model", 12),
+        ("model", ["x"]),
+        ("temperature", -rng.random() - 0.01),
+        ("temperature", "hot"),
+        ("top_p", 1 + rng.random()),
+        ("top_p", 0),
+        ("top_k", -5),
+        ("min_p", 2.0),
+        ("n", 0),
+        ("n", 10_000),
+        ("n", big),
+        ("max_tokens", 0),
+        ("max_tokens", -3),
+        ("max_tokens", big),
+        ("max_tokens", 10**9),
+        ("seed", big),
+        ("seed", "x"),
+        ("frequency_penalty", 3.5),
+        ("presence_penalty", -9),
+        ("repetition_penalty", 0),
+        ("stop", [s]),
+        ("stop", 5),
+        ("stop_token_ids", [-1]),
+        ("stop_token_ids", [10**7]),
+        ("stream", "maybe"),
+        ("stream_options", 3),
+        ("regex", "(" * rng.randint(1, 5)),
+        ("regex", s),
+        ("ebnf", "root ::= " + s),
+        ("ebnf", "root := x"),
+        ("json_schema", "{not json"),
+        ("json_schema", json.dumps({"type": rng.choice([1, "nope", s])})),
+        ("regex", "[a-z]"),
+        ("logprobs", "many"),
     ]
     if chat:
         out += [
-            ("messages", []), ("messages", "hi"), ("messages", [{"content": "no role"}]),
-            ("messages", [{"role": "user", "content": s}]), ("messages", [{"role": "user", "content": [{"type":
-                                                                                                    "image_url"}]}]),
-            ("response_format", {"type": rng.choice(["xml", "yaml", s, ""])}), ("response_format", "json"),
+            ("messages", []),
+            ("messages", "hi"),
+            ("messages", [{"content": "no role"}]),
+            ("messages", [{"role": "user", "content": s}]),
+            ("messages", [{"role": "user", "content": [{"type": "image_url"}]}]),
+            ("response_format", {"type": rng.choice(["xml", "yaml", s, ""])}),
+            ("response_format", "json"),
             ("response_format", {"type": "json_schema"}),
             ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": s}}}),
-            ("tool_choice", "required"), ("tools", [{"type": "retrieval"}]),
+            ("tool_choice", "required"),
+            ("tools", [{"type": "retrieval"}]),
             ("tools", [{"type": "function", "function": {"name": "f"}}], "tool_choice", s),
-            ("top_logprobs", 5), ("top_logprobs", 50, "logprobs", True),
+            ("top_logprobs", 5),
+            ("top_logprobs", 50, "logprobs", True),
         ]
     else:
         out += [
-            ("prompt", s), ("prompt", []), ("prompt", [10**7]), ("prompt", [[1, -2]]), ("prompt", None),
-            ("prompt", {"text": "x"}), ("echo", True, "logprobs", 2), ("logprobs", 50),
+            ("prompt", s),
+            ("prompt", []),
+            ("prompt", [10**7]),
+            ("prompt", [[1, -2]]),
+            ("prompt", None),
+            ("prompt", {"text": "x"}),
+            ("echo", True, "logprobs", 2),
+            ("logprobs", 50),
         ]
-    out += [b"", b"{", b"[]", b"null", b"\xff\xfe{}", b'{"model": "\\ud83d"', b"NaN",
-            json.dumps(_base(endpoint, model))[:-1].encode() + b', "temperature": NaN}',
-            json.dumps(_base(endpoint, model))[:-1].encode() + b', "top_p": Infinity}',
-            b'{"messages": ' + b"[" * 2000 + b"]" * 2000 + b"}"]
+    out += [
+        b"",
+        b"{",
+        b"[]",
+        b"null",
+        b"\xff\xfe{}",
+        b'{"model": "\\ud83d"',
+        b"NaN",
+        json.dumps(_base(endpoint, model))[:-1].encode() + b', "temperature": NaN}',
+        json.dumps(_base(endpoint, model))[:-1].encode() + b', "top_p": Infinity}',
+        b'{"messages": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+    ]
     return out
 
 

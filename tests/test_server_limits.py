@@ -12,20 +12,33 @@ import signal
 import httpx
 import openai
 import pytest
-
 from server_util import TINY_ARGS, serve, tiny_checkpoint, wait_for, wait_gone
 
 KEY = "sk-test-key"
 TIMEOUT_S = 8  # the running request must outlive the queue checks even on a busy 2-core machine
-LONG = dict(model=None, messages=[{"role": "user", "content": "go on"}], max_tokens=16000, temperature=0,
-            extra_body={"ignore_eos": True})
+LONG = dict(
+    model=None,
+    messages=[{"role": "user", "content": "go on"}],
+    max_tokens=16000,
+    temperature=0,
+    extra_body={"ignore_eos": True},
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = tiny_checkpoint(tmp_path_factory, long=True)
-    args = ["--model", ckpt, *TINY_ARGS, "--max-running-requests", "1", "--max-queued-requests", "2",
-            "--request-timeout", str(TIMEOUT_S)]
+    args = [
+        "--model",
+        ckpt,
+        *TINY_ARGS,
+        "--max-running-requests",
+        "1",
+        "--max-queued-requests",
+        "2",
+        "--request-timeout",
+        str(TIMEOUT_S),
+    ]
     yield from serve(tmp_path_factory, "server-limits", args, api_key=KEY)
 
 
@@ -73,8 +86,13 @@ def test_queue_beyond_limit_is_refused_with_503(server):
     body = err.response.json()["error"]
     assert body["code"] == "server_overloaded" and body["type"] == "server_error"
     assert "overloaded" in body["message"] and "2 requests" in body["message"]
-    assert wait_for(lambda: server.metrics().get("minisgl:num_running_reqs") == 0 and
-                    server.metrics().get("minisgl:num_queue_reqs") == 0, 10)
+    assert wait_for(
+        lambda: (
+            server.metrics().get("minisgl:num_running_reqs") == 0
+            and server.metrics().get("minisgl:num_queue_reqs") == 0
+        ),
+        10,
+    )
 
 
 def test_request_timeout_ends_request_and_frees_it(server):
@@ -87,8 +105,13 @@ def test_request_timeout_ends_request_and_frees_it(server):
     assert wait_for(lambda: server.metrics().get("minisgl:num_running_reqs") == 0, 5)
 
     # a stream that outlives the timeout ends with an error event, then [DONE]
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**long_request(server), "stream": True},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json={**long_request(server), "stream": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    ) as r:
         assert r.status_code == 200
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and '"request_timeout"' in events[-2]

@@ -7,14 +7,42 @@ import shutil
 import pytest
 import zmq
 
-from minisgl.message import (AbortReq, DetokenizeReq, GenerateReq, IpcPaths, ModelInfo, ReqError, StatsMsg,
-                             StrOutput, StrOutputBatch, TokenizedGenerateReq, TokenizeReq, TokenizeResult,
-                             TokenLogprob, TokenOutputBatch, inbox, outbox, pack, recv, send, unpack)
+from minisgl.message import (
+    AbortReq,
+    DetokenizeReq,
+    GenerateReq,
+    IpcPaths,
+    ModelInfo,
+    ReqError,
+    StatsMsg,
+    StrOutput,
+    StrOutputBatch,
+    TokenizedGenerateReq,
+    TokenizeReq,
+    TokenizeResult,
+    TokenLogprob,
+    TokenOutputBatch,
+    inbox,
+    outbox,
+    pack,
+    recv,
+    send,
+    unpack,
+)
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.io import SchedulerStats, TokenOutput
 
-PARAMS = SamplingParams(temperature=0.7, top_k=5, seed=2**62, max_tokens=9, stop=["\n\n", "東"], stop_token_ids=[3],
-                        n=2, logprobs=True, top_logprobs=2)
+PARAMS = SamplingParams(
+    temperature=0.7,
+    top_k=5,
+    seed=2**62,
+    max_tokens=9,
+    stop=["\n\n", "東"],
+    stop_token_ids=[3],
+    n=2,
+    logprobs=True,
+    top_logprobs=2,
+)
 MESSAGES = [
     GenerateReq("r1", PARAMS, messages=[{"role": "user", "content": "héllo 😀"}], max_tokens=None, echo=True),
     GenerateReq("r2", SamplingParams(), input_ids=[1, 2, 3], skip_special_tokens=False),
@@ -27,8 +55,9 @@ MESSAGES = [
     TokenOutputBatch([TokenOutput("r1", 1, [7], True, "stop", [-0.5], [[[7, -0.5], [8, -1.25]]], 3, 1)]),
     StatsMsg(SchedulerStats(2, 1, 0.25, 0.5, 10, 20, {"retractions": 1})),
     ReqError("r1", "bad", 400, "max_tokens", "context_length_exceeded"),
-    StrOutputBatch([StrOutput("r1", 0, "東", True, "length", 1, 3, 4, 0,
-                              [TokenLogprob("東", 9, -0.1, [["東", -0.1]])], "prompt")]),
+    StrOutputBatch(
+        [StrOutput("r1", 0, "東", True, "length", 1, 3, 4, 0, [TokenLogprob("東", 9, -0.1, [["東", -0.1]])], "prompt")]
+    ),
     TokenizeResult("t", [1, 2], "ab", 1024),
 ]
 

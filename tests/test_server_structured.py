@@ -15,7 +15,6 @@ import httpx
 import jsonschema
 import pytest
 from pydantic import BaseModel, Field
-
 from server_util import serve
 
 pytestmark = pytest.mark.slow
@@ -35,8 +34,10 @@ ADDRESS = {
     "properties": {
         "address": {
             "type": "object",
-            "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-                           "city": {"type": "string", "minLength": 1, "maxLength": 20}},
+            "properties": {
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                "city": {"type": "string", "minLength": 1, "maxLength": 20},
+            },
             "required": ["zip", "city"],
             "additionalProperties": False,
         },
@@ -48,8 +49,12 @@ ADDRESS = {
 SCORES = {
     "type": "object",
     "properties": {
-        "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 10}, "minItems": 2,
-                   "maxItems": 4},
+        "scores": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0, "maximum": 10},
+            "minItems": 2,
+            "maxItems": 4,
+        },
         "passed": {"type": "boolean"},
         "level": {"enum": ["low", "mid", "high"]},
     },
@@ -61,16 +66,26 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
-                                                        "unit": {"enum": ["celsius", "fahrenheit"]}},
-                       "required": ["city", "unit"], "additionalProperties": False},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 24}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
     },
 }
 TIME_TOOL = {
     "type": "function",
-    "function": {"name": "get_time", "description": "Local time in a time zone",
-                 "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 24}},
-                                "required": ["zone"], "additionalProperties": False}},
+    "function": {
+        "name": "get_time",
+        "description": "Local time in a time zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 24}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
 }
 
 
@@ -86,8 +101,13 @@ def model(server):
 
 
 def chat(server, model, **kw) -> httpx.Response:
-    body = {"model": model, "messages": [{"role": "user", "content": "Give me an example record."}],
-            "temperature": 1.0, "max_tokens": 160, **kw}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Give me an example record."}],
+        "temperature": 1.0,
+        "max_tokens": 160,
+        **kw,
+    }
     return server.post("/v1/chat/completions", json=body)
 
 
@@ -113,8 +133,14 @@ def test_json_object_and_sglang_fields(server, model):
     assert r.status_code == 200, r.text
     assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)
     # SGLang's json_schema field (a string) on completions
-    body = {"model": model, "prompt": "A user record:", "max_tokens": 160, "temperature": 1.0, "seed": 6,
-            "json_schema": json.dumps(PERSON)}
+    body = {
+        "model": model,
+        "prompt": "A user record:",
+        "max_tokens": 160,
+        "temperature": 1.0,
+        "seed": 6,
+        "json_schema": json.dumps(PERSON),
+    }
     r = server.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     jsonschema.validate(json.loads(r.json()["choices"][0]["text"]), PERSON)
@@ -131,8 +157,10 @@ def test_regex_and_ebnf_match_exactly(server, model, endpoint):
                 r = chat(server, model, seed=seed, **{field: value})
                 text = r.json()["choices"][0]["message"]["content"]
             else:
-                r = server.post("/v1/completions", json={"model": model, "prompt": "Today:", "max_tokens": 40,
-                                                         "seed": seed, field: value})
+                r = server.post(
+                    "/v1/completions",
+                    json={"model": model, "prompt": "Today:", "max_tokens": 40, "seed": seed, field: value},
+                )
                 text = r.json()["choices"][0]["text"]
             assert r.status_code == 200, r.text
             assert re.fullmatch(pattern, text), (field, text)
@@ -141,8 +169,13 @@ def test_regex_and_ebnf_match_exactly(server, model, endpoint):
 def test_streamed_json_parses(server, model):
     rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
     stream = server.client().chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "A person"}], response_format=rf, stream=True, seed=9,
-        max_tokens=160)
+        model=model,
+        messages=[{"role": "user", "content": "A person"}],
+        response_format=rf,
+        stream=True,
+        seed=9,
+        max_tokens=160,
+    )
     parts, reasons = [], []
     for chunk in stream:
         for c in chunk.choices:
@@ -160,8 +193,12 @@ def test_openai_sdk_parse_pydantic(server, model):
 
     for seed in (1, 2):
         r = server.client().chat.completions.parse(
-            model=model, messages=[{"role": "user", "content": "Invent a person."}], response_format=Person,
-            seed=seed, max_tokens=160)
+            model=model,
+            messages=[{"role": "user", "content": "Invent a person."}],
+            response_format=Person,
+            seed=seed,
+            max_tokens=160,
+        )
         assert isinstance(r.choices[0].message.parsed, Person)
 
 
@@ -176,8 +213,9 @@ def test_langchain_structured_output_and_tools(server, model):
         country: str = Field(max_length=20)
         size: Literal["small", "big"]
 
-    llm = ChatOpenAI(model=model, base_url=f"{server.url}/v1", api_key="none", temperature=1.0, max_tokens=160,
-                     seed=3, max_retries=0)
+    llm = ChatOpenAI(
+        model=model, base_url=f"{server.url}/v1", api_key="none", temperature=1.0, max_tokens=160, seed=3, max_retries=0
+    )
     for method in ("json_schema", "function_calling"):
         out = llm.with_structured_output(City, method=method).invoke("Name a city.")
         assert isinstance(out, City), method
@@ -193,15 +231,23 @@ def test_langchain_structured_output_and_tools(server, model):
     msg = llm.bind_tools([get_weather], tool_choice="any").invoke("What's the weather in Paris?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
     assert set(msg.tool_calls[0]["args"]) == {"city", "unit"} and msg.tool_calls[0]["args"]["unit"] in (
-        "celsius", "fahrenheit")
+        "celsius",
+        "fahrenheit",
+    )
 
 
 def test_tool_calls_required_named_and_streamed(server, model):
     client = server.client()
     messages = [{"role": "user", "content": "What's the weather in Paris and the time in Tokyo?"}]
     for seed in (1, 2, 3):
-        r = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL],
-                                           tool_choice="required", seed=seed, max_tokens=200)
+        r = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            tools=[WEATHER_TOOL, TIME_TOOL],
+            tool_choice="required",
+            seed=seed,
+            max_tokens=200,
+        )
         c = r.choices[0]
         assert c.finish_reason == "tool_calls" and c.message.tool_calls
         for call in c.message.tool_calls:
@@ -210,8 +256,15 @@ def test_tool_calls_required_named_and_streamed(server, model):
             assert call.id and call.type == "function"
     named = {"type": "function", "function": {"name": "get_time"}}
     for seed in (4, 5):
-        stream = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL],
-                                                tool_choice=named, seed=seed, max_tokens=200, stream=True)
+        stream = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            tools=[WEATHER_TOOL, TIME_TOOL],
+            tool_choice=named,
+            seed=seed,
+            max_tokens=200,
+            stream=True,
+        )
         calls: dict[int, dict] = {}
         reason = None
         for chunk in stream:
@@ -231,17 +284,26 @@ def test_tool_calls_required_named_and_streamed(server, model):
 def test_tool_result_turn_is_answered(server, model):
     messages = [
         {"role": "user", "content": "What's the weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "sunny"}'},
     ]
     # The tool result reaches the prompt (rendered into the template as the model's format expects it).
     tok = server.post("/tokenize", json={"model": model, "messages": messages}).json()
     detok = server.post("/detokenize", json={"model": model, "tokens": tok["tokens"]}).json()["text"]
-    assert '"sky": "sunny"' in detok and '<tool_call>' in detok
-    r = server.client().chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL], seed=1,
-                                                max_tokens=40)
+    assert '"sky": "sunny"' in detok and "<tool_call>" in detok
+    r = server.client().chat.completions.create(
+        model=model, messages=messages, tools=[WEATHER_TOOL], seed=1, max_tokens=40
+    )
     c = r.choices[0]
     assert c.finish_reason in ("stop", "length", "tool_calls")
     assert c.message.content or c.message.tool_calls
@@ -267,18 +329,23 @@ def test_constrained_and_unconstrained_share_a_batch(server, model):
             jsonschema.validate(json.loads(content), PERSON)
 
 
-@pytest.mark.parametrize("body,needle", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}},
-     "json_schema"),
-    ({"regex": "(((", "max_tokens": 4}, "regex"),
-    ({"ebnf": "root ::= ", "max_tokens": 4}, "ebnf"),
-    ({"response_format": {"type": "xml"}}, "response_format"),
-    ({"regex": "a", "ebnf": 'root ::= "a"'}, "at most one"),
-    ({"tool_choice": "required"}, "tools"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "at most"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}},
+            "json_schema",
+        ),
+        ({"regex": "(((", "max_tokens": 4}, "regex"),
+        ({"ebnf": "root ::= ", "max_tokens": 4}, "ebnf"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"regex": "a", "ebnf": 'root ::= "a"'}, "at most one"),
+        ({"tool_choice": "required"}, "tools"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "at most"),
+    ],
+)
 def test_invalid_constraints_are_400_and_server_keeps_serving(server, model, body, needle):
     r = chat(server, model, **body)
     assert r.status_code == 400, r.text

@@ -14,10 +14,9 @@ TEXTS = ["the café 東京 😀 the", "héllo wörld, naïve café, 東京, 😀
 
 
 def byte_level_tokenizer():
+    from checkpoints import _tokenizer_json
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-
-    from checkpoints import _tokenizer_json
 
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token="<|endoftext|>")
 
@@ -37,8 +36,9 @@ def byte_fallback_tokenizer():
         vocab[a + b] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 

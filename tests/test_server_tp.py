@@ -4,7 +4,6 @@ whole server going down when one tensor-parallel rank dies."""
 from __future__ import annotations
 
 import pytest
-
 from server_util import TINY_ARGS, chat_ids, hf_greedy, serve, start_server, tiny_checkpoint, wait_gone
 
 MESSAGES = [{"role": "user", "content": "Name a capital city."}]
@@ -22,9 +21,8 @@ def server(ckpt, tmp_path_factory):
 
 
 def test_tp2_greedy_equals_single_rank(server, ckpt):
-    from transformers import AutoTokenizer
-
     from engine_util import hf_model
+    from transformers import AutoTokenizer
 
     tok, hf = AutoTokenizer.from_pretrained(ckpt), hf_model(ckpt)
     client = server.client()
@@ -58,25 +56,34 @@ def test_two_nodes_through_the_cli(ckpt, tmp_path):
     import subprocess
     import sys
 
-    from transformers import AutoTokenizer
-
     from engine_util import hf_model
     from server_util import REPO, free_port, minisgl_env
+    from transformers import AutoTokenizer
 
     addr = f"127.0.0.1:{free_port()}"
     multi = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", addr]
     with open(tmp_path / "node1.log", "w") as log:
-        node1 = subprocess.Popen([sys.executable, "-m", "minisgl", "--model", ckpt, *TINY_ARGS, *multi,
-                                  "--node-rank", "1"], stdout=log, stderr=subprocess.STDOUT, env=minisgl_env(),
-                                 cwd=REPO, start_new_session=True)
+        node1 = subprocess.Popen(
+            [sys.executable, "-m", "minisgl", "--model", ckpt, *TINY_ARGS, *multi, "--node-rank", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=minisgl_env(),
+            cwd=REPO,
+            start_new_session=True,
+        )
     try:
         server = start_server(["--model", ckpt, *TINY_ARGS, *multi, "--node-rank", "0"], str(tmp_path / "node0.log"))
         try:
             tok, hf = AutoTokenizer.from_pretrained(ckpt), hf_model(ckpt)
             client = server.client()
             prompt = "The quick brown fox"
-            r = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, temperature=0,
-                                          max_tokens=N_TOKENS, extra_body={"ignore_eos": True})
+            r = client.completions.create(
+                model=client.models.list().data[0].id,
+                prompt=prompt,
+                temperature=0,
+                max_tokens=N_TOKENS,
+                extra_body={"ignore_eos": True},
+            )
             ref = tok.decode(hf_greedy(hf, tok.encode(prompt), N_TOKENS)[0], skip_special_tokens=True)
             assert r.choices[0].text == ref
         finally:

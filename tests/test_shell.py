@@ -15,7 +15,6 @@ import termios
 import time
 
 import pytest
-
 from server_util import REPO, chat_ids, hf_greedy, minisgl_env, tiny_checkpoint
 
 MAX_TOKENS = 12
@@ -37,9 +36,8 @@ def ckpt(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def reference(ckpt):
     """answer(messages) -> the shell's expected answer: greedy until EOS or MAX_TOKENS, decoded."""
-    from transformers import AutoTokenizer
-
     from engine_util import hf_model
+    from transformers import AutoTokenizer
 
     tok, hf = AutoTokenizer.from_pretrained(ckpt), hf_model(ckpt)
 
@@ -54,8 +52,22 @@ def reference(ckpt):
 
 
 def shell_cmd(ckpt: str) -> list[str]:
-    return [sys.executable, "-m", "minisgl", "--shell", "--model", ckpt, "--device", "cpu", "--dtype", "float32",
-            "--max-total-tokens", "8192", "--log-level", "warning"]
+    return [
+        sys.executable,
+        "-m",
+        "minisgl",
+        "--shell",
+        "--model",
+        ckpt,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--max-total-tokens",
+        "8192",
+        "--log-level",
+        "warning",
+    ]
 
 
 class Terminal:
@@ -103,8 +115,9 @@ def test_shell_in_a_pseudo_terminal(ckpt, reference):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
     env = minisgl_env(TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
-    proc = subprocess.Popen(shell_cmd(ckpt), stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        shell_cmd(ckpt), stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO, start_new_session=True
+    )
     os.close(slave)
     term = Terminal(master)
     try:
@@ -149,8 +162,9 @@ def test_shell_in_a_pseudo_terminal(ckpt, reference):
 
 def test_shell_reads_a_pipe_until_eof(ckpt, reference):
     lines = f"/set max_tokens {MAX_TOKENS}\nName a capital city.\n"
-    p = subprocess.run(shell_cmd(ckpt), input=lines, capture_output=True, text=True, env=minisgl_env(), cwd=REPO,
-                       timeout=120)
+    p = subprocess.run(
+        shell_cmd(ckpt), input=lines, capture_output=True, text=True, env=minisgl_env(), cwd=REPO, timeout=120
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     answer, prompt_tokens = reference([{"role": "user", "content": "Name a capital city."}])
     assert answer in p.stdout

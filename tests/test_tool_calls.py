@@ -9,8 +9,12 @@ import pytest
 
 from minisgl.tokenizer.tool_calls import get_format, inject_tools
 
-CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {"zone": "Asia/Tokyo"}),
-         ("noop", {}), ("nested", {"a": {"b": [1, 2, {"c": "}"}]}, "s": "</tool_call"})]
+CALLS = [
+    ("get_weather", {"city": "Paris", "unit": "celsius"}),
+    ("get_time", {"zone": "Asia/Tokyo"}),
+    ("noop", {}),
+    ("nested", {"a": {"b": [1, 2, {"c": "}"}]}, "s": "</tool_call"}),
+]
 
 
 @pytest.mark.parametrize("parser", ["hermes", "llama3-json"])
@@ -60,10 +64,16 @@ def test_stream_assembles_the_same_calls_in_any_chunking(parser, seed):
 
 def test_inject_tools_for_templates_without_a_tool_section():
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": None,
-             "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
-            {"role": "tool", "tool_call_id": "1", "content": "42"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}],
+        },
+        {"role": "tool", "tool_call_id": "1", "content": "42"},
+    ]
     out = inject_tools(msgs, tools, get_format("hermes"))
     assert out[0]["role"] == "system" and out[0]["content"].startswith("Be brief.")
     assert '"name": "f"' in out[0]["content"]
@@ -77,8 +87,9 @@ def test_parallel_tool_calls_false_keeps_one_call(parallel):
     from minisgl.server import structured
 
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    req = P.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=[tool],
-                                  parallel_tool_calls=parallel)
+    req = P.ChatCompletionRequest(
+        messages=[{"role": "user", "content": "x"}], tools=[tool], parallel_tool_calls=parallel
+    )
     plan = structured.tool_plan(req, "hermes")
     fmt = get_format("hermes")
     _, calls = structured.tool_calls(plan, fmt.render_call("f", {"a": 1}) + "\n" + fmt.render_call("f", {"a": 2}))

@@ -6,9 +6,9 @@ import time
 
 import psutil
 import pytest
-
 from checkpoints import build_checkpoint
 from engine_util import random_prompts
+
 from minisgl import LLM, SamplingParams
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_neox"]
@@ -101,8 +101,9 @@ def _start_nodes(path: str):
 
     addr = f"127.0.0.1:{free_port()}"
     node1 = subprocess.Popen([sys.executable, "-c", _node_script(path, 1, addr)])
-    node0 = subprocess.Popen([sys.executable, "-c", _node_script(path, 0, addr)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    node0 = subprocess.Popen(
+        [sys.executable, "-c", _node_script(path, 0, addr)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     return node0, node1
 
 

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from checkpoints import build_checkpoint  # noqa: E402
 from engine_util import engine_prefill_logits, hf_model, random_prompts, teacher_forced_greedy  # noqa: E402
+
 from minisgl import LLM, SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)

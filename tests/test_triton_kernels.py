@@ -18,8 +18,10 @@ from minisgl.kernels.extend_attention import extend_attention, extend_blocks, ex
 from minisgl.kernels.kv_store import store_kv  # noqa: E402
 from minisgl.kernels.norm import fused_add_rmsnorm, rmsnorm  # noqa: E402
 from minisgl.kernels.rotary import rotary_  # noqa: E402
-from minisgl.layers.rotary import RotaryEmbedding  # noqa: E402
-from minisgl.layers.rotary import RopeConfig  # noqa: E402
+from minisgl.layers.rotary import (
+    RopeConfig,  # noqa: E402
+    RotaryEmbedding,  # noqa: E402
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -68,8 +70,13 @@ def paged_cache(
 
 
 def reference_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, page_size: int,
-    query_pos: list[int], scale: float,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pages: torch.Tensor,
+    page_size: int,
+    query_pos: list[int],
+    scale: float,
 ) -> torch.Tensor:
     """float64 attention of queries q [n, Hq, D] at absolute positions `query_pos` of one sequence."""
     kv_len = max(query_pos) + 1

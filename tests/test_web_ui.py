@@ -16,12 +16,19 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-
 from server_util import TINY_ARGS, serve, tiny_checkpoint, wait_for
 
 CHROMIUM = os.environ.get("MINISGL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 KEY = "sk-web-test"
 ANSWER_TIMEOUT_MS = 180_000
 
@@ -30,8 +37,9 @@ ANSWER_TIMEOUT_MS = 180_000
 def server(tmp_path_factory):
     # The default dtype, as a user runs it (float32 decodes far slower on the CPU). Without the prefix cache: the page's
     # request and the API's reference share a prompt, and a cache hit must not be what decides the comparison.
-    yield from serve(tmp_path_factory, "web-default", ["--device", "cpu", "--max-total-tokens", "4096",
-                                                      "--disable-radix-cache"])
+    yield from serve(
+        tmp_path_factory, "web-default", ["--device", "cpu", "--max-total-tokens", "4096", "--disable-radix-cache"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +121,11 @@ class Chat:
 
     def seed(self, chats: list[dict]) -> None:
         """Replace the stored conversations and reload (the page reads them at start)."""
-        self.page.evaluate("(c) => { localStorage.setItem('minisgl.chats.v1', JSON.stringify(c));"
-                           " localStorage.setItem('minisgl.current.v1', c[0].id); }", chats)
+        self.page.evaluate(
+            "(c) => { localStorage.setItem('minisgl.chats.v1', JSON.stringify(c));"
+            " localStorage.setItem('minisgl.current.v1', c[0].id); }",
+            chats,
+        )
         self.page.reload()
 
     def check_clean(self) -> None:
@@ -210,7 +221,9 @@ def test_second_turn_sees_the_first_and_reload_keeps_both(chat, server):
     chat.wait_model()
     assert chat.stored() == before
     assert [" ".join(t.split()) for t in chat.page.locator(".msg.user .msg-body").all_text_contents()] == [
-        "Name a color.", "Name another one."]
+        "Name a color.",
+        "Name another one.",
+    ]
     assert chat.page.locator(".msg.assistant").count() == 2
     assert chat.page.text_content("#conv-title") == "Name a color."
     chat.check_clean()
@@ -218,13 +231,14 @@ def test_second_turn_sees_the_first_and_reload_keeps_both(chat, server):
 
 def test_settings_reach_the_request_body(chat, server):
     chat.open().wait_model()
-    chat.settings(**{"system-prompt": "You answer in one word.", "temperature": 0.3, "top-p": 0.8,
-                     "max-tokens": 4})
+    chat.settings(**{"system-prompt": "You answer in one word.", "temperature": 0.3, "top-p": 0.8, "max-tokens": 4})
     chat.ask("Sky color?")
     chat.wait_idle()
     body = chat.bodies[-1]
-    assert body["messages"] == [{"role": "system", "content": "You answer in one word."},
-                                {"role": "user", "content": "Sky color?"}]
+    assert body["messages"] == [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Sky color?"},
+    ]
     assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.3, 0.8, 4)
     assert body["model"] == chat.page.text_content("#model")
     assert body["stream_options"] == {"include_usage": True}
@@ -248,7 +262,8 @@ def test_stop_mid_answer_leaves_no_running_request(chat, server):
     chat.ask("Count from 1 to 1000, one number per line.")
     chat.page.wait_for_function(
         "() => (document.querySelector('.msg.assistant .msg-body') || {}).textContent?.length > 3",
-                                timeout=ANSWER_TIMEOUT_MS)
+        timeout=ANSWER_TIMEOUT_MS,
+    )
     assert wait_for(lambda: status(server)["num_running_reqs"] == 1, 10), status(server)
     chat.page.click("#stop")
     chat.wait_idle()
@@ -263,12 +278,21 @@ def test_stop_mid_answer_leaves_no_running_request(chat, server):
 # ---- no generation needed ------------------------------------------------------------------------------------
 def _chats() -> list[dict]:
     return [
-        {"id": "a", "title": "First", "updated": 2, "messages": [
-            {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "Hello! <img src=x onerror=\"window.pwned=1\"> **bold** and `x<y`\n\n"
-             "```python\nprint('<b>not bold</b>')\n```\n- one\n- two\n\n[link](javascript:alert(1)) *it* "
-             "[docs](https://example.com/a)",
-             "stats": {"ttft": 0.1, "tps": 20, "tokens": 9, "finish": "stop"}}]},
+        {
+            "id": "a",
+            "title": "First",
+            "updated": 2,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": 'Hello! <img src=x onerror="window.pwned=1"> **bold** and `x<y`\n\n'
+                    "```python\nprint('<b>not bold</b>')\n```\n- one\n- two\n\n[link](javascript:alert(1)) *it* "
+                    "[docs](https://example.com/a)",
+                    "stats": {"ttft": 0.1, "tps": 20, "tokens": 9, "finish": "stop"},
+                },
+            ],
+        },
         {"id": "b", "title": "Second", "updated": 1, "messages": [{"role": "user", "content": "second chat"}]},
     ]
 
@@ -295,6 +319,7 @@ def test_markdown_is_rendered_without_raw_html(chat):
 def test_conversations_switch_rename_delete_new(chat):
     chat.open()
     chat.seed(_chats())
+
     def titles() -> list[str]:
         return chat.page.locator(".conv-open").all_text_contents()
 
@@ -318,11 +343,19 @@ def test_conversations_switch_rename_delete_new(chat):
 
 def test_dropped_connection_shows_a_message(chat, server):
     chat.open().wait_model()
-    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
-             "choices": [{"index": 0, "delta": {"content": "Half an ans"}, "finish_reason": None}]}
+    chunk = {
+        "id": "x",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "Half an ans"}, "finish_reason": None}],
+    }
     # A stream that ends without [DONE] (the server went away mid-answer), then a refused connection.
-    chat.page.route("**/v1/chat/completions", lambda r: r.fulfill(
-        status=200, content_type="text/event-stream", body=f"data: {json.dumps(chunk)}\n\n"), times=1)
+    chat.page.route(
+        "**/v1/chat/completions",
+        lambda r: r.fulfill(status=200, content_type="text/event-stream", body=f"data: {json.dumps(chunk)}\n\n"),
+        times=1,
+    )
     chat.ask("hello")
     chat.wait_idle()
     alert = chat.page.locator(".msg.error")
@@ -342,8 +375,9 @@ def test_phone_width_has_no_horizontal_scroll_and_keyboard_works(browser, server
     try:
         chat.open()
         chats = _chats()
-        chats[0]["messages"][1]["content"] += "\n\n" + "averyveryverylongwordwithoutanyspaces" * 8 + "\n\n```\n" + \
-            "x = " + "1 + " * 80 + "1\n```"
+        chats[0]["messages"][1]["content"] += (
+            "\n\n" + "averyveryverylongwordwithoutanyspaces" * 8 + "\n\n```\n" + "x = " + "1 + " * 80 + "1\n```"
+        )
         chat.seed(chats)
         chat.wait_model()
         width = "Math.max(document.documentElement.scrollWidth, document.body.scrollWidth)"
@@ -399,10 +433,16 @@ def test_api_key_is_asked_once_and_kept_for_the_tab(browser, locked_server):
 
 
 def _hold(server: Any, started: threading.Event, stop: threading.Event) -> None:
-    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 16000, "ignore_eos": True,
-            "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+    body = {
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": 16000,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, timeout=120, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         started.set()
         for _ in r.iter_lines():
             if stop.is_set():

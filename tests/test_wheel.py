@@ -50,8 +50,9 @@ def test_wheel_runs_native_kernels_without_a_compiler(tmp_path):
     python = venv / "bin" / "python"
     # --force-reinstall: the venv sees the system site-packages (for torch), where minisgl may already be
     # installed (editable); the wheel's copy must land in the venv, ahead of it on sys.path (asserted in PROBE).
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)],
-                   check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)], check=True
+    )
     bare = tmp_path / "empty"  # the whole PATH: an empty folder, so no compiler can be found
     bare.mkdir()
     ckpt = build_checkpoint(str(tmp_path / "llama"), "llama3")

@@ -1,6 +1,6 @@
 """Offline throughput: 256 requests, prompt and output lengths uniform in [100, 1024], temperature 0.6.
 
-    python benchmark/offline/bench.py --model benchmark/configs/qwen3-0.6b --load-format dummy
+python benchmark/offline/bench.py --model benchmark/configs/qwen3-0.6b --load-format dummy
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def main() -> None:
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == sum(out_lens), "every request must produce exactly its asked length"
     quant = llm.scheduler.engine.quant
-    print(f"model={args.model} backend={llm.scheduler.engine.attn_backend.__class__.__name__} quantization={quant.scheme if quant else 'none'}")
+    backend = type(llm.scheduler.engine.attn_backend).__name__
+    print(f"model={args.model} backend={backend} quantization={quant.scheme if quant else 'none'}")
     print(f"output tokens: {tokens}  seconds: {seconds:.2f}  output tok/s: {tokens / seconds:.1f}")
 
 

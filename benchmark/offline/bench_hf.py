@@ -1,6 +1,6 @@
 """The offline workload through transformers' generate (bf16, sdpa, padded batches): the newcomer's baseline.
 
-    python benchmark/offline/bench_hf.py --model benchmark/configs/qwen3-0.6b
+python benchmark/offline/bench_hf.py --model benchmark/configs/qwen3-0.6b
 """
 
 from __future__ import annotations
@@ -48,14 +48,23 @@ def main() -> None:
         new = max(out_lens[i] for i in idx)
         with torch.inference_mode():
             model.generate(
-                input_ids=ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=new,
-                min_new_tokens=new, do_sample=True, temperature=0.6, top_k=0, pad_token_id=pad,
+                input_ids=ids.to(args.device),
+                attention_mask=mask.to(args.device),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=True,
+                temperature=0.6,
+                top_k=0,
+                pad_token_id=pad,
             )
         tokens += sum(out_lens[i] for i in idx)  # useful tokens only: padding work is the baseline's cost
         # Progress per batch, so a run cut off by a time limit still shows the rate it was going at.
         elapsed = time.perf_counter() - start
-        print(f"[transformers] batch {b // args.batch_size + 1}: {tokens} tokens in {elapsed:.1f}s "
-              f"({tokens / elapsed:.1f} tok/s so far)", flush=True)
+        print(
+            f"[transformers] batch {b // args.batch_size + 1}: {tokens} tokens in {elapsed:.1f}s "
+            f"({tokens / elapsed:.1f} tok/s so far)",
+            flush=True,
+        )
     seconds = time.perf_counter() - start
     print(f"[transformers] output tokens: {tokens}  seconds: {seconds:.2f}  output tok/s: {tokens / seconds:.1f}")
 

@@ -27,17 +27,17 @@ class AttentionBackend(ABC):
 
     supports_cuda_graph: bool = False
 
-    def __init__(self, pool: "KVPool", num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, pool: KVPool, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         self.pool = pool
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
 
-    def prepare(self, batch: "ForwardBatch") -> None:  # noqa: B027 - optional hook
+    def prepare(self, batch: ForwardBatch) -> None:  # noqa: B027 - optional hook
         """Build per-step metadata (host side). Default: nothing."""
 
     @abstractmethod
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: "ForwardBatch"
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int, batch: ForwardBatch
     ) -> torch.Tensor: ...

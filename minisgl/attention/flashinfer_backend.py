@@ -23,7 +23,9 @@ class FlashInferBackend(AttentionBackend):
         try:
             import flashinfer
         except ImportError as e:
-            raise ImportError("attention backend 'flashinfer' needs the flashinfer package (pip install flashinfer-python)") from e
+            raise ImportError(
+                "attention backend 'flashinfer' needs the flashinfer package (pip install flashinfer-python)"
+            ) from e
         workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
@@ -42,8 +44,16 @@ class FlashInferBackend(AttentionBackend):
             self.decode.plan(indptr, indices, last, self.num_q_heads, self.num_kv_heads, self.head_dim, ps, **common)
         else:
             self.prefill.plan(
-                batch.cu_extend_lens, indptr, indices, last, self.num_q_heads, self.num_kv_heads, self.head_dim, ps,
-                causal=True, **common,
+                batch.cu_extend_lens,
+                indptr,
+                indices,
+                last,
+                self.num_q_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                ps,
+                causal=True,
+                **common,
             )
 
     def forward(

@@ -62,11 +62,27 @@ class TritonBackend(AttentionBackend):
         if batch.is_decode:
             splits = num_kv_splits(q.shape[0], self.num_kv_heads, self.num_sms)
             return decode_attention(
-                q, k_cache, v_cache, batch.page_table, batch.seq_lens, batch.page_size, self.scale, splits,
+                q,
+                k_cache,
+                v_cache,
+                batch.page_table,
+                batch.seq_lens,
+                batch.page_size,
+                self.scale,
+                splits,
                 block_n=self.decode_block_n,
             )
         meta: ExtendMetadata = batch.attn_metadata
         return extend_attention(
-            q, k_cache, v_cache, batch.page_table, batch.prefix_lens, batch.cu_extend_lens, meta.tiles,
-            batch.page_size, self.scale, self.block_m, self.block_n,
+            q,
+            k_cache,
+            v_cache,
+            batch.page_table,
+            batch.prefix_lens,
+            batch.cu_extend_lens,
+            meta.tiles,
+            batch.page_size,
+            self.scale,
+            self.block_m,
+            self.block_n,
         )

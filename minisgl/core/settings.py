@@ -7,7 +7,7 @@ Each is read when asked, not at import, so a test can set one for the code it ru
 |---|---|
 | `MINISGL_NATIVE=0` | CPU: use torch ops instead of the native C++ kernels |
 | `MINISGL_CPU_ISA` (avx2, avx512 or none) | CPU: load the native kernels of this level, not the best the CPU reports |
-| `OMP_WAIT_POLICY`, `GOMP_SPINCOUNT`, `KMP_BLOCKTIME` | OpenMP's own; unless one is set, `python -m minisgl` sets a short `GOMP_SPINCOUNT` (core/cpu_threads.py) |
+| `OMP_WAIT_POLICY`, `GOMP_SPINCOUNT`, `KMP_BLOCKTIME` | OpenMP's; unset, minisgl spins briefly (cpu_threads.py) |
 | `MINISGL_PDL=0` | CUDA: launch the decode kernels without programmatic dependent launch |
 | `MINISGL_DISABLE_OVERLAP_SCHEDULING=1` | run each step's bookkeeping after its forward, not beside it |
 | `TRITON_INTERPRET=1` | Triton's own: run Triton kernels on the CPU in its interpreter (tests) |

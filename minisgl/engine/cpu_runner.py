@@ -90,9 +90,19 @@ def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> CpuDecod
             return None
         layers.append(
             native.DecoderWeights(
-                norms[0].data_ptr(), norms[1].data_ptr(), *linears, pool.k(i).data_ptr(), pool.v(i).data_ptr(),
-                model.config.hidden_size, attn.num_q, attn.num_kv, attn.head_dim, mlp.down_proj.in_features,
-                model.model.rotary.cos.shape[1], int(dtype == torch.bfloat16), layer.input_layernorm.eps,
+                norms[0].data_ptr(),
+                norms[1].data_ptr(),
+                *linears,
+                pool.k(i).data_ptr(),
+                pool.v(i).data_ptr(),
+                model.config.hidden_size,
+                attn.num_q,
+                attn.num_kv,
+                attn.head_dim,
+                mlp.down_proj.in_features,
+                model.model.rotary.cos.shape[1],
+                int(dtype == torch.bfloat16),
+                layer.input_layernorm.eps,
                 backend.scale,
             )  # fmt: skip
         )

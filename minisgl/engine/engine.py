@@ -99,7 +99,9 @@ class Engine:
         num_q_heads = cfg.num_q_heads // tp.size
         self.page_size = config.page_size
         num_pages = self._num_pages(num_kv_heads)
-        self.pool = KVPool(cfg.num_layers, num_pages, self.page_size, num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        self.pool = KVPool(
+            cfg.num_layers, num_pages, self.page_size, num_kv_heads, cfg.head_dim, self.dtype, self.device
+        )
         name = config.attention_backend or default_backend(self.device)
         self.attn_backend = create_backend(name, self.pool, num_q_heads, num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
         logger.info("KV pool: %d pages of %d tokens, attention backend %s", num_pages, self.page_size, name)

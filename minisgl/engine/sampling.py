@@ -65,8 +65,9 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> t
     return (-torch.log(-torch.log(u))).to(torch.float32)
 
 
-def filter_mask(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-                min_p: torch.Tensor | None) -> torch.Tensor:
+def filter_mask(
+    probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None, min_p: torch.Tensor | None
+) -> torch.Tensor:
     """Which tokens survive top-k, then top-p, then min-p: bool [B, V].
 
     probs: float32 [B, V] rows summing to 1. top_k: int64 [B], V meaning "off". top_p: float32 [B], 1 = off;
@@ -133,9 +134,16 @@ class SamplingBatch:
     num_top_logprobs: int  # K: the largest top_logprobs asked for
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int],
-              prompt_ids: list[list[int]], output_ids: list[list[int]],
-              vocab_size: int, device: torch.device) -> "SamplingBatch":
+    def build(
+        cls,
+        params: list[SamplingParams],
+        seeds: list[int],
+        steps: list[int],
+        prompt_ids: list[list[int]],
+        output_ids: list[list[int]],
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingBatch:
         """Gather the batch's parameters into device tensors (host work, once per step)."""
         v = vocab_size
 
@@ -148,8 +156,18 @@ class SamplingBatch:
             # Pure argmax: nothing per row reaches the device (a host-to-device copy per field would cost
             # more than the step's sampling itself at small batch).
             return cls(
-                vocab_size=v, greedy=None, temperature=None, seeds=None, steps=None, top_k=None, top_p=None,
-                min_p=None, penalties=None, all_greedy=True, any_greedy=True, want_logprobs=False,
+                vocab_size=v,
+                greedy=None,
+                temperature=None,
+                seeds=None,
+                steps=None,
+                top_k=None,
+                top_p=None,
+                min_p=None,
+                penalties=None,
+                all_greedy=True,
+                any_greedy=True,
+                want_logprobs=False,
                 num_top_logprobs=0,
             )
         top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
@@ -165,6 +183,7 @@ class SamplingBatch:
         pen_rows = [i for i, p in enumerate(params) if p.penalised]
         penalties = None
         if pen_rows:
+
             def padded(lists: list[list[int]]) -> torch.Tensor:
                 width = max(1, max(len(x) for x in lists))
                 return tensor([list(x) + [v] * (width - len(x)) for x in lists], torch.int64)
@@ -184,8 +203,7 @@ class SamplingBatch:
         return cls(
             vocab_size=v,
             greedy=tensor(greedy, torch.bool),
-            temperature=tensor([1.0 if g else float(p.temperature) for p, g in zip(params, greedy)],
-                               torch.float32),
+            temperature=tensor([1.0 if g else float(p.temperature) for p, g in zip(params, greedy)], torch.float32),
             seeds=tensor([_signed64(s) for s in seeds], torch.int64),
             steps=tensor(list(steps), torch.int64),
             top_k=tensor(top_k, torch.int64) if any(k < v for k in top_k) else None,

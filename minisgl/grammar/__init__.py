@@ -23,10 +23,21 @@ def create_backend(name: str, tokenizer: Any, vocab_size: int, stop_token_ids: l
 
             return LLGuidanceBackend(tokenizer, vocab_size, stop_token_ids)
     except ImportError as e:
-        raise RuntimeError(f"the {name} grammar backend is not installed ({e}); pip install 'minisgl[grammar]', "
-                           "or serve with --grammar-backend none to refuse structured output") from None
+        raise RuntimeError(
+            f"the {name} grammar backend is not installed ({e}); pip install 'minisgl[grammar]', "
+            "or serve with --grammar-backend none to refuse structured output"
+        ) from None
     raise ValueError(f"unknown grammar backend {name!r}; choose one of {', '.join(b for b in BACKENDS if b != 'none')}")
 
 
-__all__ = ["BACKENDS", "KINDS", "GrammarBackend", "GrammarCompiler", "GrammarError", "GrammarSpec", "Matcher",
-           "bitmask_width", "create_backend"]
+__all__ = [
+    "BACKENDS",
+    "KINDS",
+    "GrammarBackend",
+    "GrammarCompiler",
+    "GrammarError",
+    "GrammarSpec",
+    "Matcher",
+    "bitmask_width",
+    "create_backend",
+]

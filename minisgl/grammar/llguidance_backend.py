@@ -51,8 +51,9 @@ class LLGuidanceBackend(GrammarBackend):
             elif spec.kind == "ebnf":
                 grammar = self._ll.grammar_from("ebnf", spec.text)
             else:
-                raise GrammarError(f"the llguidance backend does not support {spec.kind}; use --grammar-backend "
-                                   "xgrammar")
+                raise GrammarError(
+                    f"the llguidance backend does not support {spec.kind}; use --grammar-backend xgrammar"
+                )
             message = M.validate_grammar(grammar, self._tok)  # "" when valid
         except GrammarError:
             raise
@@ -64,4 +65,3 @@ class LLGuidanceBackend(GrammarBackend):
 
     def matcher(self, compiled: Any) -> Matcher:
         return LLGuidanceMatcher(self._ll.LLMatcher(self._tok, compiled), self._torch)
-

@@ -51,8 +51,9 @@ class XGrammarBackend(GrammarBackend):
             if spec.kind == "ebnf":
                 return c.compile_grammar(spec.text)
             if spec.kind == "structural_tag":
-                return c.compile_structural_tag(json.loads(spec.text) if spec.text.lstrip().startswith("{")
-                                                else spec.text)
+                return c.compile_structural_tag(
+                    json.loads(spec.text) if spec.text.lstrip().startswith("{") else spec.text
+                )
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
             raise GrammarError(f"invalid {spec.kind}: {_first_line(e)}") from None
         raise GrammarError(f"the xgrammar backend does not support {spec.kind}")

@@ -39,11 +39,31 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _decode_partial_kernel(
-    Q, K, V, PageTable, SeqLens, PartOut, PartLse, Out,
+    Q,
+    K,
+    V,
+    PageTable,
+    SeqLens,
+    PartOut,
+    PartLse,
+    Out,
     qk_scale,
-    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_pt, stride_ob, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_pt,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl.begin(PDL)
     seq = tl.program_id(0)
@@ -92,9 +112,16 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    PartOut, PartLse, SeqLens, Out,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    PartOut,
+    PartLse,
+    SeqLens,
+    Out,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl.begin(PDL)
     seq = tl.program_id(0)
@@ -164,17 +191,46 @@ def decode_attention(
     else:
         part_out = part_lse = out  # unused by the single-split kernel
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, part_out, part_lse, out,
+        q,
+        k_cache,
+        v_cache,
+        page_table,
+        seq_lens,
+        part_out,
+        part_lse,
+        out,
         scale * _LOG2E,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        page_table.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, **pdl.launch_args(q.device),
-        num_warps=num_warps, num_stages=num_stages,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        page_table.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        NUM_SPLITS=num_splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        **pdl.launch_args(q.device),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_q_heads)](
-            part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n, num_warps=4, **pdl.launch_args(q.device),
+            part_out,
+            part_lse,
+            seq_lens,
+            out,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            BLOCK_N=block_n,
+            num_warps=4,
+            **pdl.launch_args(q.device),
         )
     return out

@@ -42,8 +42,30 @@ _SIGNATURES = {
     "minisgl_add_rmsnorm": [_int, _ptr, _ptr, _ptr, _i64, _i64, _f32],
     "minisgl_rotary": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64],
     "minisgl_silu_and_mul": [_int, _ptr, _ptr, _i64, _i64],
-    "minisgl_decode_attention": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr,
-                                 _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],  # fmt: skip
+    "minisgl_decode_attention": [
+        _int,
+        _ptr,
+        _i64,
+        _i64,
+        _ptr,
+        _i64,
+        _i64,
+        _ptr,
+        _i64,
+        _i64,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _i64,
+        _f32,
+    ],  # fmt: skip
     "minisgl_int4_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
     "minisgl_int8_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr],
     "minisgl_decoder_layer": [_ptr, _ptr, _ptr, _ptr, _int],
@@ -270,10 +292,14 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_min: torch.Tensor, o
     uint8 [Np/64, K, 32], scale_min fp16 [Np/64, K/32, 2, 64]), [M, out_features]."""
     rows, k_len = x.shape
     _check(x.dtype in _DTYPES, f"int4_gemm takes fp32 or bf16 activations, not {x.dtype}")
-    _check(qweight.dtype == torch.uint8 and qweight.dim() == 3 and qweight.shape[1:] == (k_len, 32),
-           f"int4_gemm: qweight must be uint8 [Np/64, {k_len}, 32], not {qweight.dtype} {list(qweight.shape)}")
-    _check(scale_min.dtype == torch.float16 and scale_min.shape == (qweight.shape[0], k_len // 32, 2, 64),
-           "int4_gemm: scale_min must be fp16 [Np/64, K/32, 2, 64]")
+    _check(
+        qweight.dtype == torch.uint8 and qweight.dim() == 3 and qweight.shape[1:] == (k_len, 32),
+        f"int4_gemm: qweight must be uint8 [Np/64, {k_len}, 32], not {qweight.dtype} {list(qweight.shape)}",
+    )
+    _check(
+        scale_min.dtype == torch.float16 and scale_min.shape == (qweight.shape[0], k_len // 32, 2, 64),
+        "int4_gemm: scale_min must be fp16 [Np/64, K/32, 2, 64]",
+    )
     _check(k_len % 32 == 0 and 0 < out_features <= qweight.shape[0] * 64, "int4_gemm: K % 32 and the row count")
     _check(x.is_contiguous() and qweight.is_contiguous() and scale_min.is_contiguous(), "int4_gemm: contiguous inputs")
     y = x.new_empty((rows, out_features))
@@ -286,8 +312,12 @@ def decoder_layer(weights: DecoderWeights, step: DecodeStep, h: torch.Tensor, re
     """Run one decoder layer's decode step in place: h [B, hidden] (contiguous, the layer's dtype) in, the layer's
     MLP output out; residual updated (with first, only written: the first layer has none yet). The caller
     (engine/cpu_runner.py) has checked the weights when it built them; here only h and residual."""
-    _check(h.dtype == residual.dtype == (torch.bfloat16 if weights.is_bf16 else torch.float32),
-           "decoder_layer: h and residual in the layer's dtype")
-    _check(h.is_contiguous() and residual.is_contiguous() and h.shape == residual.shape == (step.batch, weights.hidden),
-           "decoder_layer: h and residual contiguous [batch, hidden]")
+    _check(
+        h.dtype == residual.dtype == (torch.bfloat16 if weights.is_bf16 else torch.float32),
+        "decoder_layer: h and residual in the layer's dtype",
+    )
+    _check(
+        h.is_contiguous() and residual.is_contiguous() and h.shape == residual.shape == (step.batch, weights.hidden),
+        "decoder_layer: h and residual contiguous [batch, hidden]",
+    )
     _lib().minisgl_decoder_layer(ctypes.byref(weights), ctypes.byref(step), h.data_ptr(), residual.data_ptr(), first)

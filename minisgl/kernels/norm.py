@@ -17,10 +17,21 @@ from minisgl.kernels import pdl
 
 @triton.jit
 def _rmsnorm_kernel(
-    X, Residual, W, Out,
-    heads, hidden, eps,
-    stride_x0, stride_x1, stride_r0, stride_o0, stride_o1,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    X,
+    Residual,
+    W,
+    Out,
+    heads,
+    hidden,
+    eps,
+    stride_x0,
+    stride_x1,
+    stride_r0,
+    stride_o0,
+    stride_o1,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl.begin(PDL)
     row = tl.program_id(0)
@@ -45,7 +56,9 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 2 else x
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float) -> None:
+def _launch(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float
+) -> None:
     x3, o3 = _as_3d(x), _as_3d(out)
     rows = x3.shape[0] * x3.shape[1]
     if rows == 0:
@@ -53,10 +66,21 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     hidden = x3.shape[2]
     block = triton.next_power_of_2(hidden)
     _rmsnorm_kernel[(rows,)](
-        x3, residual, weight, o3,
-        x3.shape[1], hidden, eps,
-        x3.stride(0), x3.stride(1), residual.stride(0) if residual is not None else 0, o3.stride(0), o3.stride(1),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, **pdl.launch_args(x.device),
+        x3,
+        residual,
+        weight,
+        o3,
+        x3.shape[1],
+        hidden,
+        eps,
+        x3.stride(0),
+        x3.stride(1),
+        residual.stride(0) if residual is not None else 0,
+        o3.stride(0),
+        o3.stride(1),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        **pdl.launch_args(x.device),
         num_warps=min(16, max(1, block // 256)),
     )
 

@@ -303,14 +303,14 @@ _GEMM_TILES = {
 
 def _gemm_configs(k_meta: str, k_div: int) -> dict[int, list[triton.Config]]:
     return {
-        bucket: [
-            _cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, **{k_meta: bk // k_div}) for bm, bn, bk, w, s in tiles
-        ]
+        bucket: [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, **{k_meta: bk // k_div}) for bm, bn, bk, w, s in tiles]
         for bucket, tiles in _GEMM_TILES.items()
     }
 
 
 _KEY = ["N", "K"]
+
+
 # GEMVs are timed as CUDA-graph replays, as decode runs them: a plain launch from Python costs as much as the
 # kernel, and made the choice a coin toss. (Tuning with the weights out of L2, benchmark/cold.py, was no
 # faster end to end: docs/benchmarks.md.)
@@ -321,7 +321,7 @@ def _bench_in_graph(kernel_call, quantiles):
 _w8_gemv_tuned = triton.autotune(_GEMV_W8_CONFIGS, key=_KEY, do_bench=_bench_in_graph)(_w8_gemv)
 _w4_gemv_tuned = triton.autotune(_GEMV_W4_CONFIGS, key=_KEY, do_bench=_bench_in_graph)(_w4_gemv)
 _w8_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w8_gemm) for b, c in _gemm_configs("BLOCK_K", 1).items()}
-_w4_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w4_gemm) for b, c in _gemm_configs("GROUPS", 32).items()}  # fmt: skip
+_w4_gemm_tuned = {b: triton.autotune(c, key=_KEY)(_w4_gemm) for b, c in _gemm_configs("GROUPS", 32).items()}
 
 # Fixed configs for the interpreter: small tiles keep numpy fast, several loop iterations still run.
 _INTERPRET = {

@@ -18,10 +18,20 @@ from minisgl.kernels import pdl
 
 @triton.jit
 def _rotary_kernel(
-    X, Cos, Sin,
-    stride_t, stride_a, stride_b, stride_cos, stride_sin,
-    HEADS_B: tl.constexpr, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
+    X,
+    Cos,
+    Sin,
+    stride_t,
+    stride_a,
+    stride_b,
+    stride_cos,
+    stride_sin,
+    HEADS_B: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl.begin(PDL)
     t = tl.program_id(0).to(tl.int64)
@@ -50,9 +60,19 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     x4 = x.unsqueeze(2) if x.dim() == 3 else x
     heads = x4.shape[1] * x4.shape[2]
     _rotary_kernel[(num_tokens,)](
-        x4, cos, sin,
-        x4.stride(0), x4.stride(1), x4.stride(2), cos.stride(0), sin.stride(0),
-        HEADS_B=x4.shape[2], NUM_HEADS=heads, HALF=half,
-        BLOCK_H=triton.next_power_of_2(heads), BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        x4,
+        cos,
+        sin,
+        x4.stride(0),
+        x4.stride(1),
+        x4.stride(2),
+        cos.stride(0),
+        sin.stride(0),
+        HEADS_B=x4.shape[2],
+        NUM_HEADS=heads,
+        HALF=half,
+        BLOCK_H=triton.next_power_of_2(heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        num_warps=4,
         **pdl.launch_args(x.device),
     )

@@ -26,14 +26,14 @@ class IpcPaths:
     scheduler: str
 
     @staticmethod
-    def create(root: str | None = None) -> "IpcPaths":
+    def create(root: str | None = None) -> IpcPaths:
         # ipc paths are limited to ~100 bytes, so keep the dir short and under /tmp.
         d = root or tempfile.mkdtemp(prefix="minisgl-", dir="/tmp" if os.path.isdir("/tmp") else None)
         return IpcPaths(*(f"ipc://{os.path.join(d, name)}" for name in ("api", "tok", "sched")))
 
     @property
     def dir(self) -> str:
-        return os.path.dirname(self.api[len("ipc://"):])
+        return os.path.dirname(self.api[len("ipc://") :])
 
 
 def inbox(ctx: zmq.Context, addr: str) -> zmq.Socket:

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisgl.distributed.info import TPInfo
 from minisgl.core.forward_batch import ForwardBatch
+from minisgl.distributed.info import TPInfo
 from minisgl.layers.attention import PagedAttention
 from minisgl.layers.linear import Linear, LMHead, VocabEmbedding
 from minisgl.layers.norm import LayerNorm

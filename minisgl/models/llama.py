@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.distributed.info import TPInfo
 from minisgl.core.forward_batch import ForwardBatch
+from minisgl.distributed.info import TPInfo
 from minisgl.layers.activation import silu_and_mul
 from minisgl.layers.attention import PagedAttention
 from minisgl.layers.linear import Linear, LMHead, VocabEmbedding
@@ -67,7 +67,9 @@ class LlamaAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, tp: TPInfo, bias: bool = False, quant: QuantConfig | None = None):
+    def __init__(
+        self, hidden: int, intermediate: int, tp: TPInfo, bias: bool = False, quant: QuantConfig | None = None
+    ):
         super().__init__()
         self.gate_up_proj = Linear(hidden, [intermediate, intermediate], bias, "column", tp, quant=quant)
         self.down_proj = Linear(intermediate, hidden, bias, "row", tp, quant=quant)

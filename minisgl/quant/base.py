@@ -40,7 +40,7 @@ class QuantMethod(ABC):
     @abstractmethod
     def load_rows(self, layer: nn.Module, start: int, weight: torch.Tensor | QuantizedBlocks) -> None: ...
 
-    def finalize(self, layer: nn.Module) -> None:
+    def finalize(self, layer: nn.Module) -> None:  # noqa: B027 - a hook: most schemes need no re-layout
         pass
 
     @abstractmethod
@@ -48,7 +48,6 @@ class QuantMethod(ABC):
 
     @abstractmethod
     def dequantize(self, layer: nn.Module) -> torch.Tensor: ...
-
 
 
 def rows_to_device(weight: torch.Tensor, device: torch.device) -> torch.Tensor:

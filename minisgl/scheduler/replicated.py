@@ -91,7 +91,8 @@ def start_workers(config: EngineConfig, init_addr: str) -> list[mp.Process]:
     ctx = mp.get_context("spawn")
     workers = [
         ctx.Process(target=worker_main, args=(config, r, init_addr), name=f"minisgl-tp{r}", daemon=True)
-        for r in node_ranks(config) if r != 0
+        for r in node_ranks(config)
+        if r != 0
     ]
     for w in workers:
         w.start()

@@ -38,7 +38,7 @@ class Req:
     num_cached_prompt: int = 0  # prompt tokens served by the prefix cache on first admission
     admitted: bool = False
     finish_reason: str | None = None
-    wait_for: "Req | None" = None  # a sibling sample whose prefill must finish first (n > 1 sharing)
+    wait_for: Req | None = None  # a sibling sample whose prefill must finish first (n > 1 sharing)
     grammar: Any = None  # this sample's grammar Matcher: advanced only by tokens it really accepted
 
     @property

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -167,8 +167,14 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._aborted or self._inflight or self._ready
-                    or (self.grammars is not None and len(self.grammars) > 0))
+        return bool(
+            self.waiting
+            or self.running
+            or self._aborted
+            or self._inflight
+            or self._ready
+            or (self.grammars is not None and len(self.grammars) > 0)
+        )
 
     def shutdown(self) -> None:
         """Nothing to stop: the engine lives in this process (`TPScheduler.shutdown` stops its ranks)."""
@@ -234,9 +240,13 @@ class Scheduler:
                 if not req.admitted:
                     req.admitted = True
                     req.num_cached_prompt = min(req.num_computed, len(req.prompt_ids))
-                    self._stats.extra["cached_tokens"] = self._stats.extra.get("cached_tokens", 0) + req.num_cached_prompt
+                    self._stats.extra["cached_tokens"] = (
+                        self._stats.extra.get("cached_tokens", 0) + req.num_cached_prompt
+                    )
             n = min(req.seq_len - req.num_computed, budget)
-            if self.kv.available_pages - self._pages_needed(req, n) < reserve or not self.kv.reserve(req, req.num_computed + n):
+            if self.kv.available_pages - self._pages_needed(req, n) < reserve or not self.kv.reserve(
+                req, req.num_computed + n
+            ):
                 break
             reqs.append(req)
             lens.append(n)

@@ -48,8 +48,9 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and not self.is_open(scope["path"]):
             auth = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(auth, self.expected):
-                body = error_body(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
-                                  code="invalid_api_key")
+                body = error_body(
+                    401, "invalid or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key"
+                )
                 await JSONResponse(body, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -82,8 +83,9 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> P.ModelList:
         info = client.info
-        return P.ModelList(data=[P.ModelCard(id=model_name, created=created, root=info.model_path,
-                                             max_model_len=info.max_model_len)])
+        return P.ModelList(
+            data=[P.ModelCard(id=model_name, created=created, root=info.model_path, max_model_len=info.max_model_len)]
+        )
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -93,9 +95,14 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
     async def status() -> dict:
         """The scheduler's latest load, as JSON (the chat page's status line polls it)."""
         s = metrics.stats
-        return {"model": model_name, "max_model_len": client.info.max_model_len,
-                "num_running_reqs": s.num_running_reqs, "num_queue_reqs": s.num_queue_reqs,
-                "token_usage": s.token_usage, "cache_hit_rate": s.cache_hit_rate}
+        return {
+            "model": model_name,
+            "max_model_len": client.info.max_model_len,
+            "num_running_reqs": s.num_running_reqs,
+            "num_queue_reqs": s.num_queue_reqs,
+            "token_usage": s.token_usage,
+            "cache_hit_rate": s.cache_hit_rate,
+        }
 
     @app.post("/tokenize")
     async def tokenize(req: P.TokenizeRequest) -> dict:
@@ -121,8 +128,14 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
 def api_main(ready: Any, args: ServerArgs, model_name: str, paths: IpcPaths) -> None:
     """Process entry point: serve HTTP until killed; report ready once accepting connections."""
     app = create_app(args, model_name, paths)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=args.log_level == "debug", log_config=None)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        log_config=None,
+    )
     server = _Server(config)
 
     async def serve() -> None:

@@ -129,80 +129,192 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = ServerArgs()
     m = p.add_argument_group("model")
-    m.add_argument("--model", "--model-path", dest="model", default=d.model,
-                   help="local checkpoint directory, .gguf file or Hugging Face repo id; omit for the embedded "
-                        "default model")
-    m.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", default=d.tokenizer,
-                   help="tokenizer directory or repo id, if not the model's own")
-    m.add_argument("--dtype", default=d.dtype, choices=["auto", "bfloat16", "float16", "float32"],
-                   help="weight and activation dtype; auto picks the checkpoint's on GPU, a fast one on CPU")
-    m.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
-                   help="dummy: random weights of the right shapes (benchmarks without a download)")
-    m.add_argument("--quantization", default=d.quantization, choices=["none", "int8", "int4", "fp8"],
-                   help="weight-only int8 (per channel) / int4 (groups of 32), or fp8 (CUDA, compute 8.9+), applied "
-                   "at load; none dequantizes a GGUF (default: a GGUF keeps its own 4/8 bits, others load dense)")
-    m.add_argument("--quantize-lm-head", action="store_true",
-                   help="quantize the LM head too (by default it stays dense unless a GGUF stores it quantized)")
+    m.add_argument(
+        "--model",
+        "--model-path",
+        dest="model",
+        default=d.model,
+        help="local checkpoint directory, .gguf file or Hugging Face repo id; omit for the embedded default model",
+    )
+    m.add_argument(
+        "--tokenizer",
+        "--tokenizer-path",
+        dest="tokenizer",
+        default=d.tokenizer,
+        help="tokenizer directory or repo id, if not the model's own",
+    )
+    m.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weight and activation dtype; auto picks the checkpoint's on GPU, a fast one on CPU",
+    )
+    m.add_argument(
+        "--load-format",
+        default=d.load_format,
+        choices=["auto", "dummy"],
+        help="dummy: random weights of the right shapes (benchmarks without a download)",
+    )
+    m.add_argument(
+        "--quantization",
+        default=d.quantization,
+        choices=["none", "int8", "int4", "fp8"],
+        help="weight-only int8 (per channel) / int4 (groups of 32), or fp8 (CUDA, compute 8.9+), applied "
+        "at load; none dequantizes a GGUF (default: a GGUF keeps its own 4/8 bits, others load dense)",
+    )
+    m.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="quantize the LM head too (by default it stays dense unless a GGUF stores it quantized)",
+    )
     m.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from the repo")
-    m.add_argument("--served-model-name", default=d.served_model_name,
-                   help="the model name the API reports and accepts (default: --model)")
+    m.add_argument(
+        "--served-model-name",
+        default=d.served_model_name,
+        help="the model name the API reports and accepts (default: --model)",
+    )
 
     e = p.add_argument_group("engine")
     e.add_argument("--device", default=d.device, help="cuda or cpu (default: cuda when available)")
-    e.add_argument("--tp", "--tp-size", dest="tp", type=_positive_int, default=d.tp,
-                   help="tensor-parallel size: one scheduler process per rank, rank 0 receives requests")
-    e.add_argument("--nnodes", type=_positive_int, default=d.nnodes,
-                   help="machines the tensor-parallel group spans; --tp is split evenly over them")
-    e.add_argument("--node-rank", type=_non_negative_int, default=d.node_rank,
-                   help="this machine's index in 0..nnodes-1; node 0 serves HTTP, the others only run ranks")
-    e.add_argument("--dist-init-addr", default=d.dist_init_addr,
-                   help="host:port where the ranks rendezvous (node 0's address; default a free local port)")
+    e.add_argument(
+        "--tp",
+        "--tp-size",
+        dest="tp",
+        type=_positive_int,
+        default=d.tp,
+        help="tensor-parallel size: one scheduler process per rank, rank 0 receives requests",
+    )
+    e.add_argument(
+        "--nnodes",
+        type=_positive_int,
+        default=d.nnodes,
+        help="machines the tensor-parallel group spans; --tp is split evenly over them",
+    )
+    e.add_argument(
+        "--node-rank",
+        type=_non_negative_int,
+        default=d.node_rank,
+        help="this machine's index in 0..nnodes-1; node 0 serves HTTP, the others only run ranks",
+    )
+    e.add_argument(
+        "--dist-init-addr",
+        default=d.dist_init_addr,
+        help="host:port where the ranks rendezvous (node 0's address; default a free local port)",
+    )
     e.add_argument("--page-size", type=_positive_int, default=d.page_size, help="tokens per KV-cache page")
-    e.add_argument("--max-total-tokens", type=_positive_int, default=d.max_total_tokens,
-                   help="KV pool size in tokens (default: sized from --mem-fraction-static)")
-    e.add_argument("--mem-fraction-static", type=_positive_float, default=d.mem_fraction_static,
-                   help="fraction of device memory for weights and KV pool")
-    e.add_argument("--chunked-prefill-size", type=_positive_int, default=d.chunked_prefill_size,
-                   help="most prompt tokens prefilled in one step; longer prompts span several steps")
-    e.add_argument("--max-running-requests", type=_positive_int, default=d.max_running_requests,
-                   help="most requests decoding at once")
-    e.add_argument("--context-length", type=_positive_int, default=d.context_length,
-                   help="cap on prompt + output tokens (default: the model's)")
+    e.add_argument(
+        "--max-total-tokens",
+        type=_positive_int,
+        default=d.max_total_tokens,
+        help="KV pool size in tokens (default: sized from --mem-fraction-static)",
+    )
+    e.add_argument(
+        "--mem-fraction-static",
+        type=_positive_float,
+        default=d.mem_fraction_static,
+        help="fraction of device memory for weights and KV pool",
+    )
+    e.add_argument(
+        "--chunked-prefill-size",
+        type=_positive_int,
+        default=d.chunked_prefill_size,
+        help="most prompt tokens prefilled in one step; longer prompts span several steps",
+    )
+    e.add_argument(
+        "--max-running-requests",
+        type=_positive_int,
+        default=d.max_running_requests,
+        help="most requests decoding at once",
+    )
+    e.add_argument(
+        "--context-length",
+        type=_positive_int,
+        default=d.context_length,
+        help="cap on prompt + output tokens (default: the model's)",
+    )
     e.add_argument("--disable-radix-cache", action="store_true", help="do not reuse KV of shared prompt prefixes")
-    e.add_argument("--attention-backend", default=d.attention_backend,
-                   help="torch, cpu, triton or flashinfer (default: triton on CUDA, cpu on the CPU)")
+    e.add_argument(
+        "--attention-backend",
+        default=d.attention_backend,
+        help="torch, cpu, triton or flashinfer (default: triton on CUDA, cpu on the CPU)",
+    )
     e.add_argument("--seed", type=int, default=d.seed, help="seed for requests that do not set their own")
-    e.add_argument("--cpu-threads", type=int, default=d.cpu_threads, metavar="N",
-                   help="threads for CPU kernels (llama.cpp's -t); default: the cores this process may use")
-    e.add_argument("--grammar-backend", default=d.grammar_backend, choices=["xgrammar", "llguidance", "none"],
-                   help="library for structured output (JSON schema, regex, EBNF, tool calls); none refuses them")
-    e.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=["hermes", "llama3-json"],
-                   help="format of tool calls in the model's output (<tool_call>{...}</tool_call>, or bare JSON)")
+    e.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=d.cpu_threads,
+        metavar="N",
+        help="threads for CPU kernels (llama.cpp's -t); default: the cores this process may use",
+    )
+    e.add_argument(
+        "--grammar-backend",
+        default=d.grammar_backend,
+        choices=["xgrammar", "llguidance", "none"],
+        help="library for structured output (JSON schema, regex, EBNF, tool calls); none refuses them",
+    )
+    e.add_argument(
+        "--tool-call-parser",
+        default=d.tool_call_parser,
+        choices=["hermes", "llama3-json"],
+        help="format of tool calls in the model's output (<tool_call>{...}</tool_call>, or bare JSON)",
+    )
 
     s = p.add_argument_group("server")
     s.add_argument("--host", default=d.host, help="address to listen on")
     s.add_argument("--port", type=int, default=d.port, help="HTTP port")
-    s.add_argument("--api-key", default=d.api_key,
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health and the chat page")
-    s.add_argument("--max-queued-requests", type=_positive_int, default=d.max_queued_requests,
-                   help="refuse new requests with HTTP 503 while this many wait for the scheduler")
-    s.add_argument("--request-timeout", type=_positive_float, default=d.request_timeout,
-                   help="seconds a request may wait and run before it is ended with an error and aborted")
-    s.add_argument("--disable-web-ui", action="store_true",
-                   help="do not serve the chat page at / (the API is unaffected)")
-    s.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
-                   help="logging level of every process")
-    s.add_argument("--dp", "--dp-size", dest="dp", type=_positive_int, default=d.dp,
-                   help="data parallelism: N independent replicas (one per GPU, or a share of the CPU cores each) "
-                        "behind sglang-router on --port (needs the minisgl[router] extra)")
-    s.add_argument("--router-policy", default=d.router_policy,
-                   choices=["cache_aware", "round_robin", "random", "power_of_two"],
-                   help="how sglang-router picks a replica with --dp")
-    s.add_argument("--dp-rank", type=_non_negative_int, default=d.dp_rank,
-                   help="this replica's id in /metrics (label dp_rank) and /get_server_info; set by --dp, or by "
-                        "hand for replicas registered with a router you run yourself")
-    s.add_argument("--shell", action="store_true",
-                   help="chat with the model in this terminal instead of serving (/reset, /set KEY VALUE, /exit)")
+    s.add_argument(
+        "--api-key",
+        default=d.api_key,
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health and the chat page",
+    )
+    s.add_argument(
+        "--max-queued-requests",
+        type=_positive_int,
+        default=d.max_queued_requests,
+        help="refuse new requests with HTTP 503 while this many wait for the scheduler",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=d.request_timeout,
+        help="seconds a request may wait and run before it is ended with an error and aborted",
+    )
+    s.add_argument(
+        "--disable-web-ui", action="store_true", help="do not serve the chat page at / (the API is unaffected)"
+    )
+    s.add_argument(
+        "--log-level",
+        default=d.log_level,
+        choices=["debug", "info", "warning", "error"],
+        help="logging level of every process",
+    )
+    s.add_argument(
+        "--dp",
+        "--dp-size",
+        dest="dp",
+        type=_positive_int,
+        default=d.dp,
+        help="data parallelism: N independent replicas (one per GPU, or a share of the CPU cores each) "
+        "behind sglang-router on --port (needs the minisgl[router] extra)",
+    )
+    s.add_argument(
+        "--router-policy",
+        default=d.router_policy,
+        choices=["cache_aware", "round_robin", "random", "power_of_two"],
+        help="how sglang-router picks a replica with --dp",
+    )
+    s.add_argument(
+        "--dp-rank",
+        type=_non_negative_int,
+        default=d.dp_rank,
+        help="this replica's id in /metrics (label dp_rank) and /get_server_info; set by --dp, or by "
+        "hand for replicas registered with a router you run yourself",
+    )
+    s.add_argument(
+        "--shell",
+        action="store_true",
+        help="chat with the model in this terminal instead of serving (/reset, /set KEY VALUE, /exit)",
+    )
     return p
 
 

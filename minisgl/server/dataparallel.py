@@ -23,8 +23,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import psutil
 
@@ -85,18 +85,20 @@ def plan_replicas(args: ServerArgs) -> list[Replica]:
         if len(gpus) < need:
             raise SystemExit(f"--dp {args.dp} x --tp {args.tp} needs {need} GPUs, {len(gpus)} are visible")
         for r in range(args.dp):
-            mine = gpus[r * args.tp:(r + 1) * args.tp]
-            replicas.append(Replica(r, 0, args, {"CUDA_VISIBLE_DEVICES": ",".join(mine)}, None,
-                                    f"GPU {','.join(mine)}"))
+            mine = gpus[r * args.tp : (r + 1) * args.tp]
+            replicas.append(
+                Replica(r, 0, args, {"CUDA_VISIBLE_DEVICES": ",".join(mine)}, None, f"GPU {','.join(mine)}")
+            )
     else:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < args.dp:
-            raise SystemExit(f"--dp {args.dp} on the CPU needs at least {args.dp} cores, this process may use "
-                             f"{len(cpus)}")
+            raise SystemExit(
+                f"--dp {args.dp} on the CPU needs at least {args.dp} cores, this process may use {len(cpus)}"
+            )
         base, extra = divmod(len(cpus), args.dp)
         start = 0
         for r in range(args.dp):
-            mine = cpus[start:start + base + (r < extra)]
+            mine = cpus[start : start + base + (r < extra)]
             start += len(mine)
             env = {"OMP_NUM_THREADS": str(len(mine)), "MKL_NUM_THREADS": str(len(mine))}
             replicas.append(Replica(r, 0, args, env, mine, _span(mine)))
@@ -127,11 +129,29 @@ class Router:
 
     def command(self) -> list[str]:
         a = self.args
-        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *[r.url for r in self.replicas],
-               "--policy", a.router_policy, "--host", a.host, "--port", str(a.port),
-               "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port()),
-               "--log-level", _ROUTER_LOG_LEVELS[a.log_level], "--worker-startup-check-interval", "1",
-               "--shutdown-grace-period-secs", str(_ROUTER_GRACE_S)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang_router.launch_router",
+            "--worker-urls",
+            *[r.url for r in self.replicas],
+            "--policy",
+            a.router_policy,
+            "--host",
+            a.host,
+            "--port",
+            str(a.port),
+            "--prometheus-host",
+            "127.0.0.1",
+            "--prometheus-port",
+            str(_free_port()),
+            "--log-level",
+            _ROUTER_LOG_LEVELS[a.log_level],
+            "--worker-startup-check-interval",
+            "1",
+            "--shutdown-grace-period-secs",
+            str(_ROUTER_GRACE_S),
+        ]
         if a.api_key:
             cmd += ["--api-key", a.api_key]
         return cmd

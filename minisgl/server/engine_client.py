@@ -15,8 +15,9 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -151,8 +152,12 @@ class EngineClient:
                 if job.deadline is not None:
                     left = job.deadline - time.monotonic()
                     if left <= 0:
-                        raise APIError(408, f"the request did not finish within the server's request timeout of "
-                                            f"{self.request_timeout:g}s and was aborted", code="request_timeout")
+                        raise APIError(
+                            408,
+                            f"the request did not finish within the server's request timeout of "
+                            f"{self.request_timeout:g}s and was aborted",
+                            code="request_timeout",
+                        )
                     wait = min(wait, left)
                 try:
                     ev = await asyncio.wait_for(job.queue.get(), wait)

@@ -54,8 +54,14 @@ def safe_text(value: object) -> str:
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """The OpenAI error object; every string is made encodable, so building the response can never fail."""
-    return {"error": {"message": safe_text(message), "type": _TYPES.get(status, "server_error"),
-                      "param": None if param is None else safe_text(param), "code": code}}
+    return {
+        "error": {
+            "message": safe_text(message),
+            "type": _TYPES.get(status, "server_error"),
+            "param": None if param is None else safe_text(param),
+            "code": code,
+        }
+    }
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -84,8 +90,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

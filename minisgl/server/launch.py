@@ -31,9 +31,10 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -63,8 +64,16 @@ def _linux_process_setup(comm: str) -> None:
     libc.prctl(15, ctypes.c_char_p(comm.encode()[:15]))  # PR_SET_NAME
 
 
-def _child_entry(name: str, log_level: str, launcher_pid: int, target: Callable, ready: Connection,
-                 args: tuple, comm: str | None = None, cpus: list[int] | None = None) -> None:
+def _child_entry(
+    name: str,
+    log_level: str,
+    launcher_pid: int,
+    target: Callable,
+    ready: Connection,
+    args: tuple,
+    comm: str | None = None,
+    cpus: list[int] | None = None,
+) -> None:
     """Runs first in every child: signals, logging, then the real entry point; a crash is logged in full."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _linux_process_setup(comm or PROCESS_NAMES.get(name, name))
@@ -122,8 +131,11 @@ class Launcher:
         if replica is not None:
             comm, cpus = PROCESS_NAMES[name] + str(replica.rank), replica.cpus
             name = f"dp{replica.rank}.{name}"
-        p = self.ctx.Process(target=_child_entry, name=name,
-                             args=(name, self.args.log_level, os.getpid(), target, writer, args, comm, cpus))
+        p = self.ctx.Process(
+            target=_child_entry,
+            name=name,
+            args=(name, self.args.log_level, os.getpid(), target, writer, args, comm, cpus),
+        )
         saved = dict(os.environ)
         os.environ.update(replica.env if replica is not None else {})  # a spawned child copies our environment
         try:
@@ -144,8 +156,9 @@ class Launcher:
         self.paths.append(paths)
         engine_kwargs = {**args.engine_kwargs(), "model": model_path}
         self._start("scheduler", scheduler_main, engine_kwargs, paths, args.max_queued_requests, replica=replica)
-        self._start("tokenizer", tokenizer_main, model_path, args.tokenizer, paths, args.trust_remote_code,
-                    replica=replica)
+        self._start(
+            "tokenizer", tokenizer_main, model_path, args.tokenizer, paths, args.trust_remote_code, replica=replica
+        )
         self._start("api", api_main, args, args.model_name(model_path), paths, replica=replica)
 
     def run(self) -> int:
@@ -175,15 +188,21 @@ class Launcher:
                 if not self.router.start(self._died):
                     return 1
             behind = f" ({args.dp} replicas behind sglang-router, policy {args.router_policy})" if args.dp > 1 else ""
-            logger.info("ready in %.1fs: serving %s at http://%s:%d%s", time.monotonic() - start,
-                        args.model_name(model_path), args.host, args.port, behind)
+            logger.info(
+                "ready in %.1fs: serving %s at http://%s:%d%s",
+                time.monotonic() - start,
+                args.model_name(model_path),
+                args.host,
+                args.port,
+                behind,
+            )
             self._supervise(until_ready=False)
             return 1
         except _Stop as stop:
             logger.info("received %s, shutting down", stop)
             return 0
         finally:
-            for s, h in old.items():
+            for s in old:
                 signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the teardown
             self.shutdown()
             for s, h in old.items():
@@ -218,8 +237,9 @@ class Launcher:
                     except EOFError:
                         pass
                 child.process.join(timeout=GRACE_S)
-                logger.error("%s process died (exit code %s); shutting down the server", child.name,
-                             child.process.exitcode)
+                logger.error(
+                    "%s process died (exit code %s); shutting down the server", child.name, child.process.exitcode
+                )
                 return False
 
     def shutdown(self) -> None:

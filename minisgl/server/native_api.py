@@ -13,7 +13,8 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -123,11 +124,18 @@ class NativeServing:
             raise APIError(400, f"max_new_tokens must be >= 1, got {sp.max_new_tokens}", "max_new_tokens")
         ctx = self.client.info.max_model_len
         if sp.max_new_tokens is not None and sp.max_new_tokens >= ctx:
-            raise APIError(400, f"max_new_tokens must be < the context length {ctx}, got {sp.max_new_tokens}",
-                           "max_new_tokens", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_new_tokens must be < the context length {ctx}, got {sp.max_new_tokens}",
+                "max_new_tokens",
+                "context_length_exceeded",
+            )
         if req.logprob_start_len != -1:
-            raise APIError(400, "logprob_start_len other than -1 is not supported (prompt logprobs are not computed)",
-                           "logprob_start_len")
+            raise APIError(
+                400,
+                "logprob_start_len other than -1 is not supported (prompt logprobs are not computed)",
+                "logprob_start_len",
+            )
         if req.top_logprobs_num and not req.return_logprob:
             raise APIError(400, "top_logprobs_num requires return_logprob to be true", "top_logprobs_num")
         params = self.openai.sampling_params(sp, sp.max_new_tokens, req.return_logprob, req.top_logprobs_num)
@@ -135,17 +143,27 @@ class NativeServing:
         for rid, p in zip(rids, prompts):
             if isinstance(p, list):
                 self.openai.check_ids(p, "input_ids")
-            gens.append(GenerateReq(rid, dataclasses.replace(params), text=p if isinstance(p, str) else None,
-                                    input_ids=p if isinstance(p, list) else None, max_tokens=sp.max_new_tokens,
-                                    skip_special_tokens=sp.skip_special_tokens))
+            gens.append(
+                GenerateReq(
+                    rid,
+                    dataclasses.replace(params),
+                    text=p if isinstance(p, str) else None,
+                    input_ids=p if isinstance(p, list) else None,
+                    max_tokens=sp.max_new_tokens,
+                    skip_special_tokens=sp.skip_special_tokens,
+                )
+            )
         try:
             job, events, first = await self.openai.start(request, gens, params.n)
         except ClientGone:
             return Response(status_code=499)
         acc = _Outputs(rids, params.n, req, start)
         if req.stream:
-            return StreamingResponse(self._stream(job, acc, first, events, batched or params.n > 1),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self._stream(job, acc, first, events, batched or params.n > 1),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         try:
             async for o in _chain(first, events):
                 acc.add(o)
@@ -154,8 +172,9 @@ class NativeServing:
         results = [acc.result(i) for i in range(len(rids) * params.n)]
         return results if batched or params.n > 1 else results[0]
 
-    async def _stream(self, job: Job, acc: _Outputs, first: StrOutput, events: AsyncIterator[StrOutput],
-                      indexed: bool) -> AsyncIterator[str]:
+    async def _stream(
+        self, job: Job, acc: _Outputs, first: StrOutput, events: AsyncIterator[StrOutput], indexed: bool
+    ) -> AsyncIterator[str]:
         """SGLang's stream: each event carries the sample's text so far and its meta_info; `index` tells
         samples apart when there are several."""
         try:
@@ -214,6 +233,7 @@ class NativeServing:
         gen = GenerateReq(self.client.new_rid(), params, input_ids=[0], max_tokens=1)
         job = self.client.submit([gen], 1)
         try:
+
             async def run() -> None:
                 async for _ in self.client.events(job, request):
                     pass
@@ -229,18 +249,29 @@ class NativeServing:
 
     async def model_info(self) -> dict:
         info = self.client.info
-        return {"model_path": info.model_path, "tokenizer_path": self.args.tokenizer or info.model_path,
-                "is_generation": True, "preferred_sampling_params": None, "context_length": info.max_model_len,
-                "served_model_name": self.openai.model_name}
+        return {
+            "model_path": info.model_path,
+            "tokenizer_path": self.args.tokenizer or info.model_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "context_length": info.max_model_len,
+            "served_model_name": self.openai.model_name,
+        }
 
     async def server_info(self) -> dict:
         info = self.client.info
         settings = dataclasses.asdict(self.args)
         settings["api_key"] = "<set>" if self.args.api_key else None  # never echo a secret
         stats = self.client.metrics.stats
-        return {**settings, "model_path": info.model_path, "tokenizer_path": self.args.tokenizer or info.model_path,
-                "context_length": info.max_model_len, "vocab_size": info.vocab_size, "version": VERSION,
-                "internal_states": [dataclasses.asdict(stats)]}
+        return {
+            **settings,
+            "model_path": info.model_path,
+            "tokenizer_path": self.args.tokenizer or info.model_path,
+            "context_length": info.max_model_len,
+            "vocab_size": info.vocab_size,
+            "version": VERSION,
+            "internal_states": [dataclasses.asdict(stats)],
+        }
 
     # ---- cache, abort -------------------------------------------------------------------------------------
     async def flush_cache(self) -> Response:
@@ -294,15 +325,19 @@ class _Outputs:
         elif reason is not None:
             finish = {"type": reason}
         meta: dict[str, Any] = {
-            "id": self.rids[i // self.n], "finish_reason": finish, "prompt_tokens": self.prompt_tokens[i],
-            "completion_tokens": self.completion[i], "cached_tokens": self.cached[i],
+            "id": self.rids[i // self.n],
+            "finish_reason": finish,
+            "prompt_tokens": self.prompt_tokens[i],
+            "completion_tokens": self.completion[i],
+            "cached_tokens": self.cached[i],
             "e2e_latency": time.monotonic() - self.start,
         }
         if self.req.return_logprob:
             text = self.req.return_text_in_logprobs
             meta["input_token_logprobs"] = []
-            meta["output_token_logprobs"] = [[t.logprob, t.token_id, t.token if text else None]
-                                             for t in self.logprobs[i]]
+            meta["output_token_logprobs"] = [
+                [t.logprob, t.token_id, t.token if text else None] for t in self.logprobs[i]
+            ]
             if self.req.top_logprobs_num:
                 meta["input_top_logprobs"] = []
                 meta["output_top_logprobs"] = [

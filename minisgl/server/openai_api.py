@@ -8,7 +8,8 @@ as one `data: {"error": ...}` event.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -36,9 +37,12 @@ class OpenAIServing:
     # ---- shared checks ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
-            raise APIError(404, f"the model `{safe_text(model)}` does not exist; this server serves "
-                                f"`{self.model_name}`",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model `{safe_text(model)}` does not exist; this server serves `{self.model_name}`",
+                "model",
+                "model_not_found",
+            )
 
     def check_ids(self, ids: list[int], param: str) -> None:
         vocab = self.client.info.vocab_size
@@ -46,16 +50,32 @@ class OpenAIServing:
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param)
 
-    def sampling_params(self, req: P._SamplingRequest, max_tokens: int | None, logprobs: bool,
-                        top_logprobs: int, plan: structured.ToolPlan | None = None) -> SamplingParams:
+    def sampling_params(
+        self,
+        req: P._SamplingRequest,
+        max_tokens: int | None,
+        logprobs: bool,
+        top_logprobs: int,
+        plan: structured.ToolPlan | None = None,
+    ) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         p = SamplingParams(
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
-            presence_penalty=req.presence_penalty, seed=None if req.seed is None else req.seed % _SEED_MOD,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
+            seed=None if req.seed is None else req.seed % _SEED_MOD,
             max_tokens=1 if max_tokens is None else max_tokens,  # None: the worker fills in the rest of the context
-            stop=stop, stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, n=req.n,
-            logprobs=logprobs, top_logprobs=top_logprobs, **structured.constraint(req, plan),
+            stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            n=req.n,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            **structured.constraint(req, plan),
         )
         try:
             p.validate()
@@ -64,12 +84,18 @@ class OpenAIServing:
         if p.n > MAX_N:
             raise APIError(400, f"n must be <= {MAX_N}, got {p.n}", "n")
         if max_tokens is not None and max_tokens >= self.client.info.max_model_len:
-            raise APIError(400, f"max_tokens must be < the context length {self.client.info.max_model_len}, got "
-                                f"{max_tokens}", "max_tokens", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens must be < the context length {self.client.info.max_model_len}, got {max_tokens}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         self.check_ids(p.stop_token_ids, "stop_token_ids")
         return p
 
-    async def start(self, request: Request, reqs: list[GenerateReq], n: int) -> tuple[Job, AsyncIterator[StrOutput], StrOutput]:
+    async def start(
+        self, request: Request, reqs: list[GenerateReq], n: int
+    ) -> tuple[Job, AsyncIterator[StrOutput], StrOutput]:
         """Submit, then wait for the first output (errors raise here, before any response is sent)."""
         job = self.client.submit(reqs, n)
         events = self.client.events(job, request)
@@ -91,9 +117,15 @@ class OpenAIServing:
         plan = structured.tool_plan(req, self.tool_call_parser)
         params = self.sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, plan)
         messages = [flatten_message(m, i) for i, m in enumerate(req.messages)]
-        gen = GenerateReq(self.client.new_rid(), params, messages=messages, max_tokens=max_tokens,
-                          skip_special_tokens=req.skip_special_tokens, tools=plan.tools if plan else None,
-                          tool_format=self.tool_call_parser)
+        gen = GenerateReq(
+            self.client.new_rid(),
+            params,
+            messages=messages,
+            max_tokens=max_tokens,
+            skip_special_tokens=req.skip_special_tokens,
+            tools=plan.tools if plan else None,
+            tool_format=self.tool_call_parser,
+        )
         try:
             job, events, first = await self.start(request, [gen], params.n)
         except ClientGone:
@@ -119,13 +151,28 @@ class OpenAIServing:
             content, calls = structured.tool_calls(plan, "".join(texts[i]))
             reason = "tool_calls" if calls and reasons[i] == "stop" else reasons[i]
             msg = P.ChatResponseMessage(content=content, tool_calls=calls or None)
-            choices.append(P.ChatChoice(index=i, message=msg, logprobs=P.ChatLogprobs(content=lps[i]) if req.logprobs
-                                        else None, finish_reason=reason))
-        return P.ChatCompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                        usage=acc.usage())
+            choices.append(
+                P.ChatChoice(
+                    index=i,
+                    message=msg,
+                    logprobs=P.ChatLogprobs(content=lps[i]) if req.logprobs else None,
+                    finish_reason=reason,
+                )
+            )
+        return P.ChatCompletionResponse(
+            id=rid, created=created, model=self.model_name, choices=choices, usage=acc.usage()
+        )
 
-    async def _chat_stream(self, rid: str, created: int, n: int, first: StrOutput, events: AsyncIterator[StrOutput],
-                           include_usage: bool, plan: structured.ToolPlan | None = None) -> AsyncIterator[str]:
+    async def _chat_stream(
+        self,
+        rid: str,
+        created: int,
+        n: int,
+        first: StrOutput,
+        events: AsyncIterator[StrOutput],
+        include_usage: bool,
+        plan: structured.ToolPlan | None = None,
+    ) -> AsyncIterator[str]:
         def chunk(choices: list[P.ChatChunkChoice], usage: P.Usage | None = None) -> str:
             c = P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
             return f"data: {c.model_dump_json()}\n\n"
@@ -142,16 +189,31 @@ class OpenAIServing:
             if tools is not None:
                 d = tools[o.index].feed(o.text, final=o.finished)
                 text = d.content
-                calls = [P.DeltaToolCall(index=i, id=cid, type="function" if cid else None,
-                                         function=P.DeltaFunctionCall(name=name, arguments=args))
-                         for i, cid, name, args in d.calls if plan.parallel or i == 0] or None
+                calls = [
+                    P.DeltaToolCall(
+                        index=i,
+                        id=cid,
+                        type="function" if cid else None,
+                        function=P.DeltaFunctionCall(name=name, arguments=args),
+                    )
+                    for i, cid, name, args in d.calls
+                    if plan.parallel or i == 0
+                ] or None
                 called[o.index] = called[o.index] or bool(calls)
             reason = o.finish_reason if o.finished else None
             if reason == "stop" and called[o.index]:
                 reason = "tool_calls"
             if text or o.finished or lp or calls:
-                yield chunk([P.ChatChunkChoice(index=o.index, delta=P.ChatDelta(content=text or None, tool_calls=calls),
-                                               logprobs=lp, finish_reason=reason)])
+                yield chunk(
+                    [
+                        P.ChatChunkChoice(
+                            index=o.index,
+                            delta=P.ChatDelta(content=text or None, tool_calls=calls),
+                            logprobs=lp,
+                            finish_reason=reason,
+                        )
+                    ]
+                )
         if include_usage:
             yield chunk([], acc.usage())
 
@@ -166,11 +228,17 @@ class OpenAIServing:
         for p in prompts:
             if isinstance(p, list):
                 self.check_ids(p, "prompt")
-            gens.append(GenerateReq(
-                self.client.new_rid(), params, text=p if isinstance(p, str) else None,
-                input_ids=p if isinstance(p, list) else None, max_tokens=req.max_tokens, echo=req.echo,
-                skip_special_tokens=req.skip_special_tokens,
-            ))
+            gens.append(
+                GenerateReq(
+                    self.client.new_rid(),
+                    params,
+                    text=p if isinstance(p, str) else None,
+                    input_ids=p if isinstance(p, list) else None,
+                    max_tokens=req.max_tokens,
+                    echo=req.echo,
+                    skip_special_tokens=req.skip_special_tokens,
+                )
+            )
         try:
             job, events, first = await self.start(request, gens, params.n)
         except ClientGone:
@@ -181,8 +249,9 @@ class OpenAIServing:
         want_lp = req.logprobs is not None
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self.client, job, self._completion_stream(rid, created, slot, params.n, first, events,
-                                                                  usage, want_lp))
+            return _sse(
+                self.client, job, self._completion_stream(rid, created, slot, params.n, first, events, usage, want_lp)
+            )
         texts: list[list[str]] = [[] for _ in range(num)]
         lps = [P.CompletionLogprobs() if want_lp else None for _ in range(num)]
         reasons: list[str | None] = [None] * num
@@ -196,14 +265,23 @@ class OpenAIServing:
                 acc.add(o)
         except ClientGone:
             return Response(status_code=499)
-        choices = [P.CompletionChoice(index=i, text="".join(texts[i]), logprobs=lps[i], finish_reason=reasons[i])
-                   for i in range(num)]
-        return P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                    usage=acc.usage())
+        choices = [
+            P.CompletionChoice(index=i, text="".join(texts[i]), logprobs=lps[i], finish_reason=reasons[i])
+            for i in range(num)
+        ]
+        return P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=acc.usage())
 
-    async def _completion_stream(self, rid: str, created: int, slot: dict[str, int], n: int, first: StrOutput,
-                                 events: AsyncIterator[StrOutput], include_usage: bool,
-                                 want_lp: bool) -> AsyncIterator[str]:
+    async def _completion_stream(
+        self,
+        rid: str,
+        created: int,
+        slot: dict[str, int],
+        n: int,
+        first: StrOutput,
+        events: AsyncIterator[StrOutput],
+        include_usage: bool,
+        want_lp: bool,
+    ) -> AsyncIterator[str]:
         def chunk(choices: list[P.CompletionChoice], usage: P.Usage | None = None) -> str:
             c = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
             return f"data: {c.model_dump_json()}\n\n"
@@ -218,8 +296,13 @@ class OpenAIServing:
             _extend_completion_logprobs(lp, o.logprobs, offsets.get(i, 0) + len(o.prompt_text or ""))
             offsets[i] = offsets.get(i, 0) + len(text)
             if text or o.finished or (lp and lp.tokens):
-                yield chunk([P.CompletionChoice(index=i, text=text, logprobs=lp,
-                                                finish_reason=o.finish_reason if o.finished else None)])
+                yield chunk(
+                    [
+                        P.CompletionChoice(
+                            index=i, text=text, logprobs=lp, finish_reason=o.finish_reason if o.finished else None
+                        )
+                    ]
+                )
         if include_usage:
             yield chunk([], acc.usage())
 
@@ -240,8 +323,12 @@ class _Usage:
 
     def usage(self) -> P.Usage:
         prompt, completion = sum(self.prompt.values()), sum(self.completion.values())
-        return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                       prompt_tokens_details=P.PromptTokensDetails(cached_tokens=sum(self.cached.values())))
+        return P.Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=P.PromptTokensDetails(cached_tokens=sum(self.cached.values())),
+        )
 
 
 async def _chain(first: StrOutput, rest: AsyncIterator[StrOutput]) -> AsyncIterator[StrOutput]:
@@ -274,8 +361,9 @@ def flatten_message(m: P.ChatMessage, i: int) -> dict:
         parts = []
         for part in content:
             if part.type != "text" or part.text is None:
-                raise APIError(400, f"messages[{i}]: only text content parts are supported, got {part.type!r}",
-                               "messages")
+                raise APIError(
+                    400, f"messages[{i}]: only text content parts are supported, got {part.type!r}", "messages"
+                )
             parts.append(part.text)
         content = "".join(parts)
     return structured.message_dict(m, content or "")
@@ -297,8 +385,12 @@ def _bytes(s: str) -> list[int]:
 
 def _chat_logprobs(lps: list[TokenLogprob] | None) -> list[P.ChatTokenLogprob]:
     return [
-        P.ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=_bytes(t.token),
-                           top_logprobs=[P.TopLogprob(token=a, logprob=b, bytes=_bytes(a)) for a, b in t.top])
+        P.ChatTokenLogprob(
+            token=t.token,
+            logprob=t.logprob,
+            bytes=_bytes(t.token),
+            top_logprobs=[P.TopLogprob(token=a, logprob=b, bytes=_bytes(a)) for a, b in t.top],
+        )
         for t in lps or []
     ]
 

@@ -45,7 +45,9 @@ class SchedulerLoop:
     """Feeds one scheduler from a ZeroMQ inbox and sends its outputs on. `max_queued` bounds the waiting
     queue: a request beyond it is refused with a 503 instead of waiting indefinitely."""
 
-    def __init__(self, scheduler: SchedulerHandle, sock_in: zmq.Socket, sock_out: zmq.Socket, max_queued: int | None = None):
+    def __init__(
+        self, scheduler: SchedulerHandle, sock_in: zmq.Socket, sock_out: zmq.Socket, max_queued: int | None = None
+    ):
         self.scheduler = scheduler
         self.sock_in = sock_in
         self.sock_out = sock_out
@@ -93,10 +95,15 @@ class SchedulerLoop:
 
     def _add(self, msg: TokenizedGenerateReq) -> None:
         if self.max_queued is not None and self.scheduler.stats().num_queue_reqs >= self.max_queued:
-            send(self.sock_out, ReqError(
-                msg.rid, f"the server is overloaded: {self.max_queued} requests are already queued; retry later",
-                503, code="server_overloaded",
-            ))
+            send(
+                self.sock_out,
+                ReqError(
+                    msg.rid,
+                    f"the server is overloaded: {self.max_queued} requests are already queued; retry later",
+                    503,
+                    code="server_overloaded",
+                ),
+            )
             return
         try:
             self.scheduler.add_request(msg.rid, msg.input_ids, msg.params)
@@ -107,8 +114,12 @@ class SchedulerLoop:
         s = self.scheduler.stats()
         busy = s.num_running_reqs + s.num_queue_reqs
         if busy or not self.scheduler.flush_cache():
-            send(self.sock_out, FlushCacheResult(
-                msg.rid, False, f"the cache was not flushed: {busy or 'some'} requests are queued or running"))
+            send(
+                self.sock_out,
+                FlushCacheResult(
+                    msg.rid, False, f"the cache was not flushed: {busy or 'some'} requests are queued or running"
+                ),
+            )
             return
         logger.info("prefix cache flushed")
         send(self.sock_out, FlushCacheResult(msg.rid, True, "Cache flushed."))
@@ -127,7 +138,10 @@ class SchedulerLoop:
         tokens = s.generation_tokens_total - self._log_tokens
         logger.info(
             "gen throughput %.1f tok/s, running %d, queued %d, KV usage %.1f%%, cache hit rate %.1f%%",
-            tokens / (now - self._last_log), s.num_running_reqs, s.num_queue_reqs, 100 * s.token_usage,
+            tokens / (now - self._last_log),
+            s.num_running_reqs,
+            s.num_queue_reqs,
+            100 * s.token_usage,
             100 * s.cache_hit_rate,
         )
         self._last_log, self._log_tokens = now, s.generation_tokens_total
@@ -146,8 +160,12 @@ def scheduler_main(ready: Any, engine_kwargs: dict, paths: IpcPaths, max_queued:
     sock_in = inbox(ctx, paths.scheduler)
     sock_out = outbox(ctx, paths.tokenizer)
     mc = scheduler.model_config
-    send(sock_out, ModelInfo(engine_kwargs["model"] or "", serving_context_length(scheduler), mc.vocab_size,
-                             list(mc.eos_token_ids)))
+    send(
+        sock_out,
+        ModelInfo(
+            engine_kwargs["model"] or "", serving_context_length(scheduler), mc.vocab_size, list(mc.eos_token_ids)
+        ),
+    )
     ready.send("scheduler")
     # SIGTERM (the launcher shutting down) unwinds the loop so a tensor-parallel group is told to stop:
     # ranks on other nodes are not our children and would otherwise see only a broken connection.
@@ -164,8 +182,12 @@ def serving_context_length(scheduler: SchedulerHandle) -> int:
     context = scheduler.max_model_len
     pool_tokens = scheduler.kv.capacity * scheduler.kv.page_size
     if pool_tokens < context:
-        logger.warning("the KV pool holds %d tokens, fewer than the context length %d: requests are limited to %d",
-                       pool_tokens, context, pool_tokens)
+        logger.warning(
+            "the KV pool holds %d tokens, fewer than the context length %d: requests are limited to %d",
+            pool_tokens,
+            context,
+            pool_tokens,
+        )
     return min(context, pool_tokens)
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from minisgl.llm import LLM
 from minisgl.sampling_params import SamplingParams
@@ -25,8 +25,15 @@ from minisgl.server.args import ServerArgs
 HELP = "Commands: /reset (forget the conversation), /set KEY VALUE (sampling), /exit or Ctrl-D (leave)."
 # Greedy by default: reproducible answers, and small models ramble less. 512 bounds a turn's wait.
 DEFAULT_PARAMS = SamplingParams(temperature=0.0, max_tokens=512)
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
-            "max_tokens": int, "seed": int}
+SETTABLE = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repetition_penalty": float,
+    "max_tokens": int,
+    "seed": int,
+}
 
 
 @dataclasses.dataclass
@@ -72,8 +79,8 @@ class ChatSession:
         params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, context - len(ids)))
         parts: list[str] = []
         start, count, reason = time.perf_counter(), 0, None
-        for delta, tokens, reason in self.llm.stream(ids, params):
-            count += tokens
+        for delta, tokens, finish in self.llm.stream(ids, params):
+            count, reason = count + tokens, finish
             if delta:
                 parts.append(delta)
                 emit(delta)
@@ -142,8 +149,10 @@ def run_shell(args: ServerArgs) -> int:
                 print(f"({e})", flush=True)
                 continue
             rate = turn.completion_tokens / max(turn.seconds, 1e-9)
-            print(f"\n[{turn.prompt_tokens} prompt tokens, {turn.completion_tokens} generated, {rate:.1f} tok/s]",
-                  flush=True)
+            print(
+                f"\n[{turn.prompt_tokens} prompt tokens, {turn.completion_tokens} generated, {rate:.1f} tok/s]",
+                flush=True,
+            )
     finally:
         llm.shutdown()
         logging.shutdown()

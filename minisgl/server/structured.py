@@ -47,18 +47,23 @@ def constraint(req: P._SamplingRequest, plan: ToolPlan | None = None) -> dict[st
     rf = getattr(req, "response_format", None)
     if rf is not None:
         if rf.type not in RESPONSE_FORMATS:
-            raise APIError(400, f"response_format.type must be one of {', '.join(RESPONSE_FORMATS)}; got "
-                                f"{safe_text(rf.type)!r}", "response_format.type")
+            raise APIError(
+                400,
+                f"response_format.type must be one of {', '.join(RESPONSE_FORMATS)}; got {safe_text(rf.type)!r}",
+                "response_format.type",
+            )
         if rf.type == "json_object":
             found.append(("response_format", {"json_object": True}))
         elif rf.type == "json_schema":
             if rf.json_schema is None:
-                raise APIError(400, "response_format of type json_schema needs a json_schema object",
-                               "response_format.json_schema")
+                raise APIError(
+                    400, "response_format of type json_schema needs a json_schema object", "response_format.json_schema"
+                )
             schema = rf.json_schema.schema_
             if schema is False:
-                raise APIError(400, "response_format.json_schema.schema false admits no output",
-                               "response_format.json_schema")
+                raise APIError(
+                    400, "response_format.json_schema.schema false admits no output", "response_format.json_schema"
+                )
             if schema is None:  # no schema given: any JSON object
                 found.append(("response_format", {"json_object": True}))
             else:  # true: any JSON value
@@ -66,8 +71,7 @@ def constraint(req: P._SamplingRequest, plan: ToolPlan | None = None) -> dict[st
     if plan is not None and plan.grammar is not None:
         found.append(("tool_choice", {"structural_tag": plan.grammar}))
     if len(found) > 1:
-        raise APIError(400, f"{found[0][0]} and {found[1][0]} both constrain the output; give at most one",
-                       found[1][0])
+        raise APIError(400, f"{found[0][0]} and {found[1][0]} both constrain the output; give at most one", found[1][0])
     return found[0][1] if found else {}
 
 
@@ -88,14 +92,20 @@ def tool_plan(req: P.ChatCompletionRequest, parser: str) -> ToolPlan | None:
         if choice.type != "function":
             raise APIError(400, f"tool_choice.type must be 'function', got {safe_text(choice.type)!r}", "tool_choice")
         if choice.function.name not in names:
-            raise APIError(400, f"tool_choice names the function {safe_text(choice.function.name)!r}, which is not "
-                                "in tools", "tool_choice")
+            raise APIError(
+                400,
+                f"tool_choice names the function {safe_text(choice.function.name)!r}, which is not in tools",
+                "tool_choice",
+            )
         name = choice.function.name
     else:
         name = choice or "auto"
         if name not in ("none", "auto", "required"):
-            raise APIError(400, f"tool_choice must be none, auto, required or a named function; got "
-                                f"{safe_text(name)!r}", "tool_choice")
+            raise APIError(
+                400,
+                f"tool_choice must be none, auto, required or a named function; got {safe_text(name)!r}",
+                "tool_choice",
+            )
     if name == "none":
         return None
     fmt = get_format(parser)
@@ -113,8 +123,7 @@ def tool_calls(plan: ToolPlan | None, text: str) -> tuple[str | None, list[P.Too
         return text, []
     content, calls = plan.fmt.parse(text)
     calls = calls if plan.parallel else calls[:1]
-    return content, [P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments))
-                     for c in calls]
+    return content, [P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
 
 def message_dict(m: P.ChatMessage, content: str) -> dict:
@@ -124,8 +133,11 @@ def message_dict(m: P.ChatMessage, content: str) -> dict:
         msg["name"] = m.name
     if m.tool_calls:
         msg["tool_calls"] = [
-            {"id": c.id or f"call_{i}", "type": "function",
-             "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+            {
+                "id": c.id or f"call_{i}",
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)},
+            }
             for i, c in enumerate(m.tool_calls)
         ]
     if m.tool_call_id is not None:

@@ -18,7 +18,7 @@ ASSETS_PREFIX = "/web"
 OPEN_PATHS = ("/",)  # with ASSETS_PREFIX/*: reachable without the API key
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
-                               "frame-ancestors 'none'",
+    "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }

@@ -25,8 +25,9 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None, trust_rem
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def encode_chat(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None,
-                tool_format: str = "hermes") -> list[int]:
+def encode_chat(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None, tool_format: str = "hermes"
+) -> list[int]:
     """Token ids of a conversation rendered with the tokenizer's chat template, ready for the assistant's turn.
 
     Raises ValueError when the tokenizer has no template or the template rejects the conversation (e.g. roles

@@ -59,7 +59,7 @@ class ToolCallFormat:
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         raise NotImplementedError
 
-    def stream(self) -> "ToolStream":
+    def stream(self) -> ToolStream:
         return BufferedToolStream(self)
 
 
@@ -86,13 +86,21 @@ class HermesFormat(ToolCallFormat):
 
     def grammar(self, tools: list[dict], parallel: bool) -> str:
         tags = [
-            {"type": "tag", "begin": f'<tool_call>\n{{"name": {json.dumps(_name(t))}, "arguments": ',
-             "content": {"type": "json_schema", "json_schema": _schema(t), "max_whitespace_cnt": 1},
-             "end": "}\n</tool_call>"}
+            {
+                "type": "tag",
+                "begin": f'<tool_call>\n{{"name": {json.dumps(_name(t))}, "arguments": ',
+                "content": {"type": "json_schema", "json_schema": _schema(t), "max_whitespace_cnt": 1},
+                "end": "}\n</tool_call>",
+            }
             for t in tools
         ]
-        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
-               "stop_after_first": not parallel}
+        fmt = {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": "\n",
+            "at_least_one": True,
+            "stop_after_first": not parallel,
+        }
         return json.dumps({"type": "structural_tag", "format": fmt})
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
@@ -107,7 +115,7 @@ class HermesFormat(ToolCallFormat):
         content = self._BLOCK.sub("", text).strip()
         return content or None, calls
 
-    def stream(self) -> "ToolStream":
+    def stream(self) -> ToolStream:
         return HermesStream(self)
 
 
@@ -132,18 +140,27 @@ class Llama3JsonFormat(ToolCallFormat):
 
     def grammar(self, tools: list[dict], parallel: bool) -> str:
         tags = [
-            {"type": "tag", "begin": f'{{"name": {json.dumps(_name(t))}, "parameters": ',
-             "content": {"type": "json_schema", "json_schema": _schema(t), "max_whitespace_cnt": 1}, "end": "}"}
+            {
+                "type": "tag",
+                "begin": f'{{"name": {json.dumps(_name(t))}, "parameters": ',
+                "content": {"type": "json_schema", "json_schema": _schema(t), "max_whitespace_cnt": 1},
+                "end": "}",
+            }
             for t in tools
         ]
-        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "; ", "at_least_one": True,
-               "stop_after_first": not parallel}
+        fmt = {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": "; ",
+            "at_least_one": True,
+            "stop_after_first": not parallel,
+        }
         return json.dumps({"type": "structural_tag", "format": fmt})
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         body = text.strip()
         if body.startswith(self._TAG):
-            body = body[len(self._TAG):].lstrip()
+            body = body[len(self._TAG) :].lstrip()
         if not body.startswith("{"):
             return text, []
         dec, calls, i = json.JSONDecoder(), [], 0
@@ -246,10 +263,10 @@ class HermesStream(ToolStream):
                 if at < 0:
                     keep = 0 if final else _partial_suffix(self.buf, self.fmt.begin)
                     out.content += self.buf[: len(self.buf) - keep]
-                    self.buf = self.buf[len(self.buf) - keep:]
+                    self.buf = self.buf[len(self.buf) - keep :]
                     return _strip_between_calls(out, self.index)
                 out.content += self.buf[:at]
-                self.buf = self.buf[at + len(self.fmt.begin):]
+                self.buf = self.buf[at + len(self.fmt.begin) :]
                 self.in_call, self.args_start, self.sent = True, -1, 0
                 self.index += 1
             end = self.buf.find(self.fmt.end)
@@ -265,7 +282,7 @@ class HermesStream(ToolStream):
                 name = json.loads(f'"{m.group(1)}"')
                 out.calls.append((self.index, ParsedCall(name, "").id, name, ""))
                 self.args_start = m.end()
-            args = body[self.args_start:]
+            args = body[self.args_start :]
             if self.sent == 0 and args[:1].isspace():  # whitespace before the arguments is not part of them
                 self.args_start += len(args) - len(args.lstrip())
                 args = args.lstrip()
@@ -277,11 +294,11 @@ class HermesStream(ToolStream):
                 args = args.rstrip()
                 args = args[:-1].rstrip() if args.endswith("}") else args
             if len(args) > self.sent:
-                out.calls.append((self.index, None, None, args[self.sent:]))
+                out.calls.append((self.index, None, None, args[self.sent :]))
                 self.sent = len(args)
             if end < 0:
                 return _strip_between_calls(out, self.index)
-            self.buf = self.buf[end + len(self.fmt.end):]
+            self.buf = self.buf[end + len(self.fmt.end) :]
             self.in_call = False
 
 

@@ -108,8 +108,14 @@ class TokenizerWorker:
             logger.error("unexpected message %r", type(msg).__name__)
 
     # ---- requests -------------------------------------------------------------------------------------
-    def _render(self, text: str | None, messages: list[dict] | None, add_special_tokens: bool = True,
-                tools: list[dict] | None = None, tool_format: str = "hermes") -> list[int]:
+    def _render(
+        self,
+        text: str | None,
+        messages: list[dict] | None,
+        add_special_tokens: bool = True,
+        tools: list[dict] | None = None,
+        tool_format: str = "hermes",
+    ) -> list[int]:
         if messages is not None:
             try:
                 return encode_chat(self.tokenizer, messages, tools, tool_format)
@@ -137,14 +143,16 @@ class TokenizerWorker:
         if len(ids) >= ctx:
             raise BadRequest(
                 f"this model's maximum context length is {ctx} tokens, but the {param} has {len(ids)} tokens",
-                param, "context_length_exceeded",
+                param,
+                "context_length_exceeded",
             )
         max_tokens = req.max_tokens if req.max_tokens is not None else ctx - len(ids)
         if len(ids) + max_tokens > ctx:
             raise BadRequest(
                 f"this model's maximum context length is {ctx} tokens; you requested {len(ids) + max_tokens} "
                 f"tokens ({len(ids)} in the {param}, {max_tokens} for the completion)",
-                "max_tokens", "context_length_exceeded",
+                "max_tokens",
+                "context_length_exceeded",
             )
         req.params.max_tokens = max_tokens
         prompt_text = None
@@ -165,7 +173,9 @@ class TokenizerWorker:
         p = req.params
         hidden = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.info.eos_token_ids if self.info else []))
         state = _Request(req.rid, len(ids), prompt_text)
-        state.samples = [_Sample(SampleText(self.tokenizer, p.stop, hidden, req.skip_special_tokens)) for _ in range(p.n)]
+        state.samples = [
+            _Sample(SampleText(self.tokenizer, p.stop, hidden, req.skip_special_tokens)) for _ in range(p.n)
+        ]
         self.reqs[req.rid] = state
         send(self.to_scheduler, TokenizedGenerateReq(req.rid, ids, p))
 
@@ -206,8 +216,17 @@ class TokenizerWorker:
         if not (text or finished or logprobs or (s.first and req.prompt_text is not None)):
             return None
         result = StrOutput(
-            out.rid, out.index, text, finished, "stop" if hit_stop else out.finish_reason, len(out.token_ids),
-            req.prompt_tokens, s.tokens, out.cached_tokens, logprobs, req.prompt_text if s.first else None,
+            out.rid,
+            out.index,
+            text,
+            finished,
+            "stop" if hit_stop else out.finish_reason,
+            len(out.token_ids),
+            req.prompt_tokens,
+            s.tokens,
+            out.cached_tokens,
+            logprobs,
+            req.prompt_text if s.first else None,
         )
         s.first = False
         if finished:
@@ -224,8 +243,9 @@ class TokenizerWorker:
         ]
 
 
-def tokenizer_main(ready: Any, model_path: str, tokenizer_path: str | None, paths: IpcPaths,
-                   trust_remote_code: bool = False) -> None:
+def tokenizer_main(
+    ready: Any, model_path: str, tokenizer_path: str | None, paths: IpcPaths, trust_remote_code: bool = False
+) -> None:
     """Process entry point: load the tokenizer, then serve messages until killed."""
     from minisgl.tokenizer import load_tokenizer
 

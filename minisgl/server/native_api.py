@@ -54,6 +54,10 @@ class NativeSamplingParams(_Strict):
     n: P.Int64 = 1
     sampling_seed: P.Int64 | None = None
     seed: P.Int64 | None = None  # an alias of sampling_seed (OpenAI's name)
+    # SGLang's output constraints (at most one): a JSON schema (as text or an object), a regex, an EBNF grammar.
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @model_validator(mode="after")
     def _one_seed(self) -> NativeSamplingParams:

@@ -36,6 +36,7 @@ def hf_logprobs(hf, prompt: list[int], generated: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)], dim=-1)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_from_hub_cache(llama, tmp_path):
     """A repo id resolves through huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE) to a sharded checkpoint."""
     path, hf = llama

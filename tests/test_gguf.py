@@ -312,6 +312,7 @@ def test_default_model_missing_package_message(monkeypatch):
         default_model_path()
 
 
+@pytest.mark.slow
 def test_default_model_weights_match_transformers(default_path):
     for dtype in (torch.float32, torch.bfloat16):
         start = time.perf_counter()
@@ -327,6 +328,7 @@ def test_default_model_weights_match_transformers(default_path):
     assert torch.equal(model.state_dict()["lm_head.weight"], mine["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_default_model_tokenizer(default_path):
     start = time.perf_counter()
     tok = mg.load_gguf_tokenizer(default_path)

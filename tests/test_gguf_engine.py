@@ -13,6 +13,8 @@ from test_gguf import hf_gguf_model, write_gguf
 from minisgl import LLM, SamplingParams
 from minisgl.models.default_model import default_model_path
 
+pytestmark = pytest.mark.slow  # the default model against transformers
+
 PROMPTS = random_prompts(n=4, hi=60, vocab=VOCAB_SIZE, seed=11)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 

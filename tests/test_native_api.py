@@ -11,6 +11,8 @@ import httpx
 import pytest
 from server_util import serve, wait_for
 
+pytestmark = pytest.mark.slow  # starts a server
+
 PROMPT = "The capital of France is"
 
 

@@ -15,6 +15,8 @@ from engine_util import engine_prefill_logits
 from minisgl import LLM
 from minisgl.models.default_model import default_model_path
 
+pytestmark = pytest.mark.slow  # perplexity and memory on real-sized models
+
 # Written for this test; any fixed, ordinary English prose would do.
 TEXT = """\
 The old harbour town wakes slowly in winter. Before the sun clears the hills, the bakers have already lit their

@@ -23,6 +23,8 @@ from minisgl.quant.fp8 import quantize_fp8, quantize_rows_reference  # noqa: E40
 from minisgl.quant.int4 import quantize_int4  # noqa: E402
 from minisgl.quant.int8 import quantize_int8  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Triton kernels in the interpreter
+
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 GEMV_BATCHES = [1, 2, 3, 4]

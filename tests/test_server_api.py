@@ -13,6 +13,8 @@ import httpx
 import pytest
 from server_util import TINY_ARGS, chat_ids, hf_greedy, serve, tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # starts a server
+
 NAME = "tiny"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a capital city."}]
 PROMPT = "The quick brown fox"

@@ -9,6 +9,8 @@ from server_util import serve
 
 from minisgl.models.default_model import default_model_path
 
+pytestmark = pytest.mark.slow  # starts a server on the default model
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

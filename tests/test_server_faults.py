@@ -14,6 +14,8 @@ import httpx
 import pytest
 from server_util import REPO, TINY_ARGS, free_port, minisgl_env, serve, tiny_checkpoint, wait_for, wait_gone
 
+pytestmark = pytest.mark.slow  # starts servers and kills processes
+
 MAX_TOKENS = 16000  # seconds of decoding: only an abort ends such a request within the test
 
 

@@ -15,6 +15,8 @@ import httpx
 import pytest
 from server_util import TINY_ARGS, serve, tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # starts a server
+
 SEED = 1234
 N = 300
 SURROGATES = ["\ud83d", "\udc00", "a\ud800b", "\udfff\ud800"]

@@ -14,6 +14,8 @@ import openai
 import pytest
 from server_util import TINY_ARGS, serve, tiny_checkpoint, wait_for, wait_gone
 
+pytestmark = pytest.mark.slow  # starts servers
+
 KEY = "sk-test-key"
 TIMEOUT_S = 8  # the running request must outlive the queue checks even on a busy 2-core machine
 LONG = dict(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from server_util import TINY_ARGS, chat_ids, hf_greedy, serve, start_server, tiny_checkpoint, wait_gone
 
+pytestmark = pytest.mark.slow  # starts tensor-parallel servers
+
 MESSAGES = [{"role": "user", "content": "Name a capital city."}]
 N_TOKENS = 10
 

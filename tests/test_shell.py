@@ -17,6 +17,8 @@ import time
 import pytest
 from server_util import REPO, chat_ids, hf_greedy, minisgl_env, tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # runs the shell in subprocesses
+
 MAX_TOKENS = 12
 EOS = 0  # the tiny checkpoint's eos_token_id
 ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[=>])")

@@ -11,6 +11,8 @@ from engine_util import random_prompts
 
 from minisgl import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow  # spawns tensor-parallel ranks
+
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_neox"]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPTS = random_prompts(n=6, hi=120)

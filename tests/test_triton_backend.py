@@ -17,6 +17,8 @@ from engine_util import engine_prefill_logits, hf_model, random_prompts, teacher
 
 from minisgl import LLM, SamplingParams  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Triton kernels in the interpreter
+
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
 

@@ -23,6 +23,8 @@ from minisgl.layers.rotary import (
     RotaryEmbedding,  # noqa: E402
 )
 
+pytestmark = pytest.mark.slow  # Triton kernels in the interpreter
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Attention outputs are averages of O(1) values; 16-bit runs round P and the output (the interpreter

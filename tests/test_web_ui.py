@@ -18,6 +18,8 @@ import httpx
 import pytest
 from server_util import TINY_ARGS, serve, tiny_checkpoint, wait_for
 
+pytestmark = pytest.mark.slow  # drives a browser against servers
+
 CHROMIUM = os.environ.get("MINISGL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 BROWSER_ARGS = [
     "--headless",

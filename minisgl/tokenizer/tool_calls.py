@@ -85,23 +85,7 @@ class HermesFormat(ToolCallFormat):
         return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {_compact(arguments)}}}\n</tool_call>'
 
     def grammar(self, tools: list[dict], parallel: bool) -> str:
-        tags = [
-            {
-                "type": "tag",
-                "begin": f'<tool_call>\n{{"name": {json.dumps(_name(t))}, "arguments": ',
-                "content": {"type": "json_schema", "json_schema": _schema(t), "max_whitespace_cnt": 1},
-                "end": "}\n</tool_call>",
-            }
-            for t in tools
-        ]
-        fmt = {
-            "type": "tags_with_separator",
-            "tags": tags,
-            "separator": "\n",
-            "at_least_one": True,
-            "stop_after_first": not parallel,
-        }
-        return json.dumps({"type": "structural_tag", "format": fmt})
+        return _calls_tag(tools, parallel, '<tool_call>\n{{"name": {name}, "arguments": ', "}\n</tool_call>", "\n")
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         calls = []
@@ -139,23 +123,7 @@ class Llama3JsonFormat(ToolCallFormat):
         return f'{{"name": {json.dumps(name)}, "parameters": {_compact(arguments)}}}'
 
     def grammar(self, tools: list[dict], parallel: bool) -> str:
-        tags = [
-            {
-                "type": "tag",
-                "begin": f'{{"name": {json.dumps(_name(t))}, "parameters": ',
-                "content": {"type": "json_schema", "json_schema": _schema(t), "max_whitespace_cnt": 1},
-                "end": "}",
-            }
-            for t in tools
-        ]
-        fmt = {
-            "type": "tags_with_separator",
-            "tags": tags,
-            "separator": "; ",
-            "at_least_one": True,
-            "stop_after_first": not parallel,
-        }
-        return json.dumps({"type": "structural_tag", "format": fmt})
+        return _calls_tag(tools, parallel, '{{"name": {name}, "parameters": ', "}", "; ")
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         body = text.strip()
@@ -177,6 +145,28 @@ class Llama3JsonFormat(ToolCallFormat):
             while i < len(body) and body[i] in " \n\t;":
                 i += 1
         return None, calls
+
+
+def _calls_tag(tools: list[dict], parallel: bool, begin: str, end: str, separator: str) -> str:
+    """xgrammar's structural tag for one or more calls (one only unless `parallel`): each call is `begin` (with
+    the function's JSON-quoted name for {name}), arguments valid for that function's schema, then `end`."""
+    tags = [
+        {
+            "type": "tag",
+            "begin": begin.format(name=json.dumps(_name(t))),
+            "content": {"type": "json_schema", "json_schema": _schema(t), "max_whitespace_cnt": 1},
+            "end": end,
+        }
+        for t in tools
+    ]
+    fmt = {
+        "type": "tags_with_separator",
+        "tags": tags,
+        "separator": separator,
+        "at_least_one": True,
+        "stop_after_first": not parallel,
+    }
+    return json.dumps({"type": "structural_tag", "format": fmt})
 
 
 def _call_from_json(text: str, key: str) -> ParsedCall | None:

@@ -48,7 +48,6 @@ def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
 def _log_cpu_choices(requested: str, dtype: torch.dtype) -> None:
     """Say which native kernel level and activation dtype this CPU engine runs, and why."""
     from minisgl.kernels import native
-    from minisgl.models.config import cpu_has_native_bf16
 
     level, why = native.requested_level()
     loaded = native.level()
@@ -56,7 +55,7 @@ def _log_cpu_choices(requested: str, dtype: torch.dtype) -> None:
         why = f"{level} was asked for ({why}) but its library did not load"
     if requested != "auto":
         dtype_why = f"--dtype {requested}"
-    elif cpu_has_native_bf16():
+    elif native.has_native_bf16():
         dtype_why = "--dtype auto, and the CPU computes bf16 natively (AVX512-BF16/AMX)"
     else:
         dtype_why = "--dtype auto, and the CPU has no native bf16 (emulated bf16 is slower than fp32)"

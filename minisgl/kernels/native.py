@@ -94,10 +94,10 @@ def cpu_level() -> str:
 
 
 def has_native_bf16() -> bool:
-    """Whether the CPU computes with bf16 natively (AVX512-BF16, or ARM's BF16/SME); elsewhere bf16 math is
-    emulated through fp32 at extra cost."""
+    """Whether the CPU computes with bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 math is emulated through
+    fp32 at extra cost, so CPU activations default to fp32 (models.config.resolve_dtype)."""
     flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags or "bf16" in flags
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def requested_level() -> tuple[str, str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from minisgl.kernels import native
 from minisgl.layers.rotary import RopeConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -119,15 +120,6 @@ def resolve_dtype(name: str, config: ModelConfig, device: torch.device) -> torch
             raise ValueError(f"unknown dtype {name!r}; choose auto, bfloat16, float16 or float32")
         return _DTYPES[name]
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if native.has_native_bf16() else torch.float32
     dtype = config.torch_dtype or torch.bfloat16
     return torch.bfloat16 if dtype == torch.float32 else dtype
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -339,3 +339,34 @@ def test_default_model_tokenizer(default_path):
     assert tok.convert_tokens_to_ids("<|im_end|>") == mg.gguf_config(default_path)["eos_token_id"]
     ids = tok.encode("Hello world", add_special_tokens=False)
     assert tok.decode(ids) == "Hello world" and len(ids) == 2
+
+
+@pytest.mark.slow
+def test_cached_tokenizer_is_transformers_gguf_tokenizer(default_path, tmp_path, monkeypatch):
+    """The tokenizer read back from the cache folder behaves as transformers' own reading of the file, and loading
+    it (conversion included) does not import torch into the calling process."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("MINISGL_CACHE_DIR", str(tmp_path))
+    code = (
+        "import sys; from minisgl.tokenizer import load_tokenizer; load_tokenizer(sys.argv[1]); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code, default_path], check=True)  # converts into tmp_path
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+    tok = mg.load_gguf_tokenizer(default_path)  # from the cache
+    folder, name = os.path.split(default_path)
+    ref = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    texts = ["Hello world", "  two spaces\n\n\ttab", "naïve café 東京 😀 <|im_start|>x<|im_end|>", "def f(a): return a"]
+    for text in texts:
+        assert tok.encode(text) == ref.encode(text), text
+        assert tok.decode(tok.encode(text)) == ref.decode(ref.encode(text))
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == ref.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True
+    )
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "all_special_ids"):
+        assert getattr(tok, attr) == getattr(ref, attr), attr

@@ -11,6 +11,7 @@ Each is read when asked, not at import, so a test can set one for the code it ru
 | `MINISGL_PDL=0` | CUDA: launch the decode kernels without programmatic dependent launch |
 | `MINISGL_DISABLE_OVERLAP_SCHEDULING=1` | run each step's bookkeeping after its forward, not beside it |
 | `TRITON_INTERPRET=1` | Triton's own: run Triton kernels on the CPU in its interpreter (tests) |
+| `MINISGL_CACHE_DIR` | converted GGUF tokenizers (default `$XDG_CACHE_HOME/minisgl`, else `~/.cache/minisgl`) |
 | `CXX` | at build time (setup.py, kernels/build.py): the C++ compiler for the native kernels (default g++, else c++) |
 """
 
@@ -38,3 +39,11 @@ def overlap_disabled() -> bool:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cache_dir() -> str:
+    explicit = os.environ.get("MINISGL_CACHE_DIR")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "minisgl")

@@ -9,18 +9,23 @@ One module per job: `reader` (header and tensor table), `config` (metadata -> co
 `dequant` (block formats -> float32), `weights` (names, Q/K layout, the weight stream), `tokenizer`.
 """
 
-from minisgl.models.gguf.config import gguf_config
-from minisgl.models.gguf.dequant import dequantize_raw
-from minisgl.models.gguf.reader import is_gguf, read_gguf_header
-from minisgl.models.gguf.tokenizer import load_gguf_tokenizer
-from minisgl.models.gguf.weights import gguf_weight_types, iter_gguf_weights
+import importlib
 
-__all__ = [
-    "dequantize_raw",
-    "gguf_config",
-    "gguf_weight_types",
-    "is_gguf",
-    "iter_gguf_weights",
-    "load_gguf_tokenizer",
-    "read_gguf_header",
-]
+# Imported when first used (PEP 562): the tokenizer process reads a file's tokenizer without loading torch,
+# which the weight modules need.
+_MODULES = {
+    "dequantize_raw": "dequant",
+    "gguf_config": "config",
+    "gguf_weight_types": "weights",
+    "is_gguf": "reader",
+    "iter_gguf_weights": "weights",
+    "load_gguf_tokenizer": "tokenizer",
+    "read_gguf_header": "reader",
+}
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)

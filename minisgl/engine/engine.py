@@ -29,7 +29,10 @@ from minisgl.quant import resolve_quant_config
 
 logger = logging.getLogger(__name__)
 
-# Without --max-total-tokens the CPU pool takes this much at most: host memory is shared with everything else.
+# Without --max-total-tokens the CPU pool holds one full context (at least this many tokens) and takes at most
+# _CPU_KV_CAP_BYTES: host memory is shared with everything else, and a prefix cache that keeps every finished
+# sequence soon makes the whole pool resident.
+_CPU_KV_MIN_TOKENS = 8192
 _CPU_KV_CAP_BYTES = 4 << 30
 
 
@@ -169,6 +172,7 @@ class Engine:
             budget = free * self.config.mem_fraction_static
         else:
             budget = min(psutil.virtual_memory().available * self.config.mem_fraction_static, _CPU_KV_CAP_BYTES)
+            budget = min(budget, (-(-max(self.max_model_len, _CPU_KV_MIN_TOKENS) // ps) + 1) * per_page)
         pages = int(budget // per_page)
         if pages < 2:
             raise RuntimeError("not enough memory left for even one KV page; lower the model size or free memory")

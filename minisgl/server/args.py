@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-total-tokens",
         type=_positive_int,
         default=d.max_total_tokens,
-        help="KV pool size in tokens (default: sized from --mem-fraction-static)",
+        help="KV pool size in tokens (default: from --mem-fraction-static; CPU: one full context, >= 8192 tokens)",
     )
     e.add_argument(
         "--mem-fraction-static",

@@ -223,11 +223,11 @@ def test_prompts_that_cannot_run_are_rejected(llama):
     llm.scheduler.kv.check_no_leaks()
 
 
-def test_default_cpu_pool_is_one_context_not_the_memory_cap(llama):
+def test_default_cpu_pool_is_llama_cpp_default_context(llama):
     """On the CPU the prefix cache soon makes the whole pool resident, so without --max-total-tokens the pool
-    holds one full context (at least 8192 tokens), not gigabytes; a full-length request still fits."""
+    holds 4096 tokens (llama.cpp's default -c), not gigabytes; requests of that length still run."""
     llm = LLM(llama[0], device="cpu", dtype="float32", page_size=4)
     engine = llm.scheduler.engine
-    tokens = (engine.pool.num_pages - 1) * engine.page_size
-    assert max(engine.max_model_len, 8192) <= tokens < max(engine.max_model_len, 8192) + 2 * engine.page_size
-    assert len(llm.generate([[5] * 1000], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids) == 24
+    assert (engine.pool.num_pages - 1) * engine.page_size == 4096
+    out = llm.generate([[5] * 1000] * 3, SamplingParams(max_tokens=24, ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [24] * 3

@@ -29,11 +29,9 @@ from minisgl.quant import resolve_quant_config
 
 logger = logging.getLogger(__name__)
 
-# Without --max-total-tokens the CPU pool holds one full context (at least this many tokens) and takes at most
-# _CPU_KV_CAP_BYTES: host memory is shared with everything else, and a prefix cache that keeps every finished
-# sequence soon makes the whole pool resident.
-_CPU_KV_MIN_TOKENS = 8192
-_CPU_KV_CAP_BYTES = 4 << 30
+# Without --max-total-tokens the CPU pool holds llama.cpp's default context (-c 4096): host memory is shared
+# with everything else, and a prefix cache that keeps every finished sequence soon makes the whole pool resident.
+_CPU_KV_DEFAULT_TOKENS = 4096
 
 
 def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
@@ -171,8 +169,8 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * self.config.mem_fraction_static
         else:
-            budget = min(psutil.virtual_memory().available * self.config.mem_fraction_static, _CPU_KV_CAP_BYTES)
-            budget = min(budget, (-(-max(self.max_model_len, _CPU_KV_MIN_TOKENS) // ps) + 1) * per_page)
+            budget = min(psutil.virtual_memory().available * self.config.mem_fraction_static,
+                         (-(-_CPU_KV_DEFAULT_TOKENS // ps) + 1) * per_page)  # fmt: skip
         pages = int(budget // per_page)
         if pages < 2:
             raise RuntimeError("not enough memory left for even one KV page; lower the model size or free memory")

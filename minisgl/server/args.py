@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-total-tokens",
         type=_positive_int,
         default=d.max_total_tokens,
-        help="KV pool size in tokens (default: from --mem-fraction-static; CPU: one full context, >= 8192 tokens)",
+        help="KV pool size in tokens (default: from --mem-fraction-static; on the CPU 4096, as llama.cpp's -c)",
     )
     e.add_argument(
         "--mem-fraction-static",

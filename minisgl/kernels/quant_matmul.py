@@ -1,10 +1,11 @@
-"""Triton kernels for quantized linears on CUDA: W8A16 (int8 or fp8 weights, one scale per output channel),
-W4A16 (4-bit groups of 32 along K with scale and zero, Int4Blocks' layout) and the per-token fp8 quantizer.
+"""Triton kernels for quantized linears on CUDA: W8A16 (int8 or fp8 weights, one scale per output channel) and
+W4A16 (4-bit groups of 32 along K with scale and zero, Int4Blocks' layout).
 
 Decode at batch 1..GEMV_MAX_M is a memory-bound GEMV: each program streams a few weight rows once and reduces
 with FMAs (tensor cores would sit idle), and the W4 GEMV applies each group's scale and zero to the group's
 partial sum instead of to every weight. Up to W4/W8_DEQUANT_MIN_M rows a tl.dot GEMM dequantizes weight tiles
-in registers; from there (prefill) the layer's weight is dequantized into a temporary and cuBLAS multiplies.
+in registers; from there (prefill) the layer's weight is dequantized into a temporary (quant_convert.py) and
+cuBLAS multiplies.
 Every launch is CUDA-graph capturable: no host sync, output allocated from shapes alone.
 
 Configs are autotuned per (N, K) and M bucket on first use; the engine's first forwards (CUDA-graph warm-up)
@@ -20,9 +21,8 @@ import triton.language as tl
 
 from minisgl.core import settings
 from minisgl.kernels import pdl
+from minisgl.kernels.quant_convert import w4_dequantize, w8_dequantize
 from minisgl.kernels.tuning import GEMV_MAX_M, W4_DEQUANT_MIN_M, W8_DEQUANT_MIN_M
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @triton.jit
@@ -218,53 +218,6 @@ def _w4_gemm(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, stride_xm
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _w8_dequant(w_ptr, s_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ok = (n < N)[:, None] & (k < K)[None, :]
-    off = n[:, None].to(tl.int64) * K + k[None, :]
-    w = tl.load(w_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + off, (w * s[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _w4_dequant(w_ptr, s_ptr, z_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    j = tl.arange(0, 16)
-    num_groups: tl.constexpr = K // 32
-    ok = (n < N)[:, None] & (g < num_groups)[None, :]
-    n64 = n.to(tl.int64)
-    b = tl.load(w_ptr + n64[:, None, None] * (K // 2) + g[None, :, None] * 16 + j[None, None, :],
-                mask=ok[:, :, None], other=0)  # fmt: skip
-    sz_off = n64[:, None] * num_groups + g[None, :]
-    s = tl.load(s_ptr + sz_off, mask=ok, other=0.0).to(tl.float32)[:, :, None]
-    z = tl.load(z_ptr + sz_off, mask=ok, other=0.0).to(tl.float32)[:, :, None]
-    o_ptrs = out_ptr + n64[:, None, None] * K + g[None, :, None] * 32 + j[None, None, :]
-    dtype = out_ptr.dtype.element_ty
-    tl.store(o_ptrs, (((b & 0xF).to(tl.float32) - 8.0) * s + z).to(dtype), mask=ok[:, :, None])
-    tl.store(o_ptrs + 16, (((b >> 4).to(tl.float32) - 8.0) * s + z).to(dtype), mask=ok[:, :, None])
-
-
-@triton.jit
-def _fp8_rows(x_ptr, q_ptr, s_ptr, K: tl.constexpr, stride_xm, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    k = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + row * stride_xm
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
-    tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):  # second pass: the row is in L2 now
-        x = tl.load(x_row + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
-        q = tl.clamp(x / scale, -448.0, 448.0)
-        tl.store(q_ptr + row * K + k0 + k, q.to(q_ptr.dtype.element_ty), mask=k0 + k < K)
-
-
 # ---- configs and launchers ----
 
 
@@ -330,7 +283,6 @@ _INTERPRET = {
     "w8_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2),
     "w4_gemm": dict(BLOCK_M=16, BLOCK_N=32, GROUPS=2, GROUP_M=2),
 }
-_DEQUANT_BLOCK_N = 32
 
 
 def _interpreting() -> bool:
@@ -393,37 +345,3 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
         args = (x, packed, scale, zero, y, M, N, K, x.stride(0), y.stride(0))
         _launch("w4_gemm", _w4_gemm, _w4_gemm_tuned[_bucket(M)], grid, args)
     return y
-
-
-def w8_dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The dense [N, K] weight of int8/float8 w [N, K] with per-row scale [N], in `dtype` (rounded once)."""
-    N, K = w.shape
-    out = torch.empty(N, K, dtype=dtype, device=w.device)
-    block_k = 64 if _interpreting() else 256
-    _w8_dequant[(triton.cdiv(N, _DEQUANT_BLOCK_N), triton.cdiv(K, block_k))](
-        w, scale, out, N, K, BLOCK_N=_DEQUANT_BLOCK_N, BLOCK_K=block_k, num_warps=4
-    )
-    return out
-
-
-def w4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The dense [N, K] weight of the Int4Blocks layout, in `dtype`: (q - 8) scale + zero, rounded once."""
-    N, K = packed.shape[0], packed.shape[1] * 2
-    out = torch.empty(N, K, dtype=dtype, device=packed.device)
-    groups = 2 if _interpreting() else 8
-    _w4_dequant[(triton.cdiv(N, _DEQUANT_BLOCK_N), triton.cdiv(K // 32, groups))](
-        packed, scale, zero, out, N, K, BLOCK_N=_DEQUANT_BLOCK_N, GROUPS=groups, num_warps=4
-    )
-    return out
-
-
-def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token fp8: (q [M, K] float8_e4m3fn, scale [M, 1] float32) with x ~= q * scale."""
-    M, K = x.shape
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
-    if M:
-        block = 64 if _interpreting() else min(4096, triton.next_power_of_2(K))
-        _fp8_rows[(M,)](x, q, scale, K, x.stride(0), BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
-    return q, scale

@@ -58,7 +58,8 @@ class Fp8Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
             return self.apply_emulated(layer, x)
-        from minisgl.kernels.quant_matmul import fp8_quantize_rows, w8a16_linear
+        from minisgl.kernels.quant_convert import fp8_quantize_rows
+        from minisgl.kernels.quant_matmul import w8a16_linear
 
         if x.shape[0] <= FP8_WEIGHT_ONLY_MAX_M:
             return w8a16_linear(x, layer.qweight, layer.qscale)

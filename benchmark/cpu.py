@@ -1,7 +1,7 @@
 """minisgl's server beside llama.cpp's llama-server on the same GGUF, through the same OpenAI streaming client.
 
     python benchmark/cpu.py --llama-server /tmp/llama.cpp/llama-server     # or LLAMA_SERVER=... in the env
-    python benchmark/cpu.py --isa avx2          # minisgl as on an AVX2-only CPU (kernels, torch, fp32 activations)
+    python benchmark/cpu.py --isa avx2          # minisgl as on an AVX2-only CPU (kernels, torch, MKL, fp32)
     python benchmark/cpu.py --busy-core         # one core kept busy by a Python loop during the whole run
     python benchmark/cpu.py --skip-llama        # minisgl only
 
@@ -170,8 +170,8 @@ def main() -> None:
         extra = args.minisgl_args.split()
         if args.isa:
             env["MINISGL_CPU_ISA"] = args.isa
-        if args.isa == "avx2":  # as on an AVX2-only CPU: torch's kernels too, and auto's dtype there (no native bf16)
-            env["ATEN_CPU_CAPABILITY"] = "avx2"
+        if args.isa == "avx2":  # as on an AVX2-only CPU: torch's kernels, its BLAS and oneDNN too, and auto's dtype
+            env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
             extra = extra if "--dtype" in extra else [*extra, "--dtype", "float32"]
         port = free_port()
         cmd = [sys.executable, "-m", "minisgl", "--model", args.model, "--port", str(port), "--cpu-threads",

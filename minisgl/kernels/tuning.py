@@ -22,6 +22,11 @@ FP8_WEIGHT_ONLY_MAX_M = 16
 # many more rows at once (benchmark/native_cpu.py, "expand+dense").
 CPU_INT4_NATIVE_MAX_ROWS = 128
 CPU_INT8_NATIVE_MAX_ROWS = 16
-# A GGUF's tied LM head keeps a requantized int8 copy for small decode batches; from this many rows on it
-# multiplies by the dense embedding instead, for the same reason.
+# An int8 weight of at least this many elements (a vocabulary-sized head) costs more to expand than the native
+# kernel's passes over it, up to CPU_INT8_LARGE_NATIVE_MAX_ROWS rows.
+CPU_INT8_LARGE_WEIGHT = 1 << 24
+CPU_INT8_LARGE_NATIVE_MAX_ROWS = 256
+# A GGUF's tied LM head keeps an int8 copy for decode; with bf16 activations, from this many rows on it
+# multiplies by the dense embedding instead (native bf16 dot products). In fp32 the dense product reads twice
+# the bytes of bf16 and is slower than the int8 kernel at every batch size, so the copy serves all of them.
 CPU_DENSE_HEAD_MIN_ROWS = 8

@@ -56,8 +56,9 @@ class CausalLM(nn.Module):
                 scheme = quant.scheme_for(holds.get(source, []), lm_head=True)
                 layer = module.proj
                 if module.tied is not None and quant.scheme == KEEP_GGUF and not quant.quantize_lm_head:
-                    # on CUDA the int8 kernels keep up with a dense matmul at every batch size
-                    module.dense_from_rows = CPU_DENSE_HEAD_MIN_ROWS if device.type == "cpu" else None
+                    # on CUDA, and in fp32 on the CPU, the int8 kernels beat a dense matmul at every batch size
+                    cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16
+                    module.dense_from_rows = CPU_DENSE_HEAD_MIN_ROWS if cpu_bf16 else None
             elif isinstance(module, Linear) and module.quant is not None and id(module) not in head_projs:
                 scheme, layer = quant.scheme_for(holds.get(path, [])), module
             else:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from minisgl.kernels import native
-from minisgl.kernels.tuning import CPU_INT8_NATIVE_MAX_ROWS
+from minisgl.kernels.tuning import CPU_INT8_LARGE_NATIVE_MAX_ROWS, CPU_INT8_LARGE_WEIGHT, CPU_INT8_NATIVE_MAX_ROWS
 from minisgl.quant.base import QuantMethod, rows_to_device
 from minisgl.quant.blocks import GROUP, Int8Blocks, QuantizedBlocks, as_dense
 
@@ -57,9 +57,9 @@ class Int8CudaMethod(QuantMethod):
 class Int8CpuMethod(QuantMethod):
     """`qweight` int8 [N, K] and `qscale` fp32 [N, K / g], a scale per group of g = 32 columns (16 where K is not
     a multiple of 32): GGUF's Q8_0 blocks load as they are (the file's scales, exact), dense weights are quantized
-    per group. Up to CPU_INT8_NATIVE_MAX_ROWS rows the native kernel (AVX2 or AVX-512, fp32 or bf16 activations)
-    multiplies; larger inputs, or no native kernels, expand the weight for a dense matmul. Layers whose K is not a
-    multiple of 16 stay dense.
+    per group. Up to CPU_INT8_NATIVE_MAX_ROWS rows (more for a vocabulary-sized weight) the native kernel (AVX2 or
+    AVX-512, fp32 or bf16 activations) multiplies; larger inputs, or no native kernels, expand the weight for a
+    dense matmul. Layers whose K is not a multiple of 16 stay dense.
     """
 
     name = "int8"
@@ -82,7 +82,9 @@ class Int8CpuMethod(QuantMethod):
         layer.qscale[start : start + q.shape[0]].copy_(scale)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= CPU_INT8_NATIVE_MAX_ROWS and native.fits(x):
+        rows, weight = x.shape[0], layer.qweight.numel()
+        limit = CPU_INT8_LARGE_NATIVE_MAX_ROWS if weight >= CPU_INT8_LARGE_WEIGHT else CPU_INT8_NATIVE_MAX_ROWS
+        if rows <= limit and native.fits(x):
             return native.int8_gemm(x.contiguous(), layer.qweight, layer.qscale)
         return torch.nn.functional.linear(x, self.dequantize(layer).to(x.dtype))
 

@@ -44,60 +44,42 @@ inline void int8_rows4_one(const int8_t* w, int64_t k_len, const float* sc, int6
     for (int r = 0; r < 4; ++r) dots[0][r] = hsum256(acc[r]);
 }
 
+// dots[m][r] = x[m] . wf[r] over k for M rows of x and 4 weight rows already dequantized to fp32 (wf[r] at
+// r * k_len): with more than one row of x, each quad of weight rows is widened once and reused from L1 for all
+// of them, so the inner loop is loads and FMAs only.
 #if defined(__AVX512F__)
-constexpr int64_t kInt8Rows = 3;  // rows of x per pass over 4 weight rows (4 spills registers)
-constexpr int64_t kInt8Step = 16;
+constexpr int64_t kInt8Rows = 4;  // rows of x per pass: 16 accumulators
 
-// dots[m][r] = x[m] . w[r] over k for 4 consecutive weight rows (scales sc[r * groups + g]): 4 x M independent
-// accumulators (M = 1 goes to int8_rows4_one). group is a multiple of 16.
 template <int M>
-void int8_rows4(const int8_t* w, int64_t k_len, const float* sc, int64_t groups, const float* x, float dots[][4]) {
-    const int64_t group = k_len / groups;
-    if constexpr (M == 1) return int8_rows4_one(w, k_len, sc, groups, x, dots);
+void dot_rows4(const float* wf, int64_t k_len, const float* x, float dots[][4]) {
     __m512 acc[M][4];
     for (int m = 0; m < M; ++m)
         for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-        __m512 s[4];
-        for (int r = 0; r < 4; ++r) s[r] = _mm512_set1_ps(sc[r * groups + g]);
-        for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
-            __m512 wr[4];
-            for (int r = 0; r < 4; ++r)
-                wr[r] = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + r * k_len + k)))), s[r]);
-            for (int m = 0; m < M; ++m) {
-                const __m512 xv = _mm512_loadu_ps(x + m * k_len + k);
-                for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_fmadd_ps(wr[r], xv, acc[m][r]);
-            }
+    for (int64_t k = 0; k < k_len; k += 16) {
+        __m512 wr[4];
+        for (int r = 0; r < 4; ++r) wr[r] = _mm512_loadu_ps(wf + r * k_len + k);
+        for (int m = 0; m < M; ++m) {
+            const __m512 xv = _mm512_loadu_ps(x + m * k_len + k);
+            for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_fmadd_ps(wr[r], xv, acc[m][r]);
         }
     }
     for (int m = 0; m < M; ++m)
         for (int r = 0; r < 4; ++r) dots[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 #else
-constexpr int64_t kInt8Rows = 2;  // 16 registers: 4 x 2 accumulators, 4 weights, 4 scales
-constexpr int64_t kInt8Step = 8;
+constexpr int64_t kInt8Rows = 2;  // 16 registers: 8 accumulators, 4 weights, x
 
-// AVX2: as above with 8 lanes.
 template <int M>
-void int8_rows4(const int8_t* w, int64_t k_len, const float* sc, int64_t groups, const float* x, float dots[][4]) {
-    const int64_t group = k_len / groups;
-    if constexpr (M == 1) return int8_rows4_one(w, k_len, sc, groups, x, dots);
+void dot_rows4(const float* wf, int64_t k_len, const float* x, float dots[][4]) {
     __m256 acc[M][4];
     for (int m = 0; m < M; ++m)
         for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-        __m256 s[4];
-        for (int r = 0; r < 4; ++r) s[r] = _mm256_set1_ps(sc[r * groups + g]);
-        for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-            __m256 wr[4];
-            for (int r = 0; r < 4; ++r)
-                wr[r] = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + r * k_len + k)))), s[r]);
-            for (int m = 0; m < M; ++m) {
-                const __m256 xv = _mm256_loadu_ps(x + m * k_len + k);
-                for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_fmadd_ps(wr[r], xv, acc[m][r]);
-            }
+    for (int64_t k = 0; k < k_len; k += 8) {
+        __m256 wr[4];
+        for (int r = 0; r < 4; ++r) wr[r] = _mm256_loadu_ps(wf + r * k_len + k);
+        for (int m = 0; m < M; ++m) {
+            const __m256 xv = _mm256_loadu_ps(x + m * k_len + k);
+            for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_fmadd_ps(wr[r], xv, acc[m][r]);
         }
     }
     for (int m = 0; m < M; ++m)
@@ -114,12 +96,13 @@ template <typename T>
 void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const float* scale, int64_t groups,
                int64_t n, T* y) {
     constexpr int64_t kTile = 64;
+    const int64_t group = k_len / groups;
     std::vector<float> xf(rows * k_len);
     for (int64_t i = 0; i < rows * k_len; ++i) xf[i] = to_float(x[i]);
     const int64_t tiles = (n + kTile - 1) / kTile;
 #pragma omp parallel if (tiles >= 16)
     {
-        std::vector<float> out(rows * kTile);
+        std::vector<float> out(rows * kTile), wf(rows > 1 ? 4 * k_len : 0);
         std::vector<int8_t> tail;  // the last rows, padded to 4 with zeros
         std::vector<float> tail_scale;
 #pragma omp for schedule(static)
@@ -137,17 +120,28 @@ void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const f
                     wq = tail.data();
                     sq = tail_scale.data();
                 }
+                if (rows == 1) {
+                    float dots[1][4];
+                    int8_rows4_one(wq, k_len, sq, groups, xf.data(), dots);
+                    for (int64_t r = 0; r < live; ++r) out[r0 - t0 + r] = dots[0][r];
+                    continue;
+                }
+                for (int64_t r = 0; r < 4; ++r)  // q * scale is exact in fp32
+                    for (int64_t g = 0; g < groups; ++g)
+                        for (int64_t k = g * group; k < (g + 1) * group; ++k)
+                            wf[r * k_len + k] = float(wq[r * k_len + k]) * sq[r * groups + g];
                 for (int64_t m0 = 0; m0 < rows; m0 += kInt8Rows) {
                     const int64_t mc = rows - m0 < kInt8Rows ? rows - m0 : kInt8Rows;
-                    float dots[4][4];
+                    float dots[kInt8Rows][4];
                     const float* xm = xf.data() + m0 * k_len;
                     switch (mc) {
-                        case 1: int8_rows4<1>(wq, k_len, sq, groups, xm, dots); break;
+                        case 1: dot_rows4<1>(wf.data(), k_len, xm, dots); break;
 #if defined(__AVX512F__)
-                        case 2: int8_rows4<2>(wq, k_len, sq, groups, xm, dots); break;
-                        default: int8_rows4<3>(wq, k_len, sq, groups, xm, dots); break;
+                        case 2: dot_rows4<2>(wf.data(), k_len, xm, dots); break;
+                        case 3: dot_rows4<3>(wf.data(), k_len, xm, dots); break;
+                        default: dot_rows4<4>(wf.data(), k_len, xm, dots); break;
 #else
-                        default: int8_rows4<2>(wq, k_len, sq, groups, xm, dots); break;
+                        default: dot_rows4<2>(wf.data(), k_len, xm, dots); break;
 #endif
                     }
                     for (int64_t m = 0; m < mc; ++m)

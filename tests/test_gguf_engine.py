@@ -77,6 +77,11 @@ def test_default_model_4bit_in_float32_gives_the_files_logits(monkeypatch):
     path = default_model_path()
     hf = hf_gguf_model(path)
     llm = LLM(path, device="cpu", dtype="float32", disable_radix_cache=True)
+    # The file's Q8_0 embedding is read from the tied head's int8 copy (no dense table in fp32): exactly its rows.
+    embed = llm.scheduler.engine.model.model.embed_tokens
+    assert embed.rows_from is not None and embed.weight.numel() == 0
+    ids = torch.tensor([0, 1, 2, 17, 1000, 49151])
+    assert torch.equal(embed(ids), hf.get_input_embeddings()(ids))
     tok = llm.tokenizer
     decode_logits: list[torch.Tensor] = []
     forward = Engine.forward

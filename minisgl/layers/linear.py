@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -128,12 +131,16 @@ class VocabEmbedding(nn.Module):
         self.tp = tp
         self.per_rank, self.start, self.rows = vocab_slice(vocab_size, tp)
         self.weight = nn.Parameter(torch.empty(self.per_rank, dim), requires_grad=False)
+        # ids -> rows from a quantized head that holds this table exactly (LMHead.finalize), else None
+        self.rows_from: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         self.weight.data[: self.rows].copy_(tensor[self.start : self.start + self.rows])
         self.weight.data[self.rows :].zero_()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.rows_from is not None:
+            return self.rows_from(ids).to(self.weight.dtype)
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
@@ -149,8 +156,8 @@ class LMHead(nn.Module):
     Built with a `quant` config, the head computes through `proj`, a Linear over this rank's (padded)
     vocabulary slice whose weight `create_weights` allocates, quantized or dense. A tied head that stays dense
     drops `proj` and reads the embedding; a tied head that is quantized keeps its own quantized copy, loaded
-    from the embedding's tensor (the embedding itself stays dense). With `dense_from_rows` set, batches of at
-    least that many rows multiply by the dense embedding instead of the quantized copy.
+    from the embedding's tensor (the embedding stays dense unless `finalize` lets it read the copy). With
+    `dense_from_rows` set, batches of at least that many rows multiply by the dense embedding instead.
     """
 
     def __init__(
@@ -195,6 +202,16 @@ class LMHead(nn.Module):
                 self.proj.write_rows(self.rows, torch.zeros(self.per_rank - self.rows, self.proj.in_features))
         elif self.tied is None:
             self.embed.load(name, tensor)
+
+    def finalize(self) -> None:
+        """Once loaded: a tied embedding whose rows this head's int8 copy holds exactly (a GGUF's Q8_0 table), and
+        that the head never multiplies by, reads its rows from the copy and frees its own dense table."""
+        tied, proj = self.tied, self.proj
+        if tied is None or proj is None or self.dense_from_rows is not None or tied.tp.size != 1:
+            return
+        if getattr(proj, "int8_exact", False):  # set by the CPU int8 method (quant/int8.py)
+            tied.rows_from = functools.partial(proj.method.dequantize, proj)
+            tied.weight = nn.Parameter(tied.weight.new_empty(0, tied.weight.shape[1]), requires_grad=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.proj is None or (self.dense_from_rows is not None and h.shape[0] >= self.dense_from_rows):

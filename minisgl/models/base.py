@@ -104,6 +104,9 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.finalize()
+        for module in self.modules():
+            if isinstance(module, LMHead):
+                module.finalize()
 
     def _check_complete(self, loaded: set[str]) -> None:
         def covered(path: str) -> bool:  # loaded itself, or part of a module that was

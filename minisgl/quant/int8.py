@@ -71,6 +71,7 @@ class Int8CpuMethod(QuantMethod):
         groups = in_features // _cpu_group(in_features)
         layer.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         layer.register_buffer("qscale", torch.empty(out_features, groups, dtype=torch.float32))
+        layer.int8_exact = True  # every row loaded holds the checkpoint's values exactly (Q8_0 blocks)
 
     def load_rows(self, layer: nn.Module, start: int, weight: torch.Tensor | QuantizedBlocks) -> None:
         group = layer.qweight.shape[1] // layer.qscale.shape[1]
@@ -78,6 +79,7 @@ class Int8CpuMethod(QuantMethod):
             q, scale = weight.q, weight.scale.float()  # Q8_0: the file's codes and scales
         else:
             q, scale = quantize_int8_groups(as_dense(weight), group)
+            layer.int8_exact = False
         layer.qweight[start : start + q.shape[0]].copy_(q)
         layer.qscale[start : start + q.shape[0]].copy_(scale)
 
@@ -88,10 +90,13 @@ class Int8CpuMethod(QuantMethod):
             return native.int8_gemm(x.contiguous(), layer.qweight, layer.qscale)
         return torch.nn.functional.linear(x, self.dequantize(layer).to(x.dtype))
 
-    def dequantize(self, layer: nn.Module) -> torch.Tensor:
-        rows, cols = layer.qweight.shape
-        q = layer.qweight.view(rows, layer.qscale.shape[1], -1).float()
-        return (q * layer.qscale.unsqueeze(2)).view(rows, cols)
+    def dequantize(self, layer: nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense fp32 weight, or only its `rows` (indices); q * scale is exact in fp32."""
+        q, scale = layer.qweight, layer.qscale
+        if rows is not None:
+            q, scale = q[rows], scale[rows]
+        n, cols = q.shape
+        return (q.view(n, scale.shape[1], -1).float() * scale.unsqueeze(2)).view(n, cols)
 
 
 def _cpu_group(in_features: int) -> int:

@@ -182,8 +182,9 @@ def serving_context_length(scheduler: SchedulerHandle) -> int:
     context = scheduler.max_model_len
     pool_tokens = scheduler.kv.capacity * scheduler.kv.page_size
     if pool_tokens < context:
-        logger.warning(
-            "the KV pool holds %d tokens, fewer than the context length %d: requests are limited to %d",
+        logger.info(
+            "the KV pool holds %d tokens, fewer than the context length %d: requests are limited to %d "
+            "(--max-total-tokens sizes the pool)",
             pool_tokens,
             context,
             pool_tokens,

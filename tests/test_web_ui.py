@@ -177,17 +177,18 @@ def test_enter_streams_the_greedy_api_answer(chat, server):
     chat.page.press("#input", "Shift+Enter")
     chat.page.type("#input", "line two")
     assert chat.page.input_value("#input") == "draft\nline two" and not chat.bodies  # Shift+Enter: a new line
-    chat.ask(question)
-    lengths = chat.page.evaluate("""() => new Promise(resolve => {
-        const seen = [];
-        const tick = () => {
+    # Every render of the answer, recorded from before the question is sent (polling after it could start
+    # late enough to see only the finished answer on a fast machine).
+    chat.page.evaluate("""() => {
+        window.answerLengths = [];
+        new MutationObserver(() => {
             const a = document.querySelector('.msg.assistant .msg-body');
-            if (a) seen.push(a.textContent.length);
-            if (document.body.classList.contains('generating')) setTimeout(tick, 20); else resolve(seen);
-        };
-        tick();
-    })""")
+            if (a) window.answerLengths.push(a.textContent.length);
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
+    chat.ask(question)
     chat.wait_idle()
+    lengths = chat.page.evaluate("() => window.answerLengths")
     body = chat.bodies[-1]
     assert body["stream"] is True and body["temperature"] == 0 and body["max_tokens"] == n
     assert body["messages"] == [{"role": "user", "content": question}]

@@ -163,15 +163,20 @@ class Engine:
     def _num_pages(self, num_kv_heads: int) -> int:
         cfg, ps = self.model_config, self.page_size
         per_page = KVPool.bytes_per_page(cfg.num_layers, ps, num_kv_heads, cfg.head_dim, self.dtype)
+
+        def pages_for(tokens: int) -> int:
+            return -(-tokens // ps) + 1  # +1: page 0 is scratch
+
         if self.config.max_total_tokens:
-            return -(-self.config.max_total_tokens // ps) + 1  # +1: page 0 is scratch
+            return pages_for(self.config.max_total_tokens)
+        fraction = self.config.mem_fraction_static
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * self.config.mem_fraction_static
+            pages = int(free * fraction // per_page)
         else:
-            budget = min(psutil.virtual_memory().available * self.config.mem_fraction_static,
-                         (-(-_CPU_KV_DEFAULT_TOKENS // ps) + 1) * per_page)  # fmt: skip
-        pages = int(budget // per_page)
+            pages = min(
+                int(psutil.virtual_memory().available * fraction // per_page), pages_for(_CPU_KV_DEFAULT_TOKENS)
+            )
         if pages < 2:
             raise RuntimeError("not enough memory left for even one KV page; lower the model size or free memory")
         return pages

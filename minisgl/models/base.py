@@ -100,12 +100,10 @@ class CausalLM(nn.Module):
         self.finalize_weights()
 
     def finalize_weights(self) -> None:
-        """Let every quantized layer re-lay its weight out for its kernels, once all of it is loaded."""
+        """Let every quantized layer re-lay its weight out for its kernels, and a tied head share its rows with the
+        embedding (LMHead.finalize), once all of it is loaded."""
         for module in self.modules():
-            if isinstance(module, Linear):
-                module.finalize()
-        for module in self.modules():
-            if isinstance(module, LMHead):
+            if isinstance(module, (Linear, LMHead)):
                 module.finalize()
 
     def _check_complete(self, loaded: set[str]) -> None:

@@ -148,7 +148,7 @@ void decode_attention(const T* q, int64_t q_stride, int64_t q_hstride, const T* 
         }
     const int64_t group = q_heads / kv_heads;
     const int64_t work = batch * kv_heads;
-#pragma omp parallel if (work > 1 && batch * max_len * q_heads * head_dim > (1 << 18))
+#pragma omp parallel if (work > 1)
     {
         std::vector<float> qf(group * head_dim), acc(group * head_dim), scores(group * max_len), row(head_dim);
 #pragma omp for schedule(static)

@@ -170,9 +170,9 @@ def main() -> None:
         extra = args.minisgl_args.split()
         if args.isa:
             env["MINISGL_CPU_ISA"] = args.isa
-        if args.isa == "avx2":  # as on an AVX2-only CPU: torch's kernels, its BLAS and oneDNN too, and auto's dtype
+        if args.isa == "avx2":  # as on an AVX2-only CPU: torch's kernels, its BLAS and oneDNN too (the forced
+            # level also makes --dtype auto pick fp32, as it would there)
             env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
-            extra = extra if "--dtype" in extra else [*extra, "--dtype", "float32"]
         port = free_port()
         cmd = [sys.executable, "-m", "minisgl", "--model", args.model, "--port", str(port), "--cpu-threads",
                str(args.threads), *extra]  # fmt: skip

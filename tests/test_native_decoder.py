@@ -36,10 +36,13 @@ def decode_logits(llm: LLM, prompts: list[list[int]], monkeypatch) -> list[torch
     return seen
 
 
-@pytest.fixture(scope="module")
-def int4_llama(tmp_path_factory):
+@pytest.fixture(scope="module", params=["bfloat16", "auto"])
+def int4_llama(tmp_path_factory, request):
+    """bfloat16: fp32 matmuls; auto: activations rounded to int8 for the int4 matmuls (QuantConfig)."""
     path = build_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama3")
-    return LLM(path, device="cpu", dtype="bfloat16", quantization="int4", page_size=4)
+    llm = LLM(path, device="cpu", dtype=request.param, quantization="int4", page_size=4)
+    assert llm.scheduler.engine.quant.int8_activations == (request.param == "auto")
+    return llm
 
 
 @pytest.fixture(params=native.LEVELS)

@@ -169,6 +169,35 @@ def test_int4_gemm_matches_torch(at_each_level, rows, cols, batch, dtype):
     torch.testing.assert_close(ours.double(), dense, rtol=tol, atol=tol)
 
 
+def q8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded as csrc/int4_q8.h rounds activations: per group of 32, to the nearest multiple of
+    max|x| / 127 (fp32 arithmetic, ties to even), back in float64."""
+    g = x.float().view(x.shape[0], -1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.full_like(amax, 127.0) / amax  # a true division (127.0 / t multiplies by t's reciprocal)
+    codes = torch.round(g * torch.where(amax > 0, inv, torch.zeros_like(amax)))
+    return (codes.double() * (amax / 127.0).double()).view_as(x)
+
+
+@pytest.mark.parametrize("rows,cols", [(100, 64), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("batch", [1, 2, 5, 16, 17, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_gemm_with_int8_activations(at_each_level, rows, cols, batch, dtype):
+    """act_q8: exactly the product of the rounded activations with the file's weights, to summation order."""
+    layer, _ = quantized_linear("int4", rows, cols, dtype=dtype)
+    torch.manual_seed(rows + batch)
+    x = torch.randn(batch, cols).to(dtype)
+    x[0, :32] = 0  # a group of zeros has no scale
+    ours = native.int4_gemm(x, layer.qweight, layer.qscale_min, rows, act_q8=True)
+    assert ours.shape == (batch, rows) and ours.dtype == dtype
+    weight = layer.method.dequantize(layer).double().t()
+    tol = 1e-4 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(ours.double(), q8_rounded(x) @ weight, rtol=tol, atol=tol)
+    # and within the rounding's reach of the exact product (about 1% of the output's scale)
+    exact = x.double() @ weight
+    assert (ours.double() - exact).abs().max() < 0.02 * exact.abs().max()
+
+
 def test_int4_gemm_refuses_what_it_cannot_read():
     layer, _ = quantized_linear("int4", 64, 64)
     with pytest.raises(ValueError):

@@ -89,22 +89,25 @@ def test_quantized_model_matches_transformers_on_dequantized_weights(arch, schem
 
 
 @pytest.mark.parametrize(
-    "device,scheme",
+    "device,scheme,dtype",
     [
-        ("cpu", "int4"),
-        pytest.param("cuda", "int4", marks=pytest.mark.gpu),
-        pytest.param("cuda", "int8", marks=pytest.mark.gpu),
-        pytest.param("cuda", "fp8", marks=pytest.mark.gpu),
+        ("cpu", "int4", "bfloat16"),
+        ("cpu", "int4", "auto"),
+        pytest.param("cuda", "int4", "bfloat16", marks=pytest.mark.gpu),
+        pytest.param("cuda", "int8", "bfloat16", marks=pytest.mark.gpu),
+        pytest.param("cuda", "fp8", "bfloat16", marks=pytest.mark.gpu),
     ],
 )
-def test_bf16_quantized_greedy_within_reference_top2(device, scheme, tmp_path):
-    """bfloat16 activations (the CPU default for a quantized model; on CUDA the Triton kernels, CUDA graphs, and
-    for fp8 per-token activation scales in prefill). Each greedy token must be one the reference ranks first or
-    second, with a logit within bf16 (fp8: activation-quantization) noise of the best."""
+def test_quantized_greedy_within_reference_top2(device, scheme, dtype, tmp_path):
+    """bfloat16 activations (on CUDA the Triton kernels, CUDA graphs, and for fp8 per-token activation scales in
+    prefill), or the CPU's auto dtype, whose int4 matmuls round activations to int8. Each greedy token must be
+    one the reference ranks first or second, with a logit within bf16 (fp8: activation-quantization) noise of
+    the best."""
     if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no fp8 tensor cores")
     src = build_checkpoint(str(tmp_path / "src"), "llama")
-    llm = LLM(src, device=device, dtype="bfloat16", quantization=scheme, quantize_lm_head=True)
+    llm = LLM(src, device=device, dtype=dtype, quantization=scheme, quantize_lm_head=True)
+    assert llm.scheduler.engine.quant.int8_activations == (dtype == "auto")
     noise = 0.15 if scheme == "fp8" else 0.05
     hf = hf_model(dequantized_checkpoint(llm, src, str(tmp_path / "deq")))
     for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):

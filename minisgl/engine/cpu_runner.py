@@ -35,7 +35,8 @@ def _int4(linear: Linear) -> native.Int4Weight | None:
     qweight, sm = linear.qweight, linear.qscale_min
     if not (qweight.is_contiguous() and sm.is_contiguous() and sm.dtype == torch.float16):
         return None
-    return native.Int4Weight(qweight.data_ptr(), sm.data_ptr(), linear.out_features, linear.in_features)
+    act_q8 = int(linear.method.int8_activations)
+    return native.Int4Weight(qweight.data_ptr(), sm.data_ptr(), linear.out_features, linear.in_features, act_q8)
 
 
 class CpuDecodeRunner:

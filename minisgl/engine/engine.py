@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import sys
@@ -25,7 +26,7 @@ from minisgl.models.gguf import gguf_weight_types
 from minisgl.models.hub import resolve_model_path
 from minisgl.models.registry import model_class
 from minisgl.models.weights import fill_dummy_weights, iter_weights
-from minisgl.quant import resolve_quant_config
+from minisgl.quant import QuantConfig, resolve_quant_config
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
         pass
 
 
-def _log_cpu_choices(requested: str, dtype: torch.dtype) -> None:
+def _log_cpu_choices(requested: str, dtype: torch.dtype, quant: QuantConfig | None) -> None:
     """Say which native kernel level and activation dtype this CPU engine runs, and why."""
     from minisgl.kernels import native
 
@@ -60,6 +61,8 @@ def _log_cpu_choices(requested: str, dtype: torch.dtype) -> None:
         dtype_why = "--dtype auto, and the CPU computes bf16 natively (AVX512-BF16/AMX)"
     else:
         dtype_why = "--dtype auto, and the CPU has no native bf16 (emulated bf16 is slower than fp32)"
+    if quant is not None and quant.int8_activations:
+        dtype_why += "; int4 matmuls round them to int8 per 32 as llama.cpp does (a named --dtype: exact matmuls)"
     wait = ", ".join(f"{v}={os.environ[v]}" for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if v in os.environ)
     logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads, waits: %s", loaded, why, dtype,
                 dtype_why, torch.get_num_threads(), wait)  # fmt: skip
@@ -77,12 +80,15 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         gguf_types = gguf_weight_types(self.model_path) if self.model_path.endswith(".gguf") else None
         self.quant = resolve_quant_config(config.quantization, config.quantize_lm_head, gguf_types, self.device)
+        if self.device.type == "cpu" and config.dtype == "auto" and self.quant is not None:
+            # llama.cpp's numerics (Q8 activations) for speed unless the user named a dtype to compute in
+            self.quant = dataclasses.replace(self.quant, int8_activations=True)
         if self.device.type == "cpu":
             threads = config.cpu_threads or default_threads()
             if threads < 1:
                 raise ValueError(f"cpu_threads must be at least 1, not {threads}")
             torch.set_num_threads(threads)
-            _log_cpu_choices(config.dtype, self.dtype)
+            _log_cpu_choices(config.dtype, self.dtype, self.quant)
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
 

@@ -66,7 +66,7 @@ _SIGNATURES = {
         _i64,
         _f32,
     ],  # fmt: skip
-    "minisgl_int4_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr],
+    "minisgl_int4_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int],
     "minisgl_int8_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr],
     "minisgl_decoder_layer": [_ptr, _ptr, _ptr, _ptr, _int],
 }
@@ -94,10 +94,12 @@ def cpu_level() -> str:
 
 
 def has_native_bf16() -> bool:
-    """Whether the CPU computes with bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 math is emulated through
-    fp32 at extra cost, so CPU activations default to fp32 (models.config.resolve_dtype)."""
+    """Whether the CPU computes with bf16 natively (AVX512-BF16 or AMX) and the kernel level is not forced below
+    AVX-512 (a forced level stands for a CPU without it); elsewhere bf16 math is emulated through fp32 at extra
+    cost, so CPU activations default to fp32 (models.config.resolve_dtype)."""
     flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    forced = settings.cpu_isa() or ("none" if not settings.native_kernels() else None)
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and forced in (None, "avx512")
 
 
 def requested_level() -> tuple[str, str]:
@@ -119,7 +121,7 @@ def requested_level() -> tuple[str, str]:
 class Int4Weight(ctypes.Structure):
     """An int4 linear in minisgl's CPU layout (quant/int4.py, csrc/int4.h), as csrc/decoder.h reads it."""
 
-    _fields_ = [("packed", _ptr), ("sm", _ptr), ("rows", _i64), ("k", _i64)]
+    _fields_ = [("packed", _ptr), ("sm", _ptr), ("rows", _i64), ("k", _i64), ("act_q8", _i64)]
 
 
 class DecoderWeights(ctypes.Structure):
@@ -287,9 +289,12 @@ def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> to
     return y
 
 
-def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_min: torch.Tensor, out_features: int) -> torch.Tensor:
+def int4_gemm(
+    x: torch.Tensor, qweight: torch.Tensor, scale_min: torch.Tensor, out_features: int, act_q8: bool = False
+) -> torch.Tensor:
     """x [M, K] (fp32 or bf16, contiguous) times an int4 weight in minisgl's CPU layout (quant/int4.py: qweight
-    uint8 [Np/64, K, 32], scale_min fp16 [Np/64, K/32, 2, 64]), [M, out_features]."""
+    uint8 [Np/64, K, 32], scale_min fp16 [Np/64, K/32, 2, 64]), [M, out_features]. act_q8: x is first rounded
+    to int8 per group of 32 (csrc/int4_q8.h), else multiplied in fp32 (csrc/int4.h)."""
     rows, k_len = x.shape
     _check(x.dtype in _DTYPES, f"int4_gemm takes fp32 or bf16 activations, not {x.dtype}")
     _check(
@@ -304,7 +309,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scale_min: torch.Tensor, o
     _check(x.is_contiguous() and qweight.is_contiguous() and scale_min.is_contiguous(), "int4_gemm: contiguous inputs")
     y = x.new_empty((rows, out_features))
     _lib().minisgl_int4_gemm(_DTYPES[x.dtype], x.data_ptr(), rows, k_len, qweight.data_ptr(), scale_min.data_ptr(),
-                             out_features, y.data_ptr())  # fmt: skip
+                             out_features, y.data_ptr(), int(act_q8))  # fmt: skip
     return y
 
 

@@ -64,7 +64,7 @@ class CausalLM(nn.Module):
             else:
                 continue
             if scheme is not None and scheme not in methods:
-                methods[scheme] = make_method(scheme, device, dtype)
+                methods[scheme] = make_method(scheme, device, dtype, quant.int8_activations)
             method = methods.get(scheme)
             if method is not None and not method.supports(layer.out_features, layer.in_features):
                 method = None  # e.g. an input size that is not a whole number of groups: stays dense

@@ -10,8 +10,9 @@ from minisgl.quant.config import KEEP_GGUF, SCHEMES, QuantConfig, resolve_quant_
 __all__ = ["KEEP_GGUF", "SCHEMES", "QuantConfig", "QuantMethod", "make_method", "resolve_quant_config"]
 
 
-def make_method(scheme: str, device: torch.device, dtype: torch.dtype) -> QuantMethod:
-    """The method object for `scheme` on `device` with activations of `dtype` (shared by all its layers)."""
+def make_method(scheme: str, device: torch.device, dtype: torch.dtype, int8_activations: bool = False) -> QuantMethod:
+    """The method object for `scheme` on `device` with activations of `dtype` (shared by all its layers);
+    int8_activations: see QuantConfig (CPU int4 only)."""
     from minisgl.quant.fp8 import Fp8Method
     from minisgl.quant.int4 import Int4CpuMethod, Int4CudaMethod
     from minisgl.quant.int8 import Int8CpuMethod, Int8CudaMethod
@@ -22,4 +23,6 @@ def make_method(scheme: str, device: torch.device, dtype: torch.dtype) -> QuantM
         "int4": Int4CudaMethod if cuda else Int4CpuMethod,
         "fp8": Fp8Method,
     }
+    if scheme == "int4" and not cuda:
+        return Int4CpuMethod(device, dtype, int8_activations)
     return methods[scheme](device, dtype)

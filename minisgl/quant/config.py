@@ -20,11 +20,16 @@ class QuantConfig:
     scheme: one of SCHEMES for every projection, or KEEP_GGUF, where `tensor_schemes` maps each HF weight name to
     the scheme its GGUF type maps to (None: stored unquantized, stays dense). Embeddings and norms are never
     quantized; the LM head only with `quantize_lm_head`, or under KEEP_GGUF when the file stores it quantized.
+
+    int8_activations: CPU int4 layers round the activations of their native matmuls to int8 per group of 32 and
+    multiply in integers, as llama.cpp multiplies its 4-bit blocks by Q8 activations (about twice as fast; the
+    engine sets it where the user left --dtype auto). Otherwise they multiply in fp32, exactly the file's weights.
     """
 
     scheme: str
     quantize_lm_head: bool = False
     tensor_schemes: Mapping[str, str | None] = field(default_factory=dict)
+    int8_activations: bool = False
 
     def scheme_for(self, weight_names: Iterable[str], lm_head: bool = False) -> str | None:
         """The scheme of the layer that holds these HF weights (a fused layer holds several); None = dense."""

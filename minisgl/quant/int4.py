@@ -127,10 +127,15 @@ class Int4CpuMethod(QuantMethod):
     minisgl's CPU layout (`pack_cpu`): `qweight` uint8 [Np/64, K, 32] and `qscale_min` fp16 [Np/64, K/32, 2, 64].
     No byte depends on torch's packed int4 format, whose layout varies with the CPU. apply() runs the native int4
     kernel (AVX2 or AVX-512) for decode-sized inputs, and expands the weight to a dense matmul for prefill-sized
-    ones or where no native kernel loads. Layers whose K is not a multiple of 32 stay dense.
+    ones or where no native kernel loads. Layers whose K is not a multiple of 32 stay dense. With
+    int8_activations (QuantConfig) the native kernel rounds the activations to int8 per group of 32 first.
     """
 
     name = "int4"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, int8_activations: bool = False):
+        super().__init__(device, dtype)
+        self.int8_activations = int8_activations
 
     def supports(self, out_features: int, in_features: int) -> bool:
         return in_features % GROUP == 0
@@ -167,7 +172,7 @@ class Int4CpuMethod(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         rows = layer.out_features
         if x.shape[0] <= CPU_INT4_NATIVE_MAX_ROWS and native.fits(x):
-            return native.int4_gemm(x.contiguous(), layer.qweight, layer.qscale_min, rows)
+            return native.int4_gemm(x.contiguous(), layer.qweight, layer.qscale_min, rows, self.int8_activations)
         y = torch.nn.functional.linear(x, expand_cpu(layer.qweight, layer.qscale_min, x.dtype))
         return y if y.shape[-1] == rows else y[..., :rows]
 

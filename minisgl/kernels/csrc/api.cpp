@@ -10,6 +10,7 @@
 
 #include "decoder.h"
 #include "int4.h"
+#include "int4_q8.h"
 #include "int8.h"
 #include "ops.h"
 
@@ -86,12 +87,13 @@ int64_t minisgl_sizeof(int which) {
     }
 }
 
+// act_q8: quantize x to int8 per group of 32 and multiply in integers (int4_q8.h) instead of in fp32 (int4.h).
 void minisgl_int4_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, const uint8_t* w, const uint16_t* sm,
-                       int64_t n, void* y) {
+                       int64_t n, void* y, int act_q8) {
     if (is_bf16)
-        int4_gemm((const bf16*)x, rows, k_len, w, sm, n, (bf16*)y);
+        (act_q8 ? int4_q8_gemm<bf16> : int4_gemm<bf16>)((const bf16*)x, rows, k_len, w, sm, n, (bf16*)y);
     else
-        int4_gemm((const float*)x, rows, k_len, w, sm, n, (float*)y);
+        (act_q8 ? int4_q8_gemm<float> : int4_gemm<float>)((const float*)x, rows, k_len, w, sm, n, (float*)y);
 }
 
 void minisgl_int8_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, const int8_t* w, const float* scale,

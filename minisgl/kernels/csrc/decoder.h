@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "int4.h"
+#include "int4_q8.h"
 #include "ops.h"
 
 namespace minisgl {
@@ -18,6 +19,7 @@ struct Int4Weight {
     const uint8_t* packed;  // int4.h's layout: [padded_rows / 64][k][32]
     const uint16_t* sm;     // [padded_rows / 64][k / 32][2][64] fp16 scales and mins
     int64_t rows, k;
+    int64_t act_q8;  // 1: activations quantized to int8 (int4_q8.h), 0: multiplied in fp32 (int4.h)
 };
 
 struct DecoderWeights {
@@ -42,7 +44,7 @@ struct DecodeStep {
 
 template <typename T>
 void int4_linear(const Int4Weight& w, const T* x, int64_t rows, T* y) {
-    int4_gemm(x, rows, w.k, w.packed, w.sm, w.rows, y);
+    (w.act_q8 ? int4_q8_gemm<T> : int4_gemm<T>)(x, rows, w.k, w.packed, w.sm, w.rows, y);
 }
 
 // h [batch, hidden] holds the layer's input and receives its MLP output; residual [batch, hidden] is updated in

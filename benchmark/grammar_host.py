@@ -36,7 +36,7 @@ def main() -> None:
     bitmask = xgr.allocate_token_bitmask(args.batch, vocab)
     batch = xgr.BatchGrammarMatcher(max_threads="auto")
     rng = random.Random(0)
-    fill = accept = 0.0
+    fill = accept = batch_accept = 0.0
     for _ in range(args.steps):
         start = time.perf_counter()
         batch.batch_fill_next_token_bitmask(matchers, bitmask, list(range(args.batch)))
@@ -46,13 +46,20 @@ def main() -> None:
             word = rng.choice(torch.nonzero(row).flatten().tolist())
             bits = int(row[word]) & 0xFFFFFFFF
             tokens.append(word * 32 + rng.choice([b for b in range(32) if bits >> b & 1]))
+        # the same tokens on copies of the matchers, accepted one call for the batch
+        copies = [m.fork() for m in matchers] if hasattr(matchers[0], "fork") else None
         start = time.perf_counter()
         for m, t in zip(matchers, tokens):
             m.accept_token(t)
         accept += time.perf_counter() - start
-    fill_ms, accept_us = 1e3 * fill / args.steps, 1e6 * accept / args.steps / args.batch
-    print(f"vocabulary {vocab}, {args.batch} matchers, {args.steps} steps: "
-          f"batch mask fill {fill_ms:.2f} ms a step, accept {accept_us:.1f} us a token")  # fmt: skip
+        if copies is not None:
+            start = time.perf_counter()
+            xgr.BatchGrammarMatcher.batch_accept_token(copies, tokens)
+            batch_accept += time.perf_counter() - start
+    per_token = 1e6 / args.steps / args.batch
+    print(f"vocabulary {vocab}, {args.batch} matchers, {args.steps} steps: batch mask fill {1e3 * fill / args.steps:.2f} "
+          f"ms a step, accept {accept * per_token:.1f} us a token one by one, {batch_accept * per_token:.1f} in "
+          "one batch_accept_token call")  # fmt: skip
 
 
 if __name__ == "__main__":

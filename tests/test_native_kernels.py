@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from test_quant_methods import quantized_linear
 
 from minisgl.kernels import native
+from minisgl.kernels.tuning import CPU_INT4_NATIVE_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no native CPU kernels for this CPU or build")
 
@@ -196,6 +197,23 @@ def test_int4_gemm_with_int8_activations(at_each_level, rows, cols, batch, dtype
     # and within the rounding's reach of the exact product (about 1% of the output's scale)
     exact = x.double() @ weight
     assert (ours.double() - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 300), (torch.bfloat16, 100), (torch.bfloat16, 300)])
+def test_int4_layer_with_int8_activations_picks_its_kernel(dtype, rows, monkeypatch):
+    """A layer with int8 activations runs the integer kernel for every fp32 input, however many rows (it beats
+    an fp32 dense matmul at prefill sizes), and for bf16 inputs only up to CPU_INT4_NATIVE_MAX_ROWS."""
+    layer, _ = quantized_linear("int4", 96, 64, dtype=dtype)
+    layer.method.int8_activations = True
+    calls = []
+    monkeypatch.setattr(native, "int4_gemm", lambda *a, f=native.int4_gemm: calls.append(a[-1]) or f(*a))
+    x = torch.randn(rows, 64).to(dtype)
+    y = layer(x).double()
+    integer_kernel = dtype == torch.float32 or rows <= CPU_INT4_NATIVE_MAX_ROWS
+    assert calls == ([True] if integer_kernel else [])
+    if integer_kernel:
+        tol = 1e-4 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(y, q8_rounded(x) @ layer.method.dequantize(layer).double().t(), rtol=tol, atol=tol)
 
 
 def test_int4_gemm_refuses_what_it_cannot_read():

@@ -21,6 +21,9 @@ FP8_WEIGHT_ONLY_MAX_M = 16
 # rows; from there on (prefill chunks) it expands its weight for a dense matmul, which reuses each weight across
 # many more rows at once (benchmark/native_cpu.py, "expand+dense").
 CPU_INT4_NATIVE_MAX_ROWS = 128
+# Except with int8 activations in fp32 (--dtype auto on a CPU without native bf16): there the integer kernel beats
+# expanding to an fp32 dense matmul at every size measured, up to a 2048-row prefill chunk (AVX2).
+CPU_INT4_Q8_FP32_ALWAYS_NATIVE = True
 CPU_INT8_NATIVE_MAX_ROWS = 16
 # An int8 weight of at least this many elements (a vocabulary-sized head) costs more to expand than the native
 # kernel's passes over it, up to CPU_INT8_LARGE_NATIVE_MAX_ROWS rows.

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from minisgl.kernels import native
-from minisgl.kernels.tuning import CPU_INT4_NATIVE_MAX_ROWS
+from minisgl.kernels.tuning import CPU_INT4_NATIVE_MAX_ROWS, CPU_INT4_Q8_FP32_ALWAYS_NATIVE
 from minisgl.quant.base import QuantMethod, rows_to_device
 from minisgl.quant.blocks import GROUP, Int4Blocks, QuantizedBlocks, as_dense, pack_int4
 
@@ -171,7 +171,8 @@ class Int4CpuMethod(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         rows = layer.out_features
-        if x.shape[0] <= CPU_INT4_NATIVE_MAX_ROWS and native.fits(x):
+        q8_fp32 = self.int8_activations and x.dtype == torch.float32 and CPU_INT4_Q8_FP32_ALWAYS_NATIVE
+        if (x.shape[0] <= CPU_INT4_NATIVE_MAX_ROWS or q8_fp32) and native.fits(x):
             return native.int4_gemm(x.contiguous(), layer.qweight, layer.qscale_min, rows, self.int8_activations)
         y = torch.nn.functional.linear(x, expand_cpu(layer.qweight, layer.qscale_min, x.dtype))
         return y if y.shape[-1] == rows else y[..., :rows]

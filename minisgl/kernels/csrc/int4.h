@@ -149,9 +149,28 @@ void int4_block(const uint8_t* w, const uint16_t* sm, const float* x, const floa
 constexpr int kInt4Rows = 4;
 #endif
 
-// y [rows][n] (T) = x [rows][k] (T, fp32 or bf16) times the int4 weight in the layout above; k is a multiple of
-// 32. Blocks of 64 output rows are split over the OpenMP threads; within a block, rows of x go kInt4Rows at a
-// time, so each weight byte is fetched from memory once per call and reused from cache for every row of x.
+// The shape of both int4 matmuls (this one and int4_q8.h's): y [rows][n] (T) from x [rows][k] and the int4
+// weight in the layout above. Blocks of 64 output rows are split over the OpenMP threads; within a block, rows
+// of x go kPerPass at a time, so each weight byte is fetched from memory once per call and reused from cache for
+// every row of x. block(wb, smb, m0, mc, out) writes out [mc][64], the block's products with rows m0..m0+mc-1.
+template <int64_t kPerPass, typename T, typename Block>
+void for_each_int4_block(int64_t rows, int64_t k_len, const uint8_t* w, const uint16_t* sm, int64_t n, T* y,
+                         Block block) {
+    const int64_t groups = k_len / 32, blocks = (n + kInt4Block - 1) / kInt4Block;
+#pragma omp parallel for schedule(static) if (blocks >= 4)
+    for (int64_t b = 0; b < blocks; ++b) {
+        float out[kPerPass * 64];
+        const int64_t live = n - b * 64 < 64 ? n - b * 64 : 64;  // padding rows are not stored
+        for (int64_t m0 = 0; m0 < rows; m0 += kPerPass) {
+            const int64_t mc = rows - m0 < kPerPass ? rows - m0 : kPerPass;
+            block(w + b * k_len * 32, sm + b * groups * 128, m0, mc, out);
+            for (int64_t m = 0; m < mc; ++m)
+                for (int64_t r = 0; r < live; ++r) from_float(out[m * 64 + r], y + (m0 + m) * n + b * 64 + r);
+        }
+    }
+}
+
+// y = x (T, fp32 or bf16) times the int4 weight, in fp32; k is a multiple of 32.
 template <typename T>
 void int4_gemm(const T* x, int64_t rows, int64_t k_len, const uint8_t* w, const uint16_t* sm, int64_t n, T* y) {
     const int64_t groups = k_len / 32;
@@ -161,27 +180,16 @@ void int4_gemm(const T* x, int64_t rows, int64_t k_len, const uint8_t* w, const 
             xf[m * k_len + k] = to_float(x[m * k_len + k]);
             xsum[m * groups + k / 32] += xf[m * k_len + k];
         }
-    const int64_t blocks = (n + kInt4Block - 1) / kInt4Block;
-#pragma omp parallel for schedule(static) if (blocks >= 4)
-    for (int64_t b = 0; b < blocks; ++b) {
-        float out[kInt4Rows * 64];
-        const uint8_t* wb = w + b * k_len * 32;
-        const uint16_t* smb = sm + b * groups * 128;
-        for (int64_t m0 = 0; m0 < rows; m0 += kInt4Rows) {
-            const int64_t mc = rows - m0 < kInt4Rows ? rows - m0 : kInt4Rows;
-            const float* xm = xf.data() + m0 * k_len;
-            const float* sx = xsum.data() + m0 * groups;
-            switch (mc) {
-                case 1: int4_block<1>(wb, smb, xm, sx, k_len, out); break;
-                case 2: int4_block<2>(wb, smb, xm, sx, k_len, out); break;
-                case 3: int4_block<3>(wb, smb, xm, sx, k_len, out); break;
-                default: int4_block<4>(wb, smb, xm, sx, k_len, out); break;
-            }
-            const int64_t live = n - b * 64 < 64 ? n - b * 64 : 64;  // padding rows are not stored
-            for (int64_t m = 0; m < mc; ++m)
-                for (int64_t r = 0; r < live; ++r) from_float(out[m * 64 + r], y + (m0 + m) * n + b * 64 + r);
+    for_each_int4_block<kInt4Rows>(rows, k_len, w, sm, n, y, [&](auto wb, auto smb, int64_t m0, int64_t mc, float* out) {
+        const float* xm = xf.data() + m0 * k_len;
+        const float* sx = xsum.data() + m0 * groups;
+        switch (mc) {
+            case 1: int4_block<1>(wb, smb, xm, sx, k_len, out); break;
+            case 2: int4_block<2>(wb, smb, xm, sx, k_len, out); break;
+            case 3: int4_block<3>(wb, smb, xm, sx, k_len, out); break;
+            default: int4_block<4>(wb, smb, xm, sx, k_len, out); break;
         }
-    }
+    });
 }
 
 }  // namespace minisgl

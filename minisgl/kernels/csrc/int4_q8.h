@@ -120,27 +120,16 @@ inline void int4_q8_block(const uint8_t* w, const uint16_t* sm, const int8_t* qx
 // int4_gemm's contract (int4.h) with x quantized to int8 per group of 32 first.
 template <typename T>
 void int4_q8_gemm(const T* x, int64_t rows, int64_t k_len, const uint8_t* w, const uint16_t* sm, int64_t n, T* y) {
-    constexpr int64_t kRowsPerPass = 16;  // rows of x per pass over a block: bounds the output buffer
     const int64_t groups = k_len / 32;
     std::vector<int8_t> qx(rows * k_len);
     std::vector<float> dx(rows * groups), sx(rows * groups);
     for (int64_t m = 0; m < rows; ++m)
         quantize_q8_row(x + m * k_len, k_len, qx.data() + m * k_len, dx.data() + m * groups, sx.data() + m * groups);
-    const int64_t blocks = (n + kInt4Block - 1) / kInt4Block;
-#pragma omp parallel for schedule(static) if (blocks >= 4)
-    for (int64_t b = 0; b < blocks; ++b) {
-        float out[kRowsPerPass * 64];
-        const uint8_t* wb = w + b * k_len * 32;
-        const uint16_t* smb = sm + b * groups * 128;
-        const int64_t live = n - b * 64 < 64 ? n - b * 64 : 64;  // padding rows are not stored
-        for (int64_t m0 = 0; m0 < rows; m0 += kRowsPerPass) {
-            const int64_t mc = rows - m0 < kRowsPerPass ? rows - m0 : kRowsPerPass;
-            int4_q8_block(wb, smb, qx.data() + m0 * k_len, dx.data() + m0 * groups, sx.data() + m0 * groups, k_len,
-                          mc, out);
-            for (int64_t m = 0; m < mc; ++m)
-                for (int64_t r = 0; r < live; ++r) from_float(out[m * 64 + r], y + (m0 + m) * n + b * 64 + r);
-        }
-    }
+    // 16 rows of x per pass: bounds the output buffer
+    for_each_int4_block<16>(rows, k_len, w, sm, n, y, [&](auto wb, auto smb, int64_t m0, int64_t mc, float* out) {
+        const int64_t g0 = m0 * groups;
+        int4_q8_block(wb, smb, qx.data() + m0 * k_len, dx.data() + g0, sx.data() + g0, k_len, mc, out);
+    });
 }
 
 }  // namespace minisgl

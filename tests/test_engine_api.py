@@ -231,3 +231,15 @@ def test_default_cpu_pool_is_llama_cpp_default_context(llama):
     assert (engine.pool.num_pages - 1) * engine.page_size == 4096
     out = llm.generate([[5] * 1000] * 3, SamplingParams(max_tokens=24, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [24] * 3
+
+
+def test_cpu_pages_default_to_16_tokens(llama):
+    """On the CPU a page holds 16 tokens unless asked otherwise: a sequence's KV rows then stay in contiguous runs
+    however scattered the freed pages of earlier requests come back (one-token pages let decode attention slow
+    down as a server runs)."""
+    llm = LLM(llama[0], device="cpu", dtype="float32")
+    assert llm.scheduler.engine.page_size == 16 and llm.scheduler.kv.page_size == 16
+    out = llm.generate([[5] * 37, [6] * 3], SamplingParams(max_tokens=20, ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [20, 20]
+    llm.scheduler.kv.check_no_leaks()
+    assert LLM(llama[0], device="cpu", dtype="float32", page_size=1).scheduler.engine.page_size == 1

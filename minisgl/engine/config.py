@@ -15,7 +15,7 @@ class EngineConfig:
     tokenizer: str | None = None
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     device: str | None = None  # cuda when available, else cpu
-    page_size: int = 1
+    page_size: int | None = None  # tokens per KV page; None = 16 on the CPU, 1 on CUDA (Engine.page_size)
     max_total_tokens: int | None = None  # KV pool size in tokens; None = mem_fraction_static of free memory
     mem_fraction_static: float = 0.85
     chunked_prefill_size: int = 2048

@@ -24,7 +24,7 @@ class ServerArgs:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
-    page_size: int = 1
+    page_size: int | None = None
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.85
     chunked_prefill_size: int = 2048
@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.dist_init_addr,
         help="host:port where the ranks rendezvous (node 0's address; default a free local port)",
     )
-    e.add_argument("--page-size", type=_positive_int, default=d.page_size, help="tokens per KV-cache page")
+    e.add_argument("--page-size", type=_positive_int, default=d.page_size,
+                   help="tokens per KV-cache page (default: 16 on the CPU, 1 on CUDA)")  # fmt: skip
     e.add_argument(
         "--max-total-tokens",
         type=_positive_int,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import time
 
+import pytest
 import torch
 from checkpoints import build_checkpoint
 
 from minisgl import LLM
-from minisgl.core.cpu_threads import SPIN_COUNT, default_threads, use_short_spins
+from minisgl.core.cpu_threads import SPIN_COUNT, CpuShare, default_threads, use_short_spins
 from minisgl.server.args import parse_args
 
 
@@ -31,5 +34,47 @@ def test_cpu_threads_flag_reaches_the_engine(tmp_path):
     try:
         LLM(build_checkpoint(str(tmp_path), "llama"), device="cpu", dtype="float32", cpu_threads=1)
         assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def _busy_loop() -> None:
+    while True:
+        pass
+
+
+def _poll_after(share: CpuShare, seconds: float) -> int:
+    time.sleep(seconds)
+    share.poll()
+    return share.threads
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_threads_follow_the_cores_other_processes_leave_free():
+    """With one core of this process's mask kept busy by another process, one thread fewer; back to all of
+    them once it stops."""
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("needs two cores")
+    share = CpuShare(cores, interval=0.2)
+    assert _poll_after(share, 0.3) == cores  # this test machine is otherwise idle
+    busy = multiprocessing.get_context("spawn").Process(target=_busy_loop, daemon=True)
+    busy.start()
+    try:
+        time.sleep(0.5)  # the interpreter starting up is not the busy loop yet
+        share.poll()
+        assert _poll_after(share, 0.6) == cores - 1
+    finally:
+        busy.kill()
+        busy.join()
+    assert _poll_after(share, 0.6) == cores
+
+
+def test_a_chosen_thread_count_stays_fixed(tmp_path):
+    path = build_checkpoint(str(tmp_path), "llama")
+    before = torch.get_num_threads()
+    try:
+        assert LLM(path, device="cpu", dtype="float32", cpu_threads=1).scheduler.engine.cpu_share is None
+        assert LLM(path, device="cpu", dtype="float32").scheduler.engine.cpu_share is not None
     finally:
         torch.set_num_threads(before)

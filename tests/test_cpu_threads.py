@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -24,6 +26,15 @@ def test_short_spins_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert not use_short_spins() and "GOMP_SPINCOUNT" not in os.environ
+
+
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_import_minisgl_shortens_spins_before_torch_loads(torch_first):
+    """Only an import before torch's can still reach libgomp; after it, the environment is left alone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    code = ("import torch; " if torch_first else "") + "import minisgl, os; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ("None" if torch_first else str(SPIN_COUNT))
 
 
 def test_cpu_threads_flag_reaches_the_engine(tmp_path):

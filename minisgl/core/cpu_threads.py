@@ -8,8 +8,8 @@ holds a core that the thread it waits for needs, and decode slows to a crawl. Sl
 (OMP_WAIT_POLICY=PASSIVE) fixes that but pays a wake-up per region, and a decode step runs a few hundred
 regions. A short spin (SPIN_COUNT) keeps back-to-back regions hot and still yields the core within
 microseconds. libgomp reads the variable once, when it is loaded (with torch), so `use_short_spins` must run
-before torch is imported: the CLI entry point calls it first thing, and the engine processes it spawns inherit
-the environment. This module must not import torch.
+before torch is imported: `import minisgl` calls it when torch is not loaded yet (the CLI and the offline API
+alike), and the engine processes the server spawns inherit the environment. This module must not import torch.
 """
 
 from __future__ import annotations

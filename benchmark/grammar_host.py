@@ -1,5 +1,6 @@
-"""Host cost of constrained decoding alone, without a model: xgrammar's batch mask fill and token accepts for a
-batch of matchers of benchmark/structured.py's JSON schema, stepping through random allowed tokens.
+"""Host cost of constrained decoding alone, without a model: the batch mask fill and token accepts of minisgl's
+xgrammar backend for a batch of matchers of benchmark/structured.py's JSON schema, stepping through random
+allowed tokens, beside xgrammar's accept called one matcher at a time.
 
     python benchmark/grammar_host.py --tokenizer PATH_TO_A_TOKENIZER --vocab 151936 --batch 64
 
@@ -15,9 +16,10 @@ import random
 import time
 
 import torch
-import xgrammar as xgr
 from structured import SCHEMA
 from transformers import AutoTokenizer
+
+from minisgl.grammar import GrammarSpec, bitmask_width, create_backend
 
 
 def main() -> None:
@@ -29,37 +31,33 @@ def main() -> None:
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     vocab = args.vocab or len(tok)
-    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)).compile_json_schema(
-        json.dumps(SCHEMA), any_whitespace=False
-    )
-    matchers = [xgr.GrammarMatcher(compiled) for _ in range(args.batch)]
-    bitmask = xgr.allocate_token_bitmask(args.batch, vocab)
-    batch = xgr.BatchGrammarMatcher(max_threads="auto")
+    backend = create_backend("xgrammar", tok, vocab, [tok.eos_token_id])
+    compiled = backend.compile(GrammarSpec("json_schema", json.dumps(SCHEMA)))
+    matchers = [backend.matcher(compiled) for _ in range(args.batch)]
+    copies = [backend.matcher(compiled) for _ in range(args.batch)]  # the same tokens, accepted one by one
+    rows = list(range(args.batch))
+    bitmask = torch.empty(args.batch, bitmask_width(vocab), dtype=torch.int32)
     rng = random.Random(0)
-    fill = accept = batch_accept = 0.0
+    fill = accept = single = 0.0
     for _ in range(args.steps):
         start = time.perf_counter()
-        batch.batch_fill_next_token_bitmask(matchers, bitmask, list(range(args.batch)))
+        backend.fill_masks(matchers, bitmask, rows)
         fill += time.perf_counter() - start
         tokens = []
         for row in bitmask:
             word = rng.choice(torch.nonzero(row).flatten().tolist())
             bits = int(row[word]) & 0xFFFFFFFF
             tokens.append(word * 32 + rng.choice([b for b in range(32) if bits >> b & 1]))
-        # the same tokens on copies of the matchers, accepted one call for the batch
-        copies = [m.fork() for m in matchers] if hasattr(matchers[0], "fork") else None
         start = time.perf_counter()
-        for m, t in zip(matchers, tokens):
-            m.accept_token(t)
+        assert all(backend.accept_tokens(matchers, tokens))
         accept += time.perf_counter() - start
-        if copies is not None:
-            start = time.perf_counter()
-            xgr.BatchGrammarMatcher.batch_accept_token(copies, tokens)
-            batch_accept += time.perf_counter() - start
-    per_token, fill_ms = 1e6 / args.steps / args.batch, 1e3 * fill / args.steps
-    print(f"vocabulary {vocab}, {args.batch} matchers, {args.steps} steps: batch mask fill {fill_ms:.2f} ms a step, "
-          f"accept {accept * per_token:.1f} us a token one by one, {batch_accept * per_token:.1f} in one "
-          "batch_accept_token call")  # fmt: skip
+        start = time.perf_counter()
+        for m, t in zip(copies, tokens):
+            m.accept(t)
+        single += time.perf_counter() - start
+    ms = 1e3 / args.steps
+    print(f"vocabulary {vocab}, {args.batch} matchers, {args.steps} steps: mask fill {fill * ms:.2f} ms a step, "
+          f"accepts {accept * ms:.2f} ms a step ({single * ms:.2f} one matcher at a time)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -58,9 +58,22 @@ def check_masked_greedy(hf, tokenizer, prompt: list[int], out) -> None:
 GREEDY = SamplingParams(temperature=0, max_tokens=40, regex=REGEX)
 
 
-def test_constrained_greedy_is_the_allowed_argmax(ckpt):
+# "cpu-thread": the CPU, with the grammar work on the grammar queue's thread as on a GPU
+DEVICES = ["cpu", "cpu-thread", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def make_llm(path: str, device: str, **kwargs) -> LLM:
+    llm = LLM(path, device=device.removesuffix("-thread"), dtype="float32", **kwargs)
+    if device == "cpu-thread":
+        llm.scheduler.grammar_overlap = True
+    assert llm.scheduler.grammar_overlap == (device != "cpu")
+    return llm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constrained_greedy_is_the_allowed_argmax(ckpt, device):
     path, hf, tok = ckpt
-    llm = LLM(path, device="cpu", dtype="float32", page_size=4)
+    llm = make_llm(path, device, page_size=4)
     outs = llm.generate(PROMPTS[:6], GREEDY)
     for p, o in zip(PROMPTS[:6], outs):
         check_masked_greedy(hf, tok, p, o)
@@ -89,11 +102,12 @@ def test_constrained_exact_with_prefix_cache(ckpt):
         check_masked_greedy(hf, tok, p, o)
 
 
-def test_mixed_batch_sampling_n_and_logprobs(ckpt):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_sampling_n_and_logprobs(ckpt, device):
     """Constrained and unconstrained requests share a batch without changing each other's tokens; every
     sample of n > 1 follows its own matcher; logprobs are the model's own (finite) values."""
     path, _, tok = ckpt
-    llm = LLM(path, device="cpu", dtype="float32")
+    llm = make_llm(path, device)
     free = SamplingParams(temperature=1.0, seed=11, max_tokens=20)
     alone = llm.generate(PROMPTS[:3], free)
     constrained = SamplingParams(
@@ -170,3 +184,48 @@ def test_stop_strings_cut_constrained_output(ckpt):
     stop = text[2:4]
     cut = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=40, regex=REGEX, stop=[stop]))[0]
     assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "llguidance"])
+def test_batched_accepts_match_one_by_one(ckpt, backend):
+    """`accept_tokens` (xgrammar spreads a large batch over threads) leaves every matcher where accepting its own
+    tokens one at a time does, reports each row's verdict in its own place (rejected tokens included), and
+    `terminated` agrees with the library's own matcher once the stop token is taken."""
+    import random
+
+    pytest.importorskip(backend)
+    from minisgl.grammar import GrammarSpec, bitmask_width, create_backend
+
+    _, hf, tok = ckpt
+    vocab, stop = hf.config.vocab_size, 0
+    b = create_backend(backend, tok, vocab, [stop])
+    b._accept_threads = 4  # xgrammar: more slices than this machine may have cores (the pool queues them)
+    compiled = b.compile(GrammarSpec("regex", REGEX))
+    batched, single = [b.matcher(compiled) for _ in range(40)], [b.matcher(compiled) for _ in range(40)]
+    library_says_done = (lambda m: m._m.is_terminated()) if backend == "xgrammar" else (lambda m: m._m.is_stopped())
+    rng = random.Random(0)
+    rejected = 0
+    for step in range(30):
+        live = [i for i in range(40) if not single[i].terminated]
+        if not live:
+            break
+        masks = torch.empty(40, bitmask_width(vocab), dtype=torch.int32)
+        b.fill_masks([single[i] for i in live], masks, live)
+        tokens = []
+        for row in live:
+            allowed = [t for t in range(vocab) if (int(masks[row, t // 32]) >> (t % 32)) & 1]
+            if row % 7 == step % 7:
+                tokens.append(rng.randrange(vocab))  # mostly rejected
+            else:
+                tokens.append(stop if stop in allowed and rng.random() < 0.5 else rng.choice(allowed))
+        expected = [single[i].accept(t) for i, t in zip(live, tokens)]
+        assert b.accept_tokens([batched[i] for i in live], tokens) == expected
+        rejected += expected.count(False)
+        for i in live:
+            assert batched[i].terminated == single[i].terminated == library_says_done(batched[i]), f"row {i}"
+        again, after = (torch.empty(40, bitmask_width(vocab), dtype=torch.int32) for _ in range(2))
+        still = [i for i in live if not single[i].terminated]
+        b.fill_masks([batched[i] for i in still], again, still)
+        b.fill_masks([single[i] for i in still], after, still)
+        assert torch.equal(again[still], after[still]), f"step {step}: the matchers diverged"
+    assert rejected and sum(m.terminated for m in single) >= 10

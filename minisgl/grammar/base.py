@@ -75,9 +75,10 @@ class GrammarBackend(ABC):
         for m, row in zip(matchers, rows):
             m.fill_mask(bitmask, row)
 
-    def allocate_bitmask(self, rows: int) -> torch.Tensor:
-        """An all-allowed int32 bitmask of `rows` rows on the CPU."""
-        return torch.full((rows, bitmask_width(self.vocab_size)), -1, dtype=torch.int32)
+    def accept_tokens(self, matchers: list[Matcher], tokens: list[int]) -> list[bool]:
+        """`matchers[i].accept(tokens[i])` for each i: one step's sampled tokens at once, so a backend that can
+        advance its matchers in parallel does (like the mask fill, this is on the host's critical path)."""
+        return [m.accept(t) for m, t in zip(matchers, tokens)]
 
 
 def bitmask_width(vocab_size: int) -> int:

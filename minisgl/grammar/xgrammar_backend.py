@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from minisgl.core.cpu_threads import default_threads
 from minisgl.grammar.base import GrammarBackend, GrammarError, GrammarSpec, Matcher
+
+# Fewer matchers than this per thread and the hand-off between threads costs more than the accepts it spreads.
+MIN_ACCEPTS_PER_THREAD = 8
 
 
 class XGrammarMatcher(Matcher):
-    def __init__(self, matcher: Any):
+    def __init__(self, matcher: Any, stop_token_ids: frozenset[int]):
         self._m = matcher
+        self._stops = stop_token_ids
+        self._terminated = False
 
     def accept(self, token: int) -> bool:
-        return bool(self._m.accept_token(token))
+        return self.accepted(token, bool(self._m.accept_token(token)))
+
+    def accepted(self, token: int, ok: bool) -> bool:
+        """Note that the matcher took (or refused) `token`. It terminates only by accepting a stop token
+        (xgrammar's default), so `terminated` is known here without asking the matcher: each question costs
+        a call into the library, a batch of them per step."""
+        self._terminated |= ok and token in self._stops
+        return ok
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         self._m.fill_next_token_bitmask(bitmask, row)
 
     @property
     def terminated(self) -> bool:
-        return bool(self._m.is_terminated())
+        return self._terminated
 
 
 class XGrammarBackend(GrammarBackend):
@@ -34,9 +48,15 @@ class XGrammarBackend(GrammarBackend):
 
         self._xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids)
+        self._stops = frozenset(info.stop_token_ids)
         # Compilation already runs on our own pool; one thread each keeps it off the cores the model uses.
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self._batch = xgr.BatchGrammarMatcher(max_threads="auto")  # fills a step's masks on several threads
+        # Accepting a token walks the token's bytes through the parser: for a batch of constrained rows it costs
+        # more than the mask fill, and xgrammar runs each batch call on one thread with the GIL released, so
+        # slices of the batch go to threads of our own (the calling thread takes the first).
+        self._accept_threads = min(8, default_threads())
+        self._accept_pool = ThreadPoolExecutor(max(1, self._accept_threads - 1), "grammar-accept")
 
     def compile(self, spec: GrammarSpec) -> Any:
         c = self._compiler
@@ -61,8 +81,22 @@ class XGrammarBackend(GrammarBackend):
     def fill_masks(self, matchers: list[Matcher], bitmask: torch.Tensor, rows: list[int]) -> None:
         self._batch.batch_fill_next_token_bitmask([m._m for m in matchers], bitmask, rows)
 
+    def accept_tokens(self, matchers: list[Matcher], tokens: list[int]) -> list[bool]:
+        accept = self._xgr.BatchGrammarMatcher.batch_accept_token
+        handles = [m._m for m in matchers]
+        parts = min(self._accept_threads, len(handles) // MIN_ACCEPTS_PER_THREAD)
+        size = max(1, -(-len(handles) // max(1, parts)))
+        rest = [
+            self._accept_pool.submit(accept, handles[i : i + size], tokens[i : i + size])
+            for i in range(size, len(handles), size)
+        ]
+        ok = accept(handles[:size], tokens[:size])
+        for f in rest:
+            ok += f.result()
+        return [m.accepted(t, a) for m, t, a in zip(matchers, tokens, ok)]
+
     def matcher(self, compiled: Any) -> Matcher:
-        return XGrammarMatcher(self._xgr.GrammarMatcher(compiled))
+        return XGrammarMatcher(self._xgr.GrammarMatcher(compiled), self._stops)
 
 
 def _first_line(e: Exception) -> str:

@@ -65,7 +65,9 @@ class Scheduler:
     Grammars: a constrained request waits in the grammar queue until its grammar compiles (on a thread
     pool), then queues like any other. A step launches its forward, then reads the previous step's tokens
     (advancing each matcher by the token it accepted), and only then fills the constrained rows' bitmasks
-    and samples: the mask needs the previous token, the forward does not, so overlap keeps working.
+    and samples: the mask needs the previous token, the forward does not, so overlap keeps working. On a GPU
+    (`grammar_overlap`) the matchers advance and the masks fill on the grammar queue's thread, begun before
+    the launch and collected by the reads and the sampling.
     """
 
     def __init__(self, engine: Engine):
@@ -94,6 +96,9 @@ class Scheduler:
         self._stats = SchedulerStats()
         self.token_buf = torch.zeros(config.max_running_requests + 1, dtype=torch.int64, device=self.engine.device)
         self.overlap = not (config.disable_overlap_schedule or settings.overlap_disabled())
+        # On a GPU the grammar's host work runs on its own thread beside the launch; on the CPU that thread
+        # would take a core from the forward's kernel threads, so there it runs between forwards.
+        self.grammar_overlap = self.overlap and torch.device(self.engine.device).type == "cuda"
         self._inflight: _Launched | None = None
         self._ready: list[TokenOutput] = []  # outputs drained outside step(), returned by the next one
         self.grammars: GrammarQueue | None = None
@@ -196,7 +201,12 @@ class Scheduler:
             outputs += self._poll_grammars()
         if not self.overlap or self._needs_exact_state():
             outputs += self._drain()
+        grammars = self.grammars if self.grammar_overlap else None  # its work overlaps the next two calls
+        if grammars is not None and self._inflight is not None:
+            grammars.begin_accept(self._inflight.reqs, self._inflight.tokens)
         fwd = self._launch()
+        if grammars is not None and fwd is not None:
+            grammars.begin_fill(fwd.reqs, fwd.logits.device)
         outputs += self._drain()  # the previous step's tokens, read while `fwd` runs
         launched = self._sample_launched(fwd) if fwd is not None else None
         self._inflight = launched
@@ -330,6 +340,7 @@ class Scheduler:
 
     def _process(self, launched: _Launched) -> list[TokenOutput]:
         tokens, logprobs, top_ids, top_lps = launched.tokens.wait()
+        verdicts = self.grammars.accept(launched.reqs, tokens) if self.grammars is not None else None
         outputs = []
         for i, (req, tok) in enumerate(zip(launched.reqs, tokens)):
             req.pending -= 1
@@ -347,14 +358,12 @@ class Scheduler:
                 out.top_logprobs = [list(zip(top_ids[i][:k], top_lps[i][:k]))] if k and top_ids else [[]]
             reason = self._finish_reason(req, tok)
             if req.grammar is not None and not reason:
-                if not req.grammar.accept(tok):  # the mask allowed it, so this is a backend bug: end loudly
+                if not verdicts[i].accepted:  # the mask allowed it, so this is a backend bug: end loudly
                     logger.error("request %s: the grammar rejected sampled token %d", req.rid, tok)
                     out.error = "internal error: the grammar rejected a token it allowed"
                     reason = "abort"
-                elif req.grammar.terminated:
+                elif verdicts[i].terminated:
                     reason = "stop"
-            elif req.grammar is not None:
-                req.grammar.accept(tok)  # a stop token: keeps the matcher's state consistent for retraction
             if reason:
                 req.finish_reason = out.finish_reason = reason
                 out.finished = True

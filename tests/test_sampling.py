@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
+import minisgl.engine.sampling as sampling
 from minisgl.engine.sampling import (
     GOLDEN,
     SamplingBatch,
@@ -111,13 +112,18 @@ def ref_keep(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> tuple
     return keep, ambiguous
 
 
-def test_filter_mask_against_reference():
+@pytest.mark.parametrize("candidates", [40, 8])
+def test_filter_mask_against_reference(monkeypatch, candidates):
+    """candidates 8 < v: the CPU ranks 8 tokens per row first and sorts only the rows they do not settle (a
+    nucleus past them, a top-k between them and v); every row must come out as from a whole sort."""
+    monkeypatch.setattr(sampling, "CPU_SAMPLING_CANDIDATES", candidates)
     gen = torch.Generator().manual_seed(0)
     b, v = 200, 40
     logits = torch.randn(b, v, generator=gen, dtype=torch.float64) * 2
+    logits[::3, :3] += 6  # peaked rows, whose nucleus fits among few candidates
     probs = torch.softmax(logits, dim=-1)
     rng = np.random.default_rng(1)
-    top_k = rng.choice([-1, 0, 1, 2, 5, 17, v, v + 3], size=b)
+    top_k = rng.choice([-1, 0, 1, 2, 5, 8, 9, 17, v, v + 3], size=b)
     top_p = rng.choice([1.0, 0.95, 0.8, 0.5, 0.2, 0.01], size=b)
     min_p = rng.choice([0.0, 0.0, 0.05, 0.2, 0.6], size=b)
     mask = filter_mask(

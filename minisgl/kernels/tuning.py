@@ -33,3 +33,7 @@ CPU_INT8_LARGE_NATIVE_MAX_ROWS = 256
 # multiplies by the dense embedding instead (native bf16 dot products). In fp32 the dense product reads twice
 # the bytes of bf16 and is slower than the int8 kernel at every batch size, so the copy serves all of them.
 CPU_DENSE_HEAD_MIN_ROWS = 8
+# Top-k/top-p sampling on the CPU ranks this many most probable tokens of each row first (topk) and sorts the
+# whole vocabulary only for rows whose kept set reaches past them (engine/sampling.py); a topk this size costs a
+# small fraction of a full sort of a 49k vocabulary (benchmark/sampling_cpu.py).
+CPU_SAMPLING_CANDIDATES = 256

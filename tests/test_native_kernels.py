@@ -237,3 +237,42 @@ def test_int8_gemm_matches_torch(at_each_level, rows, cols, group, batch, dtype)
     dense = x.double() @ w.view(rows, cols).t()
     tol = 1e-4 if dtype == torch.float32 else 2**-7  # fp32: sums of 576 terms of ~1 in another order
     torch.testing.assert_close(ours.double(), dense, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("vocab", [1, 37, 1000, 49152])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gumbel_argmax_draws_the_reference_token(at_each_level, vocab, threads):
+    """The native draw (noise computed only for tokens that can still win) picks exactly the token of the
+    op-by-op reference, argmax(x + gumbel_noise): peaked and flat rows, filtered (-inf) columns, a row with
+    nothing left (column 0), a NaN (ranks first), and one row split between threads."""
+    from minisgl.engine.sampling import _signed64, gumbel_noise
+
+    seeds = [0, 1, 2**63 + 5, 12345678901234567, 2**64 - 1, 42, 7, 99]
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(len(seeds), vocab, generator=g) * torch.tensor([3.0, 0.3, 1.0, 3.0, 3.0, 8.0, 0.01, 1.0])[:, None]
+    x[1, 100:] = float("-inf")
+    x[2] = float("-inf")
+    x[3, vocab // 2] = float("nan")
+    s = torch.tensor([_signed64(v) for v in seeds])
+    steps = torch.tensor([0, 1, 7, 100, 2**40, 3, 5, 11])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (slice(None), slice(5, 6)):  # every row, and one alone (its vocabulary split between threads)
+            ref = (x[rows] + gumbel_noise(s[rows], steps[rows], vocab)).argmax(dim=-1)
+            assert native.gumbel_argmax(x[rows], s[rows], steps[rows]).tolist() == ref.tolist()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_gumbel_argmax_bounds_never_skip_a_winner(at_each_level):
+    """Many small rows, whose winners' noise lies all over u's range (not just in its unbounded top slice):
+    any bound below a token's real noise would skip a winner somewhere among them."""
+    from minisgl.engine.sampling import gumbel_noise
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 64, generator=g)
+    seeds = torch.randint(-(2**62), 2**62, (2048,), generator=g)
+    steps = torch.randint(0, 1 << 20, (2048,), generator=g)
+    ref = (x + gumbel_noise(seeds, steps, 64)).argmax(dim=-1)
+    assert torch.equal(native.gumbel_argmax(x, seeds, steps), ref)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from minisgl.core.transfer import to_device
+from minisgl.kernels import native
 from minisgl.kernels.tuning import CPU_SAMPLING_CANDIDATES
 from minisgl.sampling_params import SamplingParams
 
@@ -326,10 +327,13 @@ def apply_penalties(logits: torch.Tensor, pen: _Penalties) -> torch.Tensor:
 
 
 def _gumbel_argmax(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    if scaled.is_cuda:  # same draw, fused: the op-by-op noise is two dozen [B, V] int64 passes over memory
+    # Same draw, fused: the op-by-op noise is two dozen [B, V] int64 passes over memory.
+    if scaled.is_cuda:
         from minisgl.kernels.gumbel import gumbel_argmax
 
         return gumbel_argmax(scaled.contiguous(), batch.seeds, batch.steps)
+    if native.fits(scaled) and scaled.dtype == torch.float32:
+        return native.gumbel_argmax(scaled, batch.seeds, batch.steps)
     return (scaled + gumbel_noise(batch.seeds, batch.steps, batch.vocab_size)).argmax(dim=-1)
 
 

@@ -69,6 +69,7 @@ _SIGNATURES = {
     "minisgl_int4_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int],
     "minisgl_int8_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr],
     "minisgl_decoder_layer": [_ptr, _ptr, _ptr, _ptr, _int],
+    "minisgl_gumbel_argmax": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr],
 }
 
 
@@ -244,6 +245,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     rows, inter = x.shape[0], x.shape[1] // 2
     out = x.new_empty((rows, inter))
     _lib().minisgl_silu_and_mul(_DTYPES[x.dtype], x.data_ptr(), out.data_ptr(), rows, inter)
+    return out
+
+
+def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """engine/sampling.py's seeded Gumbel-max draw, `(scaled + gumbel_noise(seeds, steps, V)).argmax(-1)`, in
+    one pass that computes the noise only for tokens that can still win (csrc/gumbel.h). scaled: float32
+    [B, V] with a contiguous last dim; seeds, steps: int64 [B]. Returns int64 [B]."""
+    rows, vocab = scaled.shape
+    _check(scaled.dtype == torch.float32 and scaled.stride(-1) == 1, "gumbel_argmax takes float32 rows")
+    seeds, steps = seeds.contiguous(), steps.contiguous()
+    _check(seeds.dtype == steps.dtype == torch.int64 and seeds.shape == steps.shape == (rows,),
+           "gumbel_argmax: seeds and steps must be int64 [B]")  # fmt: skip
+    out = torch.empty(rows, dtype=torch.int64)
+    _lib().minisgl_gumbel_argmax(scaled.data_ptr(), rows, vocab, scaled.stride(0), seeds.data_ptr(), steps.data_ptr(),
+                                 out.data_ptr())  # fmt: skip
     return out
 
 

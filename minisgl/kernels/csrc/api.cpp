@@ -9,6 +9,7 @@
 // build time (setup.py, kernels/build.py).
 
 #include "decoder.h"
+#include "gumbel.h"
 #include "int4.h"
 #include "int4_q8.h"
 #include "int8.h"
@@ -102,6 +103,12 @@ void minisgl_int8_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, 
         int8_gemm((const bf16*)x, rows, k_len, w, scale, groups, n, (bf16*)y);
     else
         int8_gemm((const float*)x, rows, k_len, w, scale, groups, n, (float*)y);
+}
+
+// x: fp32 [rows][stride], temperature-scaled and filtered logits (-inf: excluded); seeds, steps, out: [rows].
+void minisgl_gumbel_argmax(const float* x, int64_t rows, int64_t vocab, int64_t stride, const int64_t* seeds,
+                           const int64_t* steps, int64_t* out) {
+    gumbel_argmax(x, rows, vocab, stride, seeds, steps, out);
 }
 
 void minisgl_decoder_layer(const void* weights, const void* step, void* h, void* residual, int first) {

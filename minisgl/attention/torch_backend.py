@@ -103,12 +103,14 @@ class TorchBackend(AttentionBackend):
             total = prefix + extend
             keys = k_cache[slots[b, :total]].transpose(0, 1)  # [Hkv, L, D]
             vals = v_cache[slots[b, :total]].transpose(0, 1)
-            qb = q[start : start + extend].transpose(0, 1)  # [Hq, n, D]
-            # query i sits at absolute position prefix + i and may see keys 0..prefix + i
-            causal = torch.ones(extend, total, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-            ob = F.scaled_dot_product_attention(
-                qb.to(keys.dtype), keys, vals, attn_mask=causal, scale=self.scale, enable_gqa=gqa
-            )
-            out[start : start + extend] = ob.transpose(0, 1).to(q.dtype)
+            qb = q[start : start + extend].transpose(0, 1).to(keys.dtype)  # [Hq, n, D]
+            # Four dims, batch 1: with three, torch's CPU attention takes its unfused path (several times slower).
+            qb, keys, vals = qb[None], keys[None], vals[None]
+            if prefix == 0:  # plain causal: the fused kernel skips the masked half
+                ob = F.scaled_dot_product_attention(qb, keys, vals, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            else:  # query i sits at absolute position prefix + i and may see keys 0..prefix + i
+                causal = torch.ones(extend, total, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+                ob = F.scaled_dot_product_attention(qb, keys, vals, attn_mask=causal, scale=self.scale, enable_gqa=gqa)
+            out[start : start + extend] = ob[0].transpose(0, 1).to(q.dtype)
             start += extend
         return out

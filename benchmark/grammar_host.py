@@ -1,6 +1,7 @@
-"""Host cost of constrained decoding alone, without a model: the batch mask fill and token accepts of minisgl's
-xgrammar backend for a batch of matchers of benchmark/structured.py's JSON schema, stepping through random
-allowed tokens, beside xgrammar's accept called one matcher at a time.
+"""Host cost of constrained decoding alone, without a model: one step's `advance` of minisgl's xgrammar backend
+(accept each row's token, fill the mask of the next, on --threads threads) for a batch of matchers of
+benchmark/structured.py's JSON schema, stepping through random allowed tokens, beside the same work done one
+matcher at a time on one thread.
 
     python benchmark/grammar_host.py --tokenizer PATH_TO_A_TOKENIZER --vocab 151936 --batch 64
 
@@ -28,36 +29,39 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=None, help="the model's vocabulary size (default: the tokenizer's)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=None, help="advance's threads (default: the backend's own)")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     vocab = args.vocab or len(tok)
     backend = create_backend("xgrammar", tok, vocab, [tok.eos_token_id])
+    if args.threads:
+        backend._threads = args.threads
     compiled = backend.compile(GrammarSpec("json_schema", json.dumps(SCHEMA)))
     matchers = [backend.matcher(compiled) for _ in range(args.batch)]
     copies = [backend.matcher(compiled) for _ in range(args.batch)]  # the same tokens, accepted one by one
     rows = list(range(args.batch))
     bitmask = torch.empty(args.batch, bitmask_width(vocab), dtype=torch.int32)
+    spare = torch.empty_like(bitmask)
     rng = random.Random(0)
-    fill = accept = single = 0.0
+    backend.fill_masks(matchers, bitmask, rows)
+    batched = single = 0.0
     for _ in range(args.steps):
-        start = time.perf_counter()
-        backend.fill_masks(matchers, bitmask, rows)
-        fill += time.perf_counter() - start
         tokens = []
         for row in bitmask:
             word = rng.choice(torch.nonzero(row).flatten().tolist())
             bits = int(row[word]) & 0xFFFFFFFF
             tokens.append(word * 32 + rng.choice([b for b in range(32) if bits >> b & 1]))
         start = time.perf_counter()
-        assert all(backend.accept_tokens(matchers, tokens))
-        accept += time.perf_counter() - start
+        assert all(backend.advance(matchers, tokens, bitmask, rows))
+        batched += time.perf_counter() - start
         start = time.perf_counter()
-        for m, t in zip(copies, tokens):
+        for row, (m, t) in enumerate(zip(copies, tokens)):
             m.accept(t)
+            m.fill_mask(spare, row)
         single += time.perf_counter() - start
     ms = 1e3 / args.steps
-    print(f"vocabulary {vocab}, {args.batch} matchers, {args.steps} steps: mask fill {fill * ms:.2f} ms a step, "
-          f"accepts {accept * ms:.2f} ms a step ({single * ms:.2f} one matcher at a time)")  # fmt: skip
+    print(f"vocabulary {vocab}, {args.batch} matchers, {args.steps} steps: advance {batched * ms:.2f} ms a step "
+          f"on {backend._threads} threads ({single * ms:.2f} one matcher at a time)")  # fmt: skip
 
 
 if __name__ == "__main__":

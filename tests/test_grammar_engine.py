@@ -187,9 +187,10 @@ def test_stop_strings_cut_constrained_output(ckpt):
 
 
 @pytest.mark.parametrize("backend", ["xgrammar", "llguidance"])
-def test_batched_accepts_match_one_by_one(ckpt, backend):
-    """`accept_tokens` (xgrammar spreads a large batch over threads) leaves every matcher where accepting its own
-    tokens one at a time does, reports each row's verdict in its own place (rejected tokens included), and
+def test_batched_advance_matches_one_by_one(ckpt, backend):
+    """`advance` (xgrammar spreads a large batch over threads) leaves every matcher where accepting its own
+    tokens one at a time does, reports each row's verdict in its own place (rejected tokens included), fills
+    exactly the rows of matchers that accepted and go on, with the mask one-by-one filling gives, and
     `terminated` agrees with the library's own matcher once the stop token is taken."""
     import random
 
@@ -199,7 +200,7 @@ def test_batched_accepts_match_one_by_one(ckpt, backend):
     _, hf, tok = ckpt
     vocab, stop = hf.config.vocab_size, 0
     b = create_backend(backend, tok, vocab, [stop])
-    b._accept_threads = 4  # xgrammar: more slices than this machine may have cores (the pool queues them)
+    b._threads = 4  # xgrammar: more slices than this machine may have cores (the pool queues them)
     compiled = b.compile(GrammarSpec("regex", REGEX))
     batched, single = [b.matcher(compiled) for _ in range(40)], [b.matcher(compiled) for _ in range(40)]
     library_says_done = (lambda m: m._m.is_terminated()) if backend == "xgrammar" else (lambda m: m._m.is_stopped())
@@ -219,13 +220,15 @@ def test_batched_accepts_match_one_by_one(ckpt, backend):
             else:
                 tokens.append(stop if stop in allowed and rng.random() < 0.5 else rng.choice(allowed))
         expected = [single[i].accept(t) for i, t in zip(live, tokens)]
-        assert b.accept_tokens([batched[i] for i in live], tokens) == expected
+        got = torch.full((40, bitmask_width(vocab)), -7, dtype=torch.int32)  # -7: not written
+        assert b.advance([batched[i] for i in live], tokens, got, live) == expected
         rejected += expected.count(False)
         for i in live:
             assert batched[i].terminated == single[i].terminated == library_says_done(batched[i]), f"row {i}"
-        again, after = (torch.empty(40, bitmask_width(vocab), dtype=torch.int32) for _ in range(2))
-        still = [i for i in live if not single[i].terminated]
-        b.fill_masks([batched[i] for i in still], again, still)
-        b.fill_masks([single[i] for i in still], after, still)
-        assert torch.equal(again[still], after[still]), f"step {step}: the matchers diverged"
+        filled = [i for i, a in zip(live, expected) if a and not single[i].terminated]
+        after = torch.empty(40, bitmask_width(vocab), dtype=torch.int32)
+        b.fill_masks([single[i] for i in filled], after, filled)
+        assert torch.equal(got[filled], after[filled]), f"step {step}: the matchers diverged"
+        untouched = [i for i in range(40) if i not in filled]
+        assert (got[untouched] == -7).all(), f"step {step}: advance wrote a row it should not have"
     assert rejected and sum(m.terminated for m in single) >= 10

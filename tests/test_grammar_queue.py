@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from minisgl.grammar import GrammarBackend, GrammarCompiler, GrammarError, GrammarSpec, Matcher
 from minisgl.sampling_params import SamplingParams
@@ -62,7 +63,7 @@ def _poll_until(q: GrammarQueue, want: int, timeout: float = 5.0):
 
 def test_ready_failed_timeout_abort_and_cache():
     backend = _Backend()
-    q = GrammarQueue(GrammarCompiler(lambda: backend), timeout=0.5)
+    q = GrammarQueue(GrammarCompiler(lambda: backend), timeout=0.5, max_rows=8, device=torch.device("cpu"))
     q.add(_reqs("a", 2), GrammarSpec("regex", "ok"))
     q.add(_reqs("b"), GrammarSpec("regex", "bad"))
     q.add(_reqs("c"), GrammarSpec("regex", "slow"))

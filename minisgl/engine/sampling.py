@@ -301,11 +301,15 @@ class PendingTokens:
         self._event = torch.cuda.Event() if cuda else None
         if self._event is not None:
             self._event.record()
+        self._read: HostTokens | None = None
 
     def wait(self) -> HostTokens:
-        if self._event is not None:
-            self._event.synchronize()
-        return HostTokens(*(None if t is None else t.tolist() for t in self._host))
+        """The tokens on the host (read once; later calls, from any thread, return the same lists)."""
+        if self._read is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._read = HostTokens(*(None if t is None else t.tolist() for t in self._host))
+        return self._read
 
 
 def apply_penalties(logits: torch.Tensor, pen: _Penalties) -> torch.Tensor:

@@ -75,10 +75,16 @@ class GrammarBackend(ABC):
         for m, row in zip(matchers, rows):
             m.fill_mask(bitmask, row)
 
-    def accept_tokens(self, matchers: list[Matcher], tokens: list[int]) -> list[bool]:
-        """`matchers[i].accept(tokens[i])` for each i: one step's sampled tokens at once, so a backend that can
-        advance its matchers in parallel does (like the mask fill, this is on the host's critical path)."""
-        return [m.accept(t) for m, t in zip(matchers, tokens)]
+    def advance(self, matchers: list[Matcher], tokens: list[int], bitmask: torch.Tensor, rows: list[int]) -> list[bool]:
+        """For each i: `matchers[i].accept(tokens[i])`, then, where the token was accepted and the grammar is not
+        complete, fill row rows[i] of `bitmask` for the token after it. Returns the accepts. One step's sampled
+        tokens at once: the whole call is on the host's critical path, so a backend that can advance its
+        matchers in parallel does."""
+        ok = [m.accept(t) for m, t in zip(matchers, tokens)]
+        for m, a, row in zip(matchers, ok, rows):
+            if a and not m.terminated:
+                m.fill_mask(bitmask, row)
+        return ok
 
 
 def bitmask_width(vocab_size: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -11,8 +12,11 @@ import torch
 from minisgl.core.cpu_threads import default_threads
 from minisgl.grammar.base import GrammarBackend, GrammarError, GrammarSpec, Matcher
 
-# Fewer matchers than this per thread and the hand-off between threads costs more than the accepts it spreads.
-MIN_ACCEPTS_PER_THREAD = 8
+# Fewer matchers than this per thread and the hand-off between threads costs more than the work it spreads.
+MIN_ROWS_PER_THREAD = 8
+# A step's matchers advance on at most this many threads: past it the threads mostly wait for one another
+# (benchmark/grammar_host.py on a 16-core GPU host).
+MAX_STEP_THREADS = 4
 
 
 class XGrammarMatcher(Matcher):
@@ -51,12 +55,14 @@ class XGrammarBackend(GrammarBackend):
         self._stops = frozenset(info.stop_token_ids)
         # Compilation already runs on our own pool; one thread each keeps it off the cores the model uses.
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        self._batch = xgr.BatchGrammarMatcher(max_threads="auto")  # fills a step's masks on several threads
-        # Accepting a token walks the token's bytes through the parser: for a batch of constrained rows it costs
-        # more than the mask fill, and xgrammar runs each batch call on one thread with the GIL released, so
-        # slices of the batch go to threads of our own (the calling thread takes the first).
-        self._accept_threads = min(8, default_threads())
-        self._accept_pool = ThreadPoolExecutor(max(1, self._accept_threads - 1), "grammar-accept")
+        self._batch = xgr.BatchGrammarMatcher(max_threads="auto")  # fills the masks of new requests
+        # Accepting a token walks its bytes through the parser and costs more than the mask fill after it.
+        # xgrammar runs each batch call on one thread with the GIL released, so `advance` gives slices of the
+        # step's matchers to threads of our own, each accepting then filling its slice (the calling thread
+        # takes the first).
+        self._threads = min(MAX_STEP_THREADS, default_threads())
+        self._pool = ThreadPoolExecutor(max(1, self._threads - 1), "grammar-advance")
+        self._local = threading.local()  # each thread's own batch filler
 
     def compile(self, spec: GrammarSpec) -> Any:
         c = self._compiler
@@ -81,19 +87,30 @@ class XGrammarBackend(GrammarBackend):
     def fill_masks(self, matchers: list[Matcher], bitmask: torch.Tensor, rows: list[int]) -> None:
         self._batch.batch_fill_next_token_bitmask([m._m for m in matchers], bitmask, rows)
 
-    def accept_tokens(self, matchers: list[Matcher], tokens: list[int]) -> list[bool]:
-        accept = self._xgr.BatchGrammarMatcher.batch_accept_token
-        handles = [m._m for m in matchers]
-        parts = min(self._accept_threads, len(handles) // MIN_ACCEPTS_PER_THREAD)
-        size = max(1, -(-len(handles) // max(1, parts)))
+    def advance(self, matchers: list[Matcher], tokens: list[int], bitmask: torch.Tensor, rows: list[int]) -> list[bool]:
+        parts = max(1, min(self._threads, len(matchers) // MIN_ROWS_PER_THREAD))
+        size = -(-len(matchers) // parts)
         rest = [
-            self._accept_pool.submit(accept, handles[i : i + size], tokens[i : i + size])
-            for i in range(size, len(handles), size)
+            self._pool.submit(self._advance, matchers[i : i + size], tokens[i : i + size], bitmask, rows[i : i + size])
+            for i in range(size, len(matchers), size)
         ]
-        ok = accept(handles[:size], tokens[:size])
+        ok = self._advance(matchers[:size], tokens[:size], bitmask, rows[:size])
         for f in rest:
             ok += f.result()
-        return [m.accepted(t, a) for m, t, a in zip(matchers, tokens, ok)]
+        return ok
+
+    def _advance(
+        self, matchers: list[Matcher], tokens: list[int], bitmask: torch.Tensor, rows: list[int]
+    ) -> list[bool]:
+        accepted = self._xgr.BatchGrammarMatcher.batch_accept_token([m._m for m in matchers], tokens)
+        ok = [m.accepted(t, a) for m, t, a in zip(matchers, tokens, accepted)]
+        live = [i for i, a in enumerate(ok) if a and not matchers[i].terminated]
+        if live:
+            filler = getattr(self._local, "filler", None)
+            if filler is None:
+                filler = self._local.filler = self._xgr.BatchGrammarMatcher(max_threads=1)
+            filler.batch_fill_next_token_bitmask([matchers[i]._m for i in live], bitmask, [rows[i] for i in live])
+        return ok
 
     def matcher(self, compiled: Any) -> Matcher:
         return XGrammarMatcher(self._xgr.GrammarMatcher(compiled), self._stops)

@@ -36,16 +36,19 @@ class _Entry:
 
 
 class GrammarQueue:
-    def __init__(self, compiler: GrammarCompiler, timeout: float):
+    def __init__(self, compiler: GrammarCompiler, timeout: float, max_rows: int, device: torch.device):
+        """`max_rows`: the scheduler's request rows (every `req.row` is below it); `device`: the logits'."""
         self.compiler = compiler
         self.timeout = timeout
         self.entries: list[_Entry] = []
         self._thread = ThreadPoolExecutor(1, "grammar-step")
         self._accepting: tuple[list[Req], cf.Future] | None = None  # begun by begin_accept, for these requests
-        self._filling: tuple[list[Req], cf.Future] | None = None  # begun by begin_fill
-        self._host: torch.Tensor | None = None  # the masks' buffers, see _buffers
+        self._max_rows = max_rows
+        self._device = torch.device(device)
+        self._host: torch.Tensor | None = None  # the masks, by request row; see _buffers
         self._dev: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
+        self._filled: dict[int, Req] = {}  # row -> the request whose next mask that row of the buffer holds
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -95,73 +98,77 @@ class GrammarQueue:
         self.entries = [e for e in self.entries if e.reqs]
         return out
 
-    # ---- each step: advance the matchers by the sampled tokens, fill the masks of the next sample ----------
-    # Under overlap scheduling both run on the grammar thread while this thread launches the next forward and
-    # reads the previous step's outputs: xgrammar releases the GIL in its calls, so they cost the step little
-    # of its time. `begin_*` start them; `accept` and `token_mask` collect them (or do the work here when
-    # nothing was begun for those requests).
+    # ---- each step: advance the matchers by the sampled tokens, hand the masks of the next sample over -------
+    # The masks live in a host buffer indexed by each request's row (`req.row`, fixed while it runs), so a
+    # matcher fills its next mask right after accepting its token, without waiting to learn where the request
+    # sits in the next batch. Under overlap scheduling both run on the grammar thread while this thread
+    # launches the next forward and reads the previous step's outputs (xgrammar releases the GIL in its calls).
 
     def begin_accept(self, reqs: list[Req], tokens: PendingTokens) -> None:
         """Start `accept` for a step still in flight: the grammar thread waits for its tokens itself."""
         if any(r.grammar is not None for r in reqs):
-            self._accepting = (reqs, self._thread.submit(lambda: self._accept(reqs, tokens.wait().token_ids)))
-
-    def begin_fill(self, reqs: list[Req], device: torch.device) -> None:
-        """Start `token_mask(reqs, device)`; runs after any `begin_accept` before it."""
-        if any(r.grammar is not None for r in reqs):
-            self._filling = (reqs, self._thread.submit(self._fill, reqs, device))
+            self._accepting = (reqs, self._thread.submit(lambda: self._advance(reqs, tokens.wait().token_ids)))
 
     def accept(self, reqs: list[Req], tokens: list[int]) -> list[Verdict | None]:
         """Advance the matcher of every unfinished constrained sample among `reqs` by its token (stop tokens
-        too, which keeps the matcher's state consistent for retraction), all in one backend call. Per row:
-        the grammar's verdict, None for rows without a grammar."""
+        too, which keeps the matcher's state consistent for retraction) and fill the mask of its next token,
+        all in one backend call. Per row: the grammar's verdict, None for rows without a grammar."""
         begun, self._accepting = self._accepting, None
-        return begun[1].result() if begun is not None and begun[0] is reqs else self._accept(reqs, tokens)
+        return begun[1].result() if begun is not None and begun[0] is reqs else self._advance(reqs, tokens)
 
-    def token_mask(self, reqs: list[Req], device: torch.device) -> TokenMask | None:
-        """The bitmask of the constrained rows among `reqs` (a batch about to be sampled), or None. Valid until
-        the next step's: its buffers are reused (rows of unconstrained samples hold stale bits, which a
-        TokenMask never reads)."""
-        begun, self._filling = self._filling, None
-        rows = begun[1].result() if begun is not None and begun[0] is reqs else self._fill(reqs, device)
-        if not rows:
+    def token_mask(self, reqs: list[Req], rows: torch.Tensor) -> TokenMask | None:
+        """The bitmask of the constrained rows among `reqs` (a batch about to be sampled; `rows` their
+        `req.row`s on the logits' device), or None. Valid until the next step's: its buffers are reused (rows
+        of unconstrained samples hold stale bits, which a TokenMask never reads). Call only with no `accept`
+        begun and not collected: the grammar thread writes the same buffer."""
+        live = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished and not r.grammar.terminated]
+        if not live:
             return None
-        n = len(reqs)
+        self._buffers()
+        # Requests not advanced since their last fill here: new ones, and any whose row was someone else's since.
+        stale = [i for i in live if self._filled.get(reqs[i].row) is not reqs[i]]
+        if stale:
+            self.compiler.backend.fill_masks([reqs[i].grammar for i in stale], self._host, [reqs[i].row for i in stale])
+            for i in stale:
+                self._filled[reqs[i].row] = reqs[i]
         if self._dev is not None:
-            # From pinned memory, so the copy queues behind the forward (core/transfer.py); the event tells the
-            # next fill when the host buffer may be written again.
-            self._dev[:n].copy_(self._host[:n], non_blocking=True)
+            # From pinned memory, so the copy queues behind the forward (core/transfer.py); only the span of
+            # rows in use, which the row allocator keeps low.
+            lo = min(reqs[i].row for i in live)
+            hi = max(reqs[i].row for i in live) + 1
+            self._dev[lo:hi].copy_(self._host[lo:hi], non_blocking=True)
             self._copied.record()
-        bitmask = self._host if self._dev is None else self._dev
-        return TokenMask(bitmask[:n], to_device(rows, torch.int64, device), rows)
+        buffer = self._host if self._dev is None else self._dev
+        return TokenMask(buffer.index_select(0, rows), to_device(live, torch.int64, self._device), live)
 
-    def _accept(self, reqs: list[Req], tokens: list[int]) -> list[Verdict | None]:
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
+    def _advance(self, reqs: list[Req], tokens: list[int]) -> list[Verdict | None]:
+        live = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
         out: list[Verdict | None] = [None] * len(reqs)
-        if rows:
-            ok = self.compiler.backend.accept_tokens([reqs[i].grammar for i in rows], [tokens[i] for i in rows])
-            for i, a in zip(rows, ok):
-                out[i] = Verdict(a, reqs[i].grammar.terminated)
+        if not live:
+            return out
+        self._buffers()
+        live_reqs = [reqs[i] for i in live]
+        ok = self.compiler.backend.advance(
+            [r.grammar for r in live_reqs], [tokens[i] for i in live], self._host, [r.row for r in live_reqs]
+        )
+        for i, r, a in zip(live, live_reqs, ok):
+            out[i] = Verdict(a, r.grammar.terminated)
+            if a and not r.grammar.terminated:
+                self._filled[r.row] = r
+            elif self._filled.get(r.row) is r:
+                del self._filled[r.row]
         return out
 
-    def _fill(self, reqs: list[Req], device: torch.device) -> list[int]:
-        """Fill the host bitmask's rows of the constrained samples among `reqs` that may still take a token."""
-        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished and not r.grammar.terminated]
-        if rows:
-            self._buffers(len(reqs), device)
-            self.compiler.backend.fill_masks([reqs[i].grammar for i in rows], self._host, rows)
-        return rows
-
-    def _buffers(self, n: int, device: torch.device) -> None:
-        """A host bitmask of at least `n` rows (pinned when the logits live on a GPU), and its twin on `device`.
-        Allocated once and regrown by doubling: filling a fresh [n, vocab / 32] tensor and pinning it every step
-        cost more than the grammar work itself on a 16-core GPU host."""
-        cuda = device.type == "cuda"
-        if self._host is None or self._host.shape[0] < n:
-            width = bitmask_width(self.compiler.backend.vocab_size)
-            rows = max(n, 2 * self._host.shape[0] if self._host is not None else 16)
-            self._host = torch.empty((rows, width), dtype=torch.int32, pin_memory=cuda)
-            self._dev = torch.empty((rows, width), dtype=torch.int32, device=device) if cuda else None
+    def _buffers(self) -> None:
+        """The host masks (pinned when the logits live on a GPU) and their twin on the device, allocated once:
+        filling a fresh bitmask and pinning it every step cost more than the grammar work itself on a 16-core
+        GPU host. Waits for the last copy out of the host buffer before it is written again (long done by then:
+        the tokens that start a write were sampled after that copy)."""
+        if self._host is None:
+            cuda = self._device.type == "cuda"
+            shape = (self._max_rows, bitmask_width(self.compiler.backend.vocab_size))
+            self._host = torch.zeros(shape, dtype=torch.int32, pin_memory=cuda)
+            self._dev = torch.zeros(shape, dtype=torch.int32, device=self._device) if cuda else None
             self._copied = torch.cuda.Event() if cuda else None
         elif self._copied is not None:
-            self._copied.synchronize()  # the previous step's copy has long run by now: returns at once
+            self._copied.synchronize()

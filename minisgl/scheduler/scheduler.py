@@ -18,7 +18,7 @@ from minisgl.engine.sampling import PendingTokens, SamplingBatch
 from minisgl.grammar import GrammarBackend, GrammarCompiler, GrammarError, GrammarSpec
 from minisgl.sampling_params import SamplingParams
 from minisgl.scheduler.batch import make_forward_batch
-from minisgl.scheduler.grammar import GrammarQueue
+from minisgl.scheduler.grammar import GrammarQueue, Verdict
 from minisgl.scheduler.io import SchedulerStats, TokenOutput
 from minisgl.scheduler.kv_manager import KVManager
 from minisgl.scheduler.req import Req
@@ -44,6 +44,7 @@ class _Launched:
 
     reqs: list[Req]
     tokens: PendingTokens
+    verdicts: list[Verdict | None] | None = None  # the grammars' verdicts on the tokens, once collected
 
 
 class Scheduler:
@@ -63,11 +64,10 @@ class Scheduler:
     host's view to be exact (retraction, penalties, aborts) first drains the step in flight.
 
     Grammars: a constrained request waits in the grammar queue until its grammar compiles (on a thread
-    pool), then queues like any other. A step launches its forward, then reads the previous step's tokens
-    (advancing each matcher by the token it accepted), and only then fills the constrained rows' bitmasks
-    and samples: the mask needs the previous token, the forward does not, so overlap keeps working. On a GPU
-    (`grammar_overlap`) the matchers advance and the masks fill on the grammar queue's thread, begun before
-    the launch and collected by the reads and the sampling.
+    pool), then queues like any other. A batch with constrained rows is sampled only once the previous
+    step's tokens have advanced their matchers (each accepting its token, then filling the mask of the next):
+    the mask needs the previous token, the forward does not, so the forward still overlaps. On a GPU
+    (`grammar_overlap`) the matchers advance on the grammar queue's thread, begun before the launch.
     """
 
     def __init__(self, engine: Engine):
@@ -105,7 +105,8 @@ class Scheduler:
 
     def enable_grammar(self, make_backend: Callable[[], GrammarBackend], timeout: float = GRAMMAR_TIMEOUT_S) -> None:
         """Accept constrained requests; `make_backend` builds the grammar backend (on the compile pool)."""
-        self.grammars = GrammarQueue(GrammarCompiler(make_backend), timeout)
+        rows = self.token_buf.shape[0]
+        self.grammars = GrammarQueue(GrammarCompiler(make_backend), timeout, rows, self.token_buf.device)
 
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, rid: str, input_ids: list[int], params: SamplingParams) -> None:
@@ -201,14 +202,16 @@ class Scheduler:
             outputs += self._poll_grammars()
         if not self.overlap or self._needs_exact_state():
             outputs += self._drain()
-        grammars = self.grammars if self.grammar_overlap else None  # its work overlaps the next two calls
-        if grammars is not None and self._inflight is not None:
-            grammars.begin_accept(self._inflight.reqs, self._inflight.tokens)
+        if self.grammar_overlap and self.grammars is not None and self._inflight is not None:
+            self.grammars.begin_accept(self._inflight.reqs, self._inflight.tokens)  # overlaps the next two calls
         fwd = self._launch()
-        if grammars is not None and fwd is not None:
-            grammars.begin_fill(fwd.reqs, fwd.logits.device)
-        outputs += self._drain()  # the previous step's tokens, read while `fwd` runs
-        launched = self._sample_launched(fwd) if fwd is not None else None
+        launched = None
+        if fwd is not None:
+            sb = self._sampling_batch(fwd)
+            if any(r.grammar is not None for r in fwd.reqs):
+                outputs += self._drain()  # the masks need the previous tokens accepted
+            launched = self._sample_launched(fwd, sb)
+        outputs += self._drain()  # the previous step's tokens, read while this one runs
         self._inflight = launched
         if not self.overlap:
             outputs += self._drain()
@@ -318,9 +321,11 @@ class Scheduler:
             r.pending += 1
         return _Forward(batch, sampled, len(sampled) == len(reqs), logits)
 
-    def _sample_launched(self, fwd: _Forward) -> _Launched:
+    def _sampling_batch(self, fwd: _Forward) -> SamplingBatch:
+        """Built before the previous step's tokens are read (penalised batches read them first): `pending`
+        still counts those tokens then, so each request's output count is the same either way."""
         reqs = fwd.reqs
-        sb = SamplingBatch.build(
+        return SamplingBatch.build(
             [r.params for r in reqs],
             [r.seed for r in reqs],
             [len(r.output_ids) + r.pending - 1 for r in reqs],  # this step's token is already counted
@@ -329,19 +334,22 @@ class Scheduler:
             self.vocab_size,
             fwd.logits.device,
         )
-        mask = self.grammars.token_mask(reqs, fwd.logits.device) if self.grammars is not None else None
-        tokens = self.engine.sample(fwd.logits, sb, mask)
+
+    def _sample_launched(self, fwd: _Forward, sb: SamplingBatch) -> _Launched:
+        reqs = fwd.reqs
         if fwd.all_rows:
             rows = fwd.batch.rows
         else:
             rows = to_device([r.row for r in reqs], torch.int64, self.token_buf.device)
+        mask = self.grammars.token_mask(reqs, rows) if self.grammars is not None else None
+        tokens = self.engine.sample(fwd.logits, sb, mask)
         self.token_buf[rows] = tokens.token_ids
         return _Launched(reqs, tokens)
 
     def _process(self, launched: _Launched) -> list[TokenOutput]:
         tokens, logprobs, top_ids, top_lps = launched.tokens.wait()
-        verdicts = self.grammars.accept(launched.reqs, tokens) if self.grammars is not None else None
         outputs = []
+        judged: list[tuple[int, Req, TokenOutput]] = []  # constrained rows still going: their grammar decides
         for i, (req, tok) in enumerate(zip(launched.reqs, tokens)):
             req.pending -= 1
             if req.finished:  # found finished a step late: this token is surplus; its KV may go now
@@ -357,21 +365,34 @@ class Scheduler:
                 k = req.params.top_logprobs
                 out.top_logprobs = [list(zip(top_ids[i][:k], top_lps[i][:k]))] if k and top_ids else [[]]
             reason = self._finish_reason(req, tok)
-            if req.grammar is not None and not reason:
-                if not verdicts[i].accepted:  # the mask allowed it, so this is a backend bug: end loudly
-                    logger.error("request %s: the grammar rejected sampled token %d", req.rid, tok)
-                    out.error = "internal error: the grammar rejected a token it allowed"
-                    reason = "abort"
-                elif verdicts[i].terminated:
-                    reason = "stop"
             if reason:
-                req.finish_reason = out.finish_reason = reason
-                out.finished = True
-                self.running.remove(req)
-                if req.pending == 0:
-                    self.kv.release(req)
+                self._finish(req, out, reason)
+            elif req.grammar is not None:
+                judged.append((i, req, out))
             outputs.append(out)
+        # Asked last: under grammar_overlap the grammar thread has been advancing the matchers meanwhile.
+        verdicts = self._verdicts(launched)
+        for i, req, out in judged:
+            if not verdicts[i].accepted:  # the mask allowed it, so this is a backend bug: end loudly
+                logger.error("request %s: the grammar rejected sampled token %d", req.rid, tokens[i])
+                out.error = "internal error: the grammar rejected a token it allowed"
+                self._finish(req, out, "abort")
+            elif verdicts[i].terminated:
+                self._finish(req, out, "stop")
         return outputs
+
+    def _finish(self, req: Req, out: TokenOutput, reason: str) -> None:
+        req.finish_reason = out.finish_reason = reason
+        out.finished = True
+        self.running.remove(req)
+        if req.pending == 0:
+            self.kv.release(req)
+
+    def _verdicts(self, launched: _Launched) -> list[Verdict | None] | None:
+        """Advance the grammars by `launched`'s tokens (or collect the advance begun on the grammar thread)."""
+        if launched.verdicts is None and self.grammars is not None:
+            launched.verdicts = self.grammars.accept(launched.reqs, launched.tokens.wait().token_ids)
+        return launched.verdicts
 
     def _done_by_length(self, req: Req, extra: int = 0) -> bool:
         return len(req.output_ids) + extra >= req.params.max_tokens or req.seq_len + extra >= req.max_len

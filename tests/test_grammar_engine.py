@@ -80,6 +80,30 @@ def test_constrained_greedy_is_the_allowed_argmax(ckpt, device):
     assert sum(o.finish_reason == "stop" for o in outs) >= 1  # a finished grammar ends the request
 
 
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+def test_requests_ending_while_the_grammar_thread_advances(ckpt, device):
+    """Reading a step's tokens ends requests by length (giving their rows away, row -1) while the grammar thread
+    is still advancing their matchers: it must work from the rows they had when the advance began, never look
+    them up as it goes (with the slow advance here, the requests end and free their rows before it starts)."""
+    import time
+
+    path, hf, tok = ckpt
+    llm = make_llm(path, device)
+    queue = llm.scheduler.grammars
+    advance = queue._advance
+
+    def slow_advance(*args):
+        time.sleep(0.02)  # let the scheduler's thread finish the requests first
+        return advance(*args)
+
+    queue._advance = slow_advance
+    params = [SamplingParams(temperature=0, max_tokens=k, regex=REGEX) for k in range(2, 8)]
+    outs = llm.generate(PROMPTS[:6], params)
+    for p, o, k in zip(PROMPTS[:6], outs, range(2, 8)):
+        assert o.finish_reason == "length" and len(o.token_ids) == k
+        check_masked_greedy(hf, tok, p, o)
+
+
 def test_constrained_exact_with_retraction(ckpt):
     path, hf, tok = ckpt
     # 400 tokens cannot hold 12 prompts of up to 300 tokens plus outputs at once: requests get retracted.

@@ -106,15 +106,18 @@ class GrammarQueue:
 
     def begin_accept(self, reqs: list[Req], tokens: PendingTokens) -> None:
         """Start `accept` for a step still in flight: the grammar thread waits for its tokens itself."""
-        if any(r.grammar is not None for r in reqs):
-            self._accepting = (reqs, self._thread.submit(lambda: self._advance(reqs, tokens.wait().token_ids)))
+        live = self._live(reqs)
+        if live:
+            self._accepting = (reqs, self._thread.submit(lambda: self._advance(reqs, live, tokens.wait().token_ids)))
 
     def accept(self, reqs: list[Req], tokens: list[int]) -> list[Verdict | None]:
         """Advance the matcher of every unfinished constrained sample among `reqs` by its token (stop tokens
         too, which keeps the matcher's state consistent for retraction) and fill the mask of its next token,
         all in one backend call. Per row: the grammar's verdict, None for rows without a grammar."""
         begun, self._accepting = self._accepting, None
-        return begun[1].result() if begun is not None and begun[0] is reqs else self._advance(reqs, tokens)
+        if begun is not None and begun[0] is reqs:
+            return begun[1].result()
+        return self._advance(reqs, self._live(reqs), tokens)
 
     def token_mask(self, reqs: list[Req], rows: torch.Tensor) -> TokenMask | None:
         """The bitmask of the constrained rows among `reqs` (a batch about to be sampled; `rows` their
@@ -141,22 +144,26 @@ class GrammarQueue:
         buffer = self._host if self._dev is None else self._dev
         return TokenMask(buffer.index_select(0, rows), to_device(live, torch.int64, self._device), live)
 
-    def _advance(self, reqs: list[Req], tokens: list[int]) -> list[Verdict | None]:
-        live = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
+    @staticmethod
+    def _live(reqs: list[Req]) -> list[tuple[int, Req, int]]:
+        """(index, request, row) of the unfinished constrained samples among `reqs`, read on the scheduler's
+        thread: while the grammar thread advances them, that thread may finish them and give their rows away."""
+        return [(i, r, r.row) for i, r in enumerate(reqs) if r.grammar is not None and not r.finished]
+
+    def _advance(self, reqs: list[Req], live: list[tuple[int, Req, int]], tokens: list[int]) -> list[Verdict | None]:
         out: list[Verdict | None] = [None] * len(reqs)
         if not live:
             return out
         self._buffers()
-        live_reqs = [reqs[i] for i in live]
         ok = self.compiler.backend.advance(
-            [r.grammar for r in live_reqs], [tokens[i] for i in live], self._host, [r.row for r in live_reqs]
+            [r.grammar for _, r, _ in live], [tokens[i] for i, _, _ in live], self._host, [row for _, _, row in live]
         )
-        for i, r, a in zip(live, live_reqs, ok):
+        for (i, r, row), a in zip(live, ok):
             out[i] = Verdict(a, r.grammar.terminated)
             if a and not r.grammar.terminated:
-                self._filled[r.row] = r
-            elif self._filled.get(r.row) is r:
-                del self._filled[r.row]
+                self._filled[row] = r
+            elif self._filled.get(row) is r:
+                del self._filled[row]
         return out
 
     def _buffers(self) -> None:

@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 pytest.importorskip("triton")
 
-from minisgl.engine.sampling import SamplingBatch, _signed64, gumbel_noise, sample  # noqa: E402
+from minisgl.engine.draws import gumbel_noise, signed64  # noqa: E402
+from minisgl.engine.sampling import SamplingBatch, sample  # noqa: E402
 from minisgl.kernels.gumbel import gumbel_argmax  # noqa: E402
 from minisgl.sampling_params import SamplingParams  # noqa: E402
 
@@ -27,7 +28,7 @@ def _case(v: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     x[1, 100:] = float("-inf")  # a filtered row: only its first 100 columns may win
     x[2] = float("-inf")  # nothing left at all: column 0, like torch.argmax
     x[3, v // 2] = float("nan")  # NaN ranks first, like torch.argmax
-    seeds = torch.tensor([_signed64(s) for s in SEEDS])
+    seeds = torch.tensor([signed64(s) for s in SEEDS])
     steps = torch.tensor(STEPS)
     return x.to(device), seeds.to(device), steps.to(device)
 

@@ -245,7 +245,7 @@ def test_gumbel_argmax_draws_the_reference_token(at_each_level, vocab, threads):
     """The native draw (noise computed only for tokens that can still win) picks exactly the token of the
     op-by-op reference, argmax(x + gumbel_noise): peaked and flat rows, filtered (-inf) columns, a row with
     nothing left (column 0), a NaN (ranks first), and one row split between threads."""
-    from minisgl.engine.sampling import _signed64, gumbel_noise
+    from minisgl.engine.draws import gumbel_noise, signed64
 
     seeds = [0, 1, 2**63 + 5, 12345678901234567, 2**64 - 1, 42, 7, 99]
     g = torch.Generator().manual_seed(vocab)
@@ -253,7 +253,7 @@ def test_gumbel_argmax_draws_the_reference_token(at_each_level, vocab, threads):
     x[1, 100:] = float("-inf")
     x[2] = float("-inf")
     x[3, vocab // 2] = float("nan")
-    s = torch.tensor([_signed64(v) for v in seeds])
+    s = torch.tensor([signed64(v) for v in seeds])
     steps = torch.tensor([0, 1, 7, 100, 2**40, 3, 5, 11])
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -268,7 +268,7 @@ def test_gumbel_argmax_draws_the_reference_token(at_each_level, vocab, threads):
 def test_gumbel_argmax_bounds_never_skip_a_winner(at_each_level):
     """Many small rows, whose winners' noise lies all over u's range (not just in its unbounded top slice):
     any bound below a token's real noise would skip a winner somewhere among them."""
-    from minisgl.engine.sampling import gumbel_noise
+    from minisgl.engine.draws import gumbel_noise
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2048, 64, generator=g)

@@ -13,15 +13,8 @@ import torch
 from scipy import stats
 
 import minisgl.engine.sampling as sampling
-from minisgl.engine.sampling import (
-    GOLDEN,
-    SamplingBatch,
-    apply_penalties,
-    filter_mask,
-    random_bits,
-    sample,
-    splitmix64,
-)
+from minisgl.engine.draws import GOLDEN, random_bits, splitmix64
+from minisgl.engine.sampling import SamplingBatch, apply_penalties, filter_mask, sample
 from minisgl.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")

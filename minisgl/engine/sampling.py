@@ -4,9 +4,9 @@ One call of `sample` serves a whole batch whose rows carry different `SamplingPa
 lives in device tensors built once per step by `SamplingBatch.build`; `sample` itself runs only tensor ops
 (no Python loop over rows, no host sync), so it can later be captured in a CUDA graph.
 
-Randomness is counter-based: the draw of row i looks only at (seeds[i], steps[i], token index), hashed with
-splitmix64 in int64 torch ops, and turned into Gumbel noise (the Gumbel-max trick: argmax(log p + G) is a
-draw from p). A request therefore gets the same tokens whatever else shares its batch and wherever it sits.
+Randomness is counter-based (draws.py): Gumbel noise that is a function of (seed, step, token) only, added to
+the logits (the Gumbel-max trick: argmax(log p + G) is a draw from p). A request therefore gets the same tokens
+whatever else shares its batch and wherever it sits.
 """
 
 from __future__ import annotations
@@ -17,54 +17,10 @@ from typing import NamedTuple
 import torch
 
 from minisgl.core.transfer import to_device
+from minisgl.engine.draws import gumbel_noise, signed64
 from minisgl.kernels import native
 from minisgl.kernels.tuning import CPU_SAMPLING_CANDIDATES
 from minisgl.sampling_params import SamplingParams
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed64(x: int) -> int:
-    """The int64 that has the same 64 bits as `x` (torch has no uint64 arithmetic)."""
-    x &= _MASK64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-GOLDEN = _signed64(0x9E3779B97F4A7C15)  # splitmix64's stream increment
-_MUL1 = _signed64(0xBF58476D1CE4E5B9)
-_MUL2 = _signed64(0x94D049BB133111EB)
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic; masking off the sign-extended bits makes it a logical shift.
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's output mix on int64 bit patterns (multiplication wraps mod 2**64, as the hash needs)."""
-    x = (x ^ _shr(x, 30)) * _MUL1
-    x = (x ^ _shr(x, 27)) * _MUL2
-    return x ^ _shr(x, 31)
-
-
-def random_bits(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """64 random bits per (row, token): int64 [B, V], a function of (seeds[i], steps[i], token) only.
-
-    Row key = output number `step + 1` of the splitmix64 stream seeded with mix(seed); token t's bits are
-    output number `t + 1` of the stream seeded with that key. Distinct steps give unrelated keys, so draws
-    at different steps are independent.
-    """
-    key = splitmix64(splitmix64(seeds) + (steps + 1) * GOLDEN)
-    tokens = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device)
-    return splitmix64(key[:, None] + tokens[None, :] * GOLDEN)
-
-
-def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Standard Gumbel noise, float32 [B, V], deterministic in (seed, step, token)."""
-    bits = random_bits(seeds, steps, vocab_size)
-    # 53 bits through float64: 24-bit float32 uniforms would clip the Gumbel tails that decide rare tokens.
-    u = (_shr(bits, 11).to(torch.float64) + 0.5) * 2.0**-53  # strictly inside (0, 1)
-    return (-torch.log(-torch.log(u))).to(torch.float32)
 
 
 def filter_mask(
@@ -256,7 +212,7 @@ class SamplingBatch:
             vocab_size=v,
             greedy=tensor(greedy, torch.bool),
             temperature=tensor([1.0 if g else float(p.temperature) for p, g in zip(params, greedy)], torch.float32),
-            seeds=tensor([_signed64(s) for s in seeds], torch.int64),
+            seeds=tensor([signed64(s) for s in seeds], torch.int64),
             steps=tensor(list(steps), torch.int64),
             top_k=tensor(top_k, torch.int64) if any(k < v for k in top_k) else None,
             top_p=tensor(top_p, torch.float32) if any(x < 1.0 for x in top_p) else None,

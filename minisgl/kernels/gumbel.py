@@ -3,7 +3,7 @@
 Layouts: `scaled` float32 [B, V] contiguous (temperature-scaled, filtered logits; -inf where filtered out),
 `seeds` and `steps` int64 [B] (the seed's 64-bit pattern). Returns int64 [B].
 
-It computes exactly what `minisgl.engine.sampling` does in separate tensor ops, `argmax(scaled +
+It computes exactly what `minisgl.engine.draws` and `sampling` do in separate tensor ops, `argmax(scaled +
 gumbel_noise(seeds, steps, V))`, with the same splitmix64 counter hash and the same float64 uniform, but
 never materialises the [B, V] noise: the op-by-op version streams about two dozen int64 [B, V] tensors
 through memory (~5 ms per step at B = 256, V = 152k on an H100), this kernel reads the logits once.

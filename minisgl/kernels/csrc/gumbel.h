@@ -1,4 +1,4 @@
-// Seeded Gumbel-max sampling, engine/sampling.py's draw: per row, the first index of the largest
+// Seeded Gumbel-max sampling, engine/draws.py's draw: per row, the first index of the largest
 // fl32(x[t] + fl32(g)), g = -log(-log(u)) in double, u = ((bits >> 11) + 0.5) 2^-53, bits = splitmix64 of
 // (seed, step, t) as random_bits computes them.
 //

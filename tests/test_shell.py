@@ -126,6 +126,8 @@ def test_shell_in_a_pseudo_terminal(ckpt, reference):
         term.expect("minisgl shell")
         term.type_line(f"/set max_tokens {MAX_TOKENS}")
         term.expect(f"(max_tokens = {MAX_TOKENS})")
+        term.type_line("/set temperature 0")  # greedy, to compare with transformers
+        term.expect("(temperature = 0)")
 
         first = [{"role": "user", "content": "Name a capital city."}]
         answer1, prompt1 = reference(first)
@@ -163,7 +165,7 @@ def test_shell_in_a_pseudo_terminal(ckpt, reference):
 
 
 def test_shell_reads_a_pipe_until_eof(ckpt, reference):
-    lines = f"/set max_tokens {MAX_TOKENS}\nName a capital city.\n"
+    lines = f"/set max_tokens {MAX_TOKENS}\n/set temperature 0\nName a capital city.\n"
     p = subprocess.run(
         shell_cmd(ckpt), input=lines, capture_output=True, text=True, env=minisgl_env(), cwd=REPO, timeout=120
     )

@@ -23,8 +23,9 @@ from minisgl.sampling_params import SamplingParams
 from minisgl.server.args import ServerArgs
 
 HELP = "Commands: /reset (forget the conversation), /set KEY VALUE (sampling), /exit or Ctrl-D (leave)."
-# Greedy by default: reproducible answers, and small models ramble less. 512 bounds a turn's wait.
-DEFAULT_PARAMS = SamplingParams(temperature=0.0, max_tokens=512)
+# llama.cpp's sampler defaults: greedy decoding sends a small model round one phrase until max_tokens
+# (`/set temperature 0` for greedy, `/set seed N` for repeatable draws). 512 bounds a turn's wait.
+DEFAULT_PARAMS = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, max_tokens=512)
 SETTABLE = {
     "temperature": float,
     "top_p": float,

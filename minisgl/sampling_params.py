@@ -13,7 +13,9 @@ class SamplingParams:
     temperature == 0 means greedy. top_k <= 0 and top_p == 1 and min_p == 0 disable those filters.
     Penalties follow the usual conventions: `repetition_penalty` is the multiplicative CTRL/HF penalty over
     prompt and output tokens; `frequency_penalty`/`presence_penalty` are OpenAI's additive penalties over the
-    output tokens only. `seed` makes a request reproducible whatever else shares its batch.
+    output tokens only. `logit_bias` (OpenAI's) maps token ids to values in [-100, 100] added to those tokens'
+    logits before anything else (-100 in effect bans a token, +100 forces it). `seed` makes a request
+    reproducible whatever else shares its batch.
 
     Structured output (SGLang's fields; at most one may be set): `json_schema` (a JSON Schema as a string),
     `json_object` (any JSON object), `regex`, `ebnf` (GBNF-style, `root ::= ...`) or `structural_tag`
@@ -41,12 +43,14 @@ class SamplingParams:
     ebnf: str | None = None
     structural_tag: str | None = None
     json_object: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         if isinstance(self.json_schema, dict):  # the offline API takes the schema itself too
             self.json_schema = json.dumps(self.json_schema)
 
@@ -67,6 +71,11 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
         set_ = [k for k in _GRAMMAR_FIELDS if _is_set(self, k)]
         if len(set_) > 1:
             raise ValueError(f"{set_[0]} cannot be combined with {set_[1]}: give at most one output constraint")

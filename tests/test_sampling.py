@@ -202,6 +202,43 @@ def test_penalty_changes_greedy_choice():
     assert sample(logits, batch).token_ids.tolist() == [1, 0]
 
 
+def test_logit_bias_is_added_to_the_logits():
+    """Each row's draw with logit_bias equals the draw without it from logits with the biases added by hand (the
+    same seeds and steps), greedy and sampled, alone and with a penalty; logprobs stay the raw model's."""
+    gen = torch.Generator().manual_seed(8)
+    v = 200
+    logits = torch.randn(5, v, generator=gen) * 3
+    biases = [{7: 100.0}, {int(logits[1].argmax()): -100.0, 3: 2.5}, {}, {0: 4.0, 199: -1.5}, {11: 1.25}]
+    kinds = [
+        dict(temperature=0),
+        dict(temperature=0),
+        dict(temperature=0.8, top_p=0.9),
+        dict(temperature=1.0, top_k=20),
+        dict(temperature=0.7, frequency_penalty=0.5, logprobs=True, top_logprobs=2),
+    ]
+    outputs = [[], [], [], [], [11, 11, 3]]
+    biased = [SamplingParams(**k, logit_bias=b) for k, b in zip(kinds, biases)]
+    plain = [SamplingParams(**k) for k in kinds]
+    by_hand = logits.clone()
+    for row, b in enumerate(biases):
+        for token, value in b.items():
+            by_hand[row, token] += value
+    for step in range(6):
+        steps = [step] * 5
+        got = sample(logits, build(biased, steps=steps, outputs=outputs, prompts=[[1]] * 5, logits=logits))
+        want = sample(by_hand, build(plain, steps=steps, outputs=outputs, prompts=[[1]] * 5, logits=logits))
+        assert got.token_ids.tolist() == want.token_ids.tolist()
+        assert got.token_ids[0] == 7
+        ref = torch.log_softmax(logits.double(), dim=-1)[torch.arange(5), got.token_ids]
+        torch.testing.assert_close(got.logprobs.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_logit_bias_out_of_range_is_refused():
+    for bad in [{3: 100.5}, {3: float("nan")}, {-1: 1.0}, {"3": 1.0}]:
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad).validate()
+
+
 # ---- greedy -----------------------------------------------------------------------------------------------
 
 

@@ -162,6 +162,25 @@ def test_chat_stop_token_ids(server, tok, hf):
     assert r.choices[0].message.content == decode(tok, ref_tokens[:k])
 
 
+def test_logit_bias_is_honoured(server, tok, hf):
+    """OpenAI's logit_bias on both endpoints and SGLang's native one: +100 forces a token at every step, -100
+    bans the greedy token, whose place goes to transformers' runner-up."""
+    forced = 100
+    r = server.client().chat.completions.create(messages=MESSAGES, **greedy(), logit_bias={str(forced): 100})
+    assert r.choices[0].message.content == decode(tok, [forced] * N_TOKENS)
+    r = server.client().completions.create(prompt=PROMPT, **greedy(), logit_bias={str(forced): 100})
+    assert r.choices[0].text == decode(tok, [forced] * N_TOKENS)
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 3, "temperature": 0, "logit_bias": {"100": 100}}}
+    assert server.post("/generate", body).json()["text"] == decode(tok, [forced] * 3)
+
+    ids = chat_ids(tok, MESSAGES)
+    ref_tokens, ref_lps = hf_greedy(hf, ids, 1)
+    runner_up = int(ref_lps[0].topk(2).indices[1])
+    ban = {str(ref_tokens[0]): -100}
+    r = server.client().chat.completions.create(messages=MESSAGES, **{**greedy(), "max_tokens": 1}, logit_bias=ban)
+    assert r.choices[0].message.content == decode(tok, [runner_up])
+
+
 # ---- completions -----------------------------------------------------------------------------------------------
 def test_completions_async_greedy_streamed_and_not(server, tok, hf):
     ids = tok.encode(PROMPT)
@@ -305,6 +324,16 @@ BAD = [
     (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
     (COMPLETIONS, {"prompt": "hi", "model": "other"}, 404, "model", "model_not_found"),
     ("/detokenize", {"tokens": [5, 10_000]}, 400, "tokens", None),
+    (CHAT, {"messages": USER, "logit_bias": {"abc": 1}}, 400, "logit_bias", None),
+    (CHAT, {"messages": USER, "logit_bias": {"5": 101}}, 400, "logit_bias", None),
+    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"384": 1}}, 400, "logit_bias", None),
+    # OpenAI fields that would change the answer and are not supported: refused, never dropped
+    (CHAT, {"messages": USER, "functions": [{"name": "f"}]}, 400, "functions", None),
+    (CHAT, {"messages": USER, "function_call": "auto"}, 400, "function_call", None),
+    (CHAT, {"messages": USER, "modalities": ["text", "audio"]}, 400, "modalities", None),
+    (CHAT, {"messages": USER, "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio", None),
+    (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of", None),
+    (COMPLETIONS, {"prompt": "hi", "suffix": "the end"}, 400, "suffix", None),
 ]
 
 

@@ -117,6 +117,15 @@ class _Penalties:
 
 
 @dataclass(frozen=True)
+class _LogitBias:
+    """The batch's logit_bias entries, one per (row, token): L of them."""
+
+    rows: torch.Tensor  # int64 [L]
+    ids: torch.Tensor  # int64 [L]
+    values: torch.Tensor  # float32 [L]
+
+
+@dataclass(frozen=True)
 class SamplingBatch:
     """Device-side sampling parameters of one step's batch, built by `build`.
 
@@ -124,7 +133,7 @@ class SamplingBatch:
     the sampled path stays finite for them (their result is replaced by argmax). Disabled filters hold
     neutral values (top_k = V, top_p = 1, min_p = 0), and the matching tensor is None when no row uses it.
     The Python flags are fixed at build time so `sample` never has to ask the device. A batch of plain
-    greedy rows (no penalties, no logprobs) carries no tensors at all: `sample` only takes the argmax.
+    greedy rows (no penalties, logit bias or logprobs) carries no tensors at all: `sample` only takes the argmax.
     """
 
     vocab_size: int
@@ -136,6 +145,7 @@ class SamplingBatch:
     top_p: torch.Tensor | None
     min_p: torch.Tensor | None
     penalties: _Penalties | None
+    logit_bias: _LogitBias | None
     all_greedy: bool
     any_greedy: bool
     want_logprobs: bool
@@ -160,7 +170,7 @@ class SamplingBatch:
 
         greedy = [p.greedy for p in params]
         want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)
-        if all(greedy) and not want_logprobs and not any(p.penalised for p in params):
+        if all(greedy) and not want_logprobs and not any(p.penalised or p.logit_bias for p in params):
             # Pure argmax: nothing per row reaches the device (a host-to-device copy per field would cost
             # more than the step's sampling itself at small batch).
             return cls(
@@ -173,6 +183,7 @@ class SamplingBatch:
                 top_p=None,
                 min_p=None,
                 penalties=None,
+                logit_bias=None,
                 all_greedy=True,
                 any_greedy=True,
                 want_logprobs=False,
@@ -208,6 +219,14 @@ class SamplingBatch:
                 presence=tensor([p.presence_penalty for p in sel], torch.float32),
             )
 
+        biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+        logit_bias = None
+        if biased:
+            rows, ids, values = zip(*biased)
+            logit_bias = _LogitBias(
+                tensor(list(rows), torch.int64), tensor(list(ids), torch.int64), tensor(list(values), torch.float32)
+            )
+
         return cls(
             vocab_size=v,
             greedy=tensor(greedy, torch.bool),
@@ -218,6 +237,7 @@ class SamplingBatch:
             top_p=tensor(top_p, torch.float32) if any(x < 1.0 for x in top_p) else None,
             min_p=tensor(min_p, torch.float32) if any(x > 0.0 for x in min_p) else None,
             penalties=penalties,
+            logit_bias=logit_bias,
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             want_logprobs=want_logprobs,
@@ -341,16 +361,21 @@ def apply_token_mask(logits: torch.Tensor, mask: TokenMask, inplace: bool = Fals
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, mask: TokenMask | None = None) -> SampleResult:
     """Pick one token per row of `logits` [B, V] (any float dtype) as `batch` says, among the tokens `mask`
-    allows in its rows. Logprobs stay those of the model's own (unmasked, unpenalised) distribution. With a
+    allows in its rows. Logprobs stay those of the model's own (unbiased, unpenalised, unmasked) distribution. With a
     mask and no logprobs, float32 `logits` may be masked in place."""
     if logits.shape[-1] != batch.vocab_size:
         raise ValueError(f"logits have {logits.shape[-1]} columns, the batch expects {batch.vocab_size}")
-    if batch.all_greedy and batch.penalties is None and not batch.want_logprobs:
+    if batch.all_greedy and batch.penalties is None and batch.logit_bias is None and not batch.want_logprobs:
         x = logits if mask is None else apply_token_mask(logits.float(), mask, inplace=True)
         return SampleResult(x.argmax(dim=-1), None, None, None)
 
     raw = logits.float()
-    x = raw if batch.penalties is None else apply_penalties(raw, batch.penalties)
+    x = raw
+    if batch.logit_bias is not None:
+        lb = batch.logit_bias
+        x = raw.index_put((lb.rows, lb.ids), lb.values, accumulate=True)
+    if batch.penalties is not None:
+        x = apply_penalties(x, batch.penalties)
     if mask is not None:  # in place unless x is still the raw logits that logprobs need below
         x = apply_token_mask(x, mask, inplace=x is not raw or not batch.want_logprobs)
 

@@ -116,6 +116,8 @@ class Scheduler:
             raise ValueError("the prompt is empty")
         if min(input_ids) < 0 or max(input_ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         if len(input_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(input_ids)} tokens; the context length is {self.max_model_len} and at least "

@@ -54,6 +54,7 @@ class NativeSamplingParams(_Strict):
     n: P.Int64 = 1
     sampling_seed: P.Int64 | None = None
     seed: P.Int64 | None = None  # an alias of sampling_seed (OpenAI's name)
+    logit_bias: dict[str, float] | None = None
     # SGLang's output constraints (at most one): a JSON schema (as text or an object), a regex, an EBNF grammar.
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None

@@ -75,6 +75,7 @@ class OpenAIServing:
             n=req.n,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            logit_bias=_logit_bias(req.logit_bias),
             **structured.constraint(req, plan),
         )
         try:
@@ -91,6 +92,7 @@ class OpenAIServing:
                 "context_length_exceeded",
             )
         self.check_ids(p.stop_token_ids, "stop_token_ids")
+        self.check_ids(list(p.logit_bias), "logit_bias")
         return p
 
     async def start(
@@ -113,6 +115,13 @@ class OpenAIServing:
             raise APIError(400, "messages must contain at least one message", "messages")
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+        if req.functions is not None or req.function_call is not None:
+            param = "functions" if req.functions is not None else "function_call"
+            raise APIError(400, f"{param} is not supported (OpenAI deprecated it): use tools and tool_choice", param)
+        if req.modalities is not None and set(req.modalities) - {"text"}:
+            raise APIError(400, "only the text modality is supported", "modalities")
+        if req.audio is not None:
+            raise APIError(400, "audio output is not supported", "audio")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         plan = structured.tool_plan(req, self.tool_call_parser)
         params = self.sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, plan)
@@ -222,6 +231,10 @@ class OpenAIServing:
         self.check_model(req.model)
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of is not supported (the n samples are returned as they are)", "best_of")
+        if req.suffix:
+            raise APIError(400, "suffix (text insertion) is not supported", "suffix")
         params = self.sampling_params(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0)
         prompts = _prompts(req.prompt)
         gens = []
@@ -377,6 +390,17 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     if isinstance(prompt[0], int):
         return [list(prompt)]
     return [p if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias (JSON keys are strings) with token-id keys."""
+    out = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {safe_text(key)!r}", "logit_bias") from None
+    return out
 
 
 def _bytes(s: str) -> list[int]:

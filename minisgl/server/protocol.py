@@ -1,7 +1,9 @@
 """Pydantic models of the OpenAI-compatible API: requests as clients send them, responses field by field.
 
-Requests ignore unknown fields (clients send many optional ones) but reject non-finite floats and
-integers outside int64, so nothing a client sends can overflow the msgpack wire format downstream.
+Requests ignore unknown fields (clients send many optional ones, mostly bookkeeping such as `store` or
+`metadata`); the OpenAI fields that would change the answer and are not supported are declared so that the
+handlers can refuse them with a 400. Requests reject non-finite floats and integers outside int64, so
+nothing a client sends can overflow the msgpack wire format downstream.
 Ranges that depend on meaning (temperature >= 0, ...) are checked by SamplingParams.validate, in one place.
 """
 
@@ -45,6 +47,7 @@ class _SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
     # SGLang's structured-output extensions (at most one; chat also takes OpenAI's response_format)
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
@@ -121,6 +124,11 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # Read only to be refused (OpenAI fields that would change the answer and that this server does not do)
+    functions: Any = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -128,6 +136,9 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: Int64 | None = 16  # OpenAI's default for completions
     echo: bool = False
     logprobs: Int64 | None = None  # number of alternatives per token, completions style
+    # Read only to be refused unless they ask for nothing beyond n samples / no insertion
+    best_of: Int64 | None = None
+    suffix: str | None = None
 
 
 class TokenizeRequest(_Request):

@@ -17,16 +17,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ConfigDict, Field, model_validator
 
 from minisgl.message import FlushCacheReq, GenerateReq, StrOutput, TokenLogprob
 from minisgl.sampling_params import SamplingParams
 from minisgl.server import protocol as P
 from minisgl.server.args import ServerArgs
-from minisgl.server.engine_client import ClientGone, EngineClient, Job
+from minisgl.server.engine_client import ClientGone, EngineClient
 from minisgl.server.errors import APIError
 from minisgl.server.openai_api import OpenAIServing
+from minisgl.server.streaming import chain, sse
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0  # SGLang's default for /health_generate
 VERSION = "minisgl-0.1.0"
@@ -164,13 +165,9 @@ class NativeServing:
             return Response(status_code=499)
         acc = _Outputs(rids, params.n, req, start)
         if req.stream:
-            return StreamingResponse(
-                self._stream(job, acc, first, events, batched or params.n > 1),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
+            return sse(self.client, job, self._stream(acc, first, events, batched or params.n > 1))
         try:
-            async for o in _chain(first, events):
+            async for o in chain(first, events):
                 acc.add(o)
         except ClientGone:
             return Response(status_code=499)
@@ -178,26 +175,17 @@ class NativeServing:
         return results if batched or params.n > 1 else results[0]
 
     async def _stream(
-        self, job: Job, acc: _Outputs, first: StrOutput, events: AsyncIterator[StrOutput], indexed: bool
+        self, acc: _Outputs, first: StrOutput, events: AsyncIterator[StrOutput], indexed: bool
     ) -> AsyncIterator[str]:
         """SGLang's stream: each event carries the sample's text so far and its meta_info; `index` tells
         samples apart when there are several."""
-        try:
-            async for o in _chain(first, events):
-                i = acc.add(o)
-                if o.text or o.finished or o.logprobs:
-                    out = acc.result(i)
-                    if indexed:
-                        out["index"] = i
-                    yield f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
-        except APIError as e:
-            yield e.sse()
-            yield "data: [DONE]\n\n"
-        except ClientGone:
-            pass
-        finally:
-            self.client.release(job)
+        async for o in chain(first, events):
+            i = acc.add(o)
+            if o.text or o.finished or o.logprobs:
+                out = acc.result(i)
+                if indexed:
+                    out["index"] = i
+                yield f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
 
     def _prompts(self, req: GenerateRequest) -> tuple[list[str | list[int]], bool]:
         if (req.text is None) == (req.input_ids is None):
@@ -350,9 +338,3 @@ class _Outputs:
                     for t in self.logprobs[i]
                 ]
         return {"text": self.text[i], "meta_info": meta}
-
-
-async def _chain(first: StrOutput, rest: AsyncIterator[StrOutput]) -> AsyncIterator[StrOutput]:
-    yield first
-    async for o in rest:
-        yield o

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from minisgl.message import GenerateReq, StrOutput, TokenLogprob
 from minisgl.sampling_params import SamplingParams
@@ -20,6 +20,7 @@ from minisgl.server import protocol as P
 from minisgl.server import structured
 from minisgl.server.engine_client import ClientGone, EngineClient, Job
 from minisgl.server.errors import APIError, safe_text
+from minisgl.server.streaming import chain, sse
 
 MAX_N = 128  # samples per request: more would let one request flood the queue
 _SEED_MOD = 2**63  # the engine takes non-negative seeds; OpenAI allows any int64
@@ -142,13 +143,13 @@ class OpenAIServing:
         rid, created = P.new_id("chatcmpl-"), P.now()
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self.client, job, self._chat_stream(rid, created, params.n, first, events, usage, plan))
+            return sse(self.client, job, self._chat_stream(rid, created, params.n, first, events, usage, plan))
         texts: list[list[str]] = [[] for _ in range(params.n)]
         lps: list[list[P.ChatTokenLogprob]] = [[] for _ in range(params.n)]
         reasons: list[str | None] = [None] * params.n
         acc = _Usage()
         try:
-            async for o in _chain(first, events):
+            async for o in chain(first, events):
                 texts[o.index].append(o.text)
                 lps[o.index] += _chat_logprobs(o.logprobs)
                 reasons[o.index] = o.finish_reason if o.finished else reasons[o.index]
@@ -191,7 +192,7 @@ class OpenAIServing:
         acc = _Usage()
         tools = [plan.stream() for _ in range(n)] if plan is not None else None
         called = [False] * n
-        async for o in _chain(first, events):
+        async for o in chain(first, events):
             acc.add(o)
             lp = P.ChatLogprobs(content=_chat_logprobs(o.logprobs)) if o.logprobs is not None else None
             text, calls = o.text, None
@@ -262,7 +263,7 @@ class OpenAIServing:
         want_lp = req.logprobs is not None
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(
+            return sse(
                 self.client, job, self._completion_stream(rid, created, slot, params.n, first, events, usage, want_lp)
             )
         texts: list[list[str]] = [[] for _ in range(num)]
@@ -270,7 +271,7 @@ class OpenAIServing:
         reasons: list[str | None] = [None] * num
         acc = _Usage()
         try:
-            async for o in _chain(first, events):
+            async for o in chain(first, events):
                 i = slot[o.rid] * params.n + o.index
                 texts[i].append((o.prompt_text or "") + o.text)
                 _extend_completion_logprobs(lps[i], o.logprobs, sum(map(len, texts[i])) - len(o.text))
@@ -301,7 +302,7 @@ class OpenAIServing:
 
         acc = _Usage()
         offsets: dict[int, int] = {}
-        async for o in _chain(first, events):
+        async for o in chain(first, events):
             acc.add(o)
             i = slot[o.rid] * n + o.index
             text = (o.prompt_text or "") + o.text
@@ -342,29 +343,6 @@ class _Usage:
             total_tokens=prompt + completion,
             prompt_tokens_details=P.PromptTokensDetails(cached_tokens=sum(self.cached.values())),
         )
-
-
-async def _chain(first: StrOutput, rest: AsyncIterator[StrOutput]) -> AsyncIterator[StrOutput]:
-    yield first
-    async for o in rest:
-        yield o
-
-
-def _sse(client: EngineClient, job: Job, chunks: AsyncIterator[str]) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for c in chunks:
-                yield c
-            yield "data: [DONE]\n\n"
-        except APIError as e:  # timeout or engine error after the stream started
-            yield e.sse()
-            yield "data: [DONE]\n\n"
-        except ClientGone:
-            pass
-        finally:  # also runs when Starlette cancels us because the client went away
-            client.release(job)
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def flatten_message(m: P.ChatMessage, i: int) -> dict:

@@ -350,6 +350,8 @@ class Scheduler:
 
     def _process(self, launched: _Launched) -> list[TokenOutput]:
         tokens, logprobs, top_ids, top_lps = launched.tokens.wait()
+        if not self.grammar_overlap:
+            self._verdicts(launched)  # on this thread, before the loop below finishes any of the requests
         outputs = []
         judged: list[tuple[int, Req, TokenOutput]] = []  # constrained rows still going: their grammar decides
         for i, (req, tok) in enumerate(zip(launched.reqs, tokens)):
@@ -372,7 +374,7 @@ class Scheduler:
             elif req.grammar is not None:
                 judged.append((i, req, out))
             outputs.append(out)
-        # Asked last: under grammar_overlap the grammar thread has been advancing the matchers meanwhile.
+        # Asked last under grammar_overlap: the grammar thread has been advancing the matchers meanwhile.
         verdicts = self._verdicts(launched)
         for i, req, out in judged:
             if not verdicts[i].accepted:  # the mask allowed it, so this is a backend bug: end loudly

@@ -1,9 +1,11 @@
-"""A seeded fuzz of malformed requests against one real server: every answer is a clean 4xx OpenAI error.
+"""Seeded fuzzes against one real server.
 
-Every generated request is invalid by construction (one broken field on top of a valid base), including lone
+The first sends requests invalid by construction (one broken field on top of a valid base), including lone
 UTF-16 surrogates wherever a string goes: such text must be escaped in what the server echoes, not turned
-into a 500 that drops the keep-alive connection. One keep-alive client sends them all and never sees a read
-error; afterwards the server still answers a good request.
+into a 500 that drops the keep-alive connection; every answer is a clean 4xx OpenAI error. The second mutates
+rich valid requests (tools, tool turns, response formats, streams, the native API) at random places in their
+JSON: every answer is a success or a clean 4xx, never a 5xx or a dropped connection. One keep-alive client
+sends each set; afterwards the server still answers a good request.
 """
 
 from __future__ import annotations
@@ -152,3 +154,83 @@ def test_malformed_requests_get_clean_4xx(server):
         good = client.post("/v1/chat/completions", json=_base("/v1/chat/completions", model))
         assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] is not None
     assert len(statuses) == N and statuses.count(400) > N // 2
+
+
+# ---- structural mutations of valid requests ----------------------------------------------------------------
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 5}}, "required": ["a"]}
+RICH = [
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}],
+                              "max_tokens": 3, "temperature": 0.5, "seed": 3, "logit_bias": {"7": 2}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                              "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}, "n": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w?"}], "tools": [TOOL],
+                              "tool_choice": "required", "max_tokens": 16}),
+    ("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "w?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "P"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], "tools": [TOOL], "max_tokens": 3}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "j"}], "max_tokens": 8, "logprobs": True,
+                              "top_logprobs": 2, "response_format": {
+                                  "type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}),
+    ("/v1/completions", {"prompt": [[1, 2, 3], "abc"], "max_tokens": 3, "regex": "[a-z]{1,3}", "logprobs": 2}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 3, "ebnf": 'root ::= "a" | "b"', "stream": True}),
+    ("/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 3, "json_schema": SCHEMA}}),
+    ("/generate", {"input_ids": [[1, 2, 3], [4, 5]], "sampling_params": {"max_new_tokens": 2}, "stream": True,
+                   "return_logprob": True, "top_logprobs_num": 2}),
+]  # fmt: skip
+VALUES = [None, True, 0, -1, 2**63, 1e308, -0.5, "", "\ud83d", "x" * 3000, [], {}, [1, 2], {"type": "x"},
+          "function", "json_schema", "tool", "required", {"type": "function", "function": {"name": 5}}]  # fmt: skip
+KEYS = ["tools", "tool_choice", "response_format", "n", "logit_bias", "best_of", "suffix", "functions", "stop",
+        "max_completion_tokens", "parallel_tool_calls", "foo"]  # fmt: skip
+
+
+def _paths(x, path=()):
+    yield path
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else []
+    for k, v in items:
+        yield from _paths(v, (*path, k))
+
+
+def _mutated(rng: random.Random) -> tuple[str, bytes]:
+    endpoint, body = rng.choice(RICH)
+    body = json.loads(json.dumps(body))
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        path = rng.choice([p for p in _paths(body) if p])
+        parent = body
+        for k in path[:-1]:
+            parent = parent[k]
+        op = rng.randrange(3)
+        if op == 0 and isinstance(parent, dict):
+            del parent[path[-1]]
+        elif op == 1 and isinstance(parent, dict):
+            parent[rng.choice(KEYS)] = rng.choice(VALUES)
+        else:
+            parent[path[-1]] = rng.choice(VALUES)
+    return endpoint, json.dumps(body).encode()
+
+
+def test_mutated_requests_never_get_a_5xx(server):
+    headers = {"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"}
+    rng = random.Random(SEED)
+    ok = 0
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+        for _ in range(N):
+            endpoint, body = _mutated(rng)
+            r = client.post(endpoint, content=body)  # a dropped keep-alive connection raises here
+            assert r.status_code == 200 or 400 <= r.status_code < 500, (endpoint, body[:300], r.text[:300])
+            if r.status_code == 200:
+                ok += 1
+                assert "[DONE]" in r.text if r.headers["content-type"].startswith("text/event-stream") else r.json()
+            else:
+                assert r.json()["error"]["message"], r.text[:300]
+        good = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert good.status_code == 200
+    assert 0 < ok < N  # both kinds of answer were exercised

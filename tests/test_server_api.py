@@ -162,6 +162,15 @@ def test_chat_stop_token_ids(server, tok, hf):
     assert r.choices[0].message.content == decode(tok, ref_tokens[:k])
 
 
+def test_developer_role_is_the_system_prompt(server):
+    """OpenAI's newer name for the system role renders as the system message does (same prompt, same answer)."""
+    as_developer = [{**MESSAGES[0], "role": "developer"}, MESSAGES[1]]
+    a = server.client().chat.completions.create(messages=MESSAGES, **greedy())
+    b = server.client().chat.completions.create(messages=as_developer, **greedy())
+    assert b.usage.prompt_tokens == a.usage.prompt_tokens
+    assert b.choices[0].message.content == a.choices[0].message.content
+
+
 def test_logit_bias_is_honoured(server, tok, hf):
     """OpenAI's logit_bias on both endpoints and SGLang's native one: +100 forces a token at every step, -100
     bans the greedy token, whose place goes to transformers' runner-up."""
@@ -324,6 +333,8 @@ BAD = [
     (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
     (COMPLETIONS, {"prompt": "hi", "model": "other"}, 404, "model", "model_not_found"),
     ("/detokenize", {"tokens": [5, 10_000]}, 400, "tokens", None),
+    (CHAT, {"messages": [{"role": "narrator", "content": "hi"}]}, 400, "messages", None),
+    (CHAT, {"messages": [{"role": "function", "name": "f", "content": "{}"}]}, 400, "messages", None),
     (CHAT, {"messages": USER, "logit_bias": {"abc": 1}}, 400, "logit_bias", None),
     (CHAT, {"messages": USER, "logit_bias": {"5": 101}}, 400, "logit_bias", None),
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"384": 1}}, 400, "logit_bias", None),

@@ -345,8 +345,17 @@ class _Usage:
         )
 
 
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
 def flatten_message(m: P.ChatMessage, i: int) -> dict:
-    """A message with its content as one string (what chat templates expect)."""
+    """A message with its content as one string (what chat templates expect), and its role one the templates
+    know: OpenAI's `developer` is the system prompt under its newer name; any other role is a 400."""
+    role = ROLES.get(m.role)
+    if role is None:
+        known = ", ".join(ROLES)
+        raise APIError(400, f"messages[{i}]: unknown role {safe_text(m.role)!r}; expected one of {known}", "messages")
+    m = m.model_copy(update={"role": role})
     content = m.content
     if isinstance(content, list):
         parts = []

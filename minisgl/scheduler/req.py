@@ -7,6 +7,8 @@ from typing import Any
 
 from minisgl.sampling_params import SamplingParams
 
+_MASK63 = (1 << 63) - 1
+
 
 @dataclass(eq=False)
 class Req:
@@ -69,3 +71,18 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def samples(
+    rid: str, prompt_ids: list[int], params: SamplingParams, base_seed: int, max_len: int, share_prompt: bool
+) -> list[Req]:
+    """The `params.n` samples of one request. Sample 0 draws with `base_seed` and sample i with a seed derived
+    from it and i, so the samples differ and the request stays reproducible. With `share_prompt`, every sample
+    after the first waits for its prefill, then finds the prompt's KV in the prefix cache."""
+    reqs = [Req(rid, 0, list(prompt_ids), params, base_seed, max_len)]
+    for i in range(1, params.n):
+        seed = (base_seed * 0x9E3779B97F4A7C15 + i) & _MASK63
+        reqs.append(Req(rid, i, list(prompt_ids), params, seed, max_len))
+        if share_prompt:
+            reqs[-1].wait_for = reqs[0]
+    return reqs

@@ -21,10 +21,9 @@ from minisgl.scheduler.batch import make_forward_batch
 from minisgl.scheduler.grammar import GrammarQueue, Verdict
 from minisgl.scheduler.io import SchedulerStats, TokenOutput
 from minisgl.scheduler.kv_manager import KVManager
-from minisgl.scheduler.req import Req
+from minisgl.scheduler.req import Req, samples
 
 logger = logging.getLogger(__name__)
-_MASK63 = (1 << 63) - 1
 GRAMMAR_TIMEOUT_S = 60.0  # a grammar still compiling after this long fails its request
 
 
@@ -137,15 +136,7 @@ class Scheduler:
                 raise ValueError(str(e)) from None
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         max_len = min(self.max_model_len, len(input_ids) + params.max_tokens)
-        first: Req | None = None
-        reqs = []
-        for i in range(params.n):
-            seed = base_seed if i == 0 else (base_seed * 0x9E3779B97F4A7C15 + i) & _MASK63
-            req = Req(rid, i, list(input_ids), params, seed, max_len)
-            if first is not None and not self.config.disable_radix_cache:
-                req.wait_for = first  # share the prompt's KV once the first sample has computed it
-            first = first or req
-            reqs.append(req)
+        reqs = samples(rid, input_ids, params, base_seed, max_len, share_prompt=not self.config.disable_radix_cache)
         if spec is not None:
             self.grammars.add(reqs, spec)
         else:

@@ -20,11 +20,12 @@ from fastapi.responses import JSONResponse, Response
 from minisgl.message import DetokenizeReq, IpcPaths, TokenizeReq
 from minisgl.server import protocol as P
 from minisgl.server.args import ServerArgs
+from minisgl.server.chat_messages import flatten_message
 from minisgl.server.engine_client import EngineClient
 from minisgl.server.errors import APIError, error_body, install_error_handlers
 from minisgl.server.metrics import Metrics
 from minisgl.server.native_api import NativeServing
-from minisgl.server.openai_api import OpenAIServing, flatten_message
+from minisgl.server.openai_api import OpenAIServing
 from minisgl.server.web_ui import install_web_ui, is_open_path
 
 logger = logging.getLogger("minisgl.api")

@@ -18,6 +18,7 @@ from minisgl.message import GenerateReq, StrOutput, TokenLogprob
 from minisgl.sampling_params import SamplingParams
 from minisgl.server import protocol as P
 from minisgl.server import structured
+from minisgl.server.chat_messages import flatten_message
 from minisgl.server.engine_client import ClientGone, EngineClient, Job
 from minisgl.server.errors import APIError, safe_text
 from minisgl.server.streaming import chain, sse
@@ -343,30 +344,6 @@ class _Usage:
             total_tokens=prompt + completion,
             prompt_tokens_details=P.PromptTokensDetails(cached_tokens=sum(self.cached.values())),
         )
-
-
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-
-
-def flatten_message(m: P.ChatMessage, i: int) -> dict:
-    """A message with its content as one string (what chat templates expect), and its role one the templates
-    know: OpenAI's `developer` is the system prompt under its newer name; any other role is a 400."""
-    role = ROLES.get(m.role)
-    if role is None:
-        known = ", ".join(ROLES)
-        raise APIError(400, f"messages[{i}]: unknown role {safe_text(m.role)!r}; expected one of {known}", "messages")
-    m = m.model_copy(update={"role": role})
-    content = m.content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if part.type != "text" or part.text is None:
-                raise APIError(
-                    400, f"messages[{i}]: only text content parts are supported, got {part.type!r}", "messages"
-                )
-            parts.append(part.text)
-        content = "".join(parts)
-    return structured.message_dict(m, content or "")
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:

@@ -126,29 +126,6 @@ def tool_calls(plan: ToolPlan | None, text: str) -> tuple[str | None, list[P.Too
     return content, [P.ToolCall(id=c.id, function=P.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
 
-def message_dict(m: P.ChatMessage, content: str) -> dict:
-    """A chat message for the tokenizer worker, tool fields included."""
-    msg: dict[str, Any] = {"role": m.role, "content": content}
-    if m.name:
-        msg["name"] = m.name
-    if m.tool_calls:
-        msg["tool_calls"] = [
-            {
-                "id": c.id or f"call_{i}",
-                "type": "function",
-                "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)},
-            }
-            for i, c in enumerate(m.tool_calls)
-        ]
-    if m.tool_call_id is not None:
-        msg["tool_call_id"] = m.tool_call_id
-    return msg
-
-
-def _arguments(args: str | dict | None) -> str:
-    return args if isinstance(args, str) else json.dumps(args or {})
-
-
 def _schema_text(schema: str | dict, param: str) -> str:
     if isinstance(schema, dict):
         return json.dumps(schema)

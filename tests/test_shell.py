@@ -173,3 +173,24 @@ def test_shell_reads_a_pipe_until_eof(ckpt, reference):
     answer, prompt_tokens = reference([{"role": "user", "content": "Name a capital city."}])
     assert answer in p.stdout
     assert STATS.search(p.stdout).group(1) == str(prompt_tokens)
+
+
+def test_sampled_turns_draw_fresh_seeds_unless_one_is_set(ckpt):
+    """Without `/set seed` every turn samples with a new seed (as llama-cli); with one, every turn uses it."""
+    from minisgl import LLM
+    from minisgl.server.shell import ChatSession
+
+    llm = LLM(ckpt, device="cpu", dtype="float32")
+    seeds = []
+    stream = llm.stream
+    llm.stream = lambda ids, params: (seeds.append(params.seed), stream(ids, params))[1]
+    chat = ChatSession(llm)
+    chat.set_param("max_tokens", "2")
+    assert chat.params.temperature > 0  # the shell samples by default
+    for _ in range(3):
+        chat.answer("hi", lambda text: None)
+    chat.set_param("seed", "7")
+    for _ in range(2):
+        chat.answer("hi", lambda text: None)
+    assert len(set(seeds[:3])) == 3 and None not in seeds[:3]
+    assert seeds[3:] == [7, 7]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -77,7 +78,10 @@ class ChatSession:
         context = self.llm.scheduler.max_model_len
         if len(ids) >= context:
             raise ValueError(f"the conversation has {len(ids)} tokens, the context length is {context}; /reset")
-        params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, context - len(ids)))
+        # Without `/set seed`, a fresh draw each turn and each session, as llama-cli does (the engine's own
+        # default would repeat the same answers in every session).
+        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, context - len(ids)), seed=seed)
         parts: list[str] = []
         start, count, reason = time.perf_counter(), 0, None
         for delta, tokens, finish in self.llm.stream(ids, params):

@@ -249,7 +249,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_argmax(scaled: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """engine/sampling.py's seeded Gumbel-max draw, `(scaled + gumbel_noise(seeds, steps, V)).argmax(-1)`, in
+    """engine/draws.py's seeded Gumbel-max draw, `(scaled + gumbel_noise(seeds, steps, V)).argmax(-1)`, in
     one pass that computes the noise only for tokens that can still win (csrc/gumbel.h). scaled: float32
     [B, V] with a contiguous last dim; seeds, steps: int64 [B]. Returns int64 [B]."""
     rows, vocab = scaled.shape

@@ -124,25 +124,25 @@ class GrammarQueue:
         `req.row`s on the logits' device), or None. Valid until the next step's: its buffers are reused (rows
         of unconstrained samples hold stale bits, which a TokenMask never reads). Call only with no `accept`
         begun and not collected: the grammar thread writes the same buffer."""
-        live = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.finished and not r.grammar.terminated]
+        live = [(i, r, row) for i, r, row in self._live(reqs) if not r.grammar.terminated]
         if not live:
             return None
         self._buffers()
         # Requests not advanced since their last fill here: new ones, and any whose row was someone else's since.
-        stale = [i for i in live if self._filled.get(reqs[i].row) is not reqs[i]]
+        stale = [(r, row) for _, r, row in live if self._filled.get(row) is not r]
         if stale:
-            self.compiler.backend.fill_masks([reqs[i].grammar for i in stale], self._host, [reqs[i].row for i in stale])
-            for i in stale:
-                self._filled[reqs[i].row] = reqs[i]
+            self.compiler.backend.fill_masks([r.grammar for r, _ in stale], self._host, [row for _, row in stale])
+            self._filled.update((row, r) for r, row in stale)
         if self._dev is not None:
             # From pinned memory, so the copy queues behind the forward (core/transfer.py); only the span of
             # rows in use, which the row allocator keeps low.
-            lo = min(reqs[i].row for i in live)
-            hi = max(reqs[i].row for i in live) + 1
+            lo = min(row for _, _, row in live)
+            hi = max(row for _, _, row in live) + 1
             self._dev[lo:hi].copy_(self._host[lo:hi], non_blocking=True)
             self._copied.record()
         buffer = self._host if self._dev is None else self._dev
-        return TokenMask(buffer.index_select(0, rows), to_device(live, torch.int64, self._device), live)
+        indices = [i for i, _, _ in live]
+        return TokenMask(buffer.index_select(0, rows), to_device(indices, torch.int64, self._device), indices)
 
     @staticmethod
     def _live(reqs: list[Req]) -> list[tuple[int, Req, int]]:

@@ -151,10 +151,7 @@ class LLM:
     def _sample_text(self, params: SamplingParams) -> SampleText | None:
         if self.skip_tokenizer_init:
             return None
-        hidden = set(params.stop_token_ids) | (
-            set() if params.ignore_eos else set(self.scheduler.model_config.eos_token_ids)
-        )
-        return SampleText(self.tokenizer, params.stop, hidden)
+        return SampleText.for_params(self.tokenizer, params, self.scheduler.model_config.eos_token_ids)
 
     def _run(self, samples: dict[tuple[str, int], SampleText | None]) -> Iterator[tuple[TokenOutput, str, str | None]]:
         """Step the scheduler until every sample in `samples` has ended; yield (output, its text, the sample's

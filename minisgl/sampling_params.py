@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -16,6 +17,10 @@ class SamplingParams:
     output tokens only. `logit_bias` (OpenAI's) maps token ids to values in [-100, 100] added to those tokens'
     logits before anything else (-100 in effect bans a token, +100 forces it). `seed` makes a request
     reproducible whatever else shares its batch.
+
+    `min_tokens` (vLLM's, SGLang's min_new_tokens): until that many tokens are out, EOS and `stop_token_ids`
+    cannot be sampled and stop strings are not looked for. `no_stop_trim` (SGLang's; vLLM's
+    include_stop_str_in_output) keeps the stop string or stop token that ended the output in its text.
 
     Structured output (SGLang's fields; at most one may be set): `json_schema` (a JSON Schema as a string),
     `json_object` (any JSON object), `regex`, `ebnf` (GBNF-style, `root ::= ...`) or `structural_tag`
@@ -32,9 +37,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int = 16
+    min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    no_stop_trim: bool = False
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
@@ -65,6 +72,7 @@ class SamplingParams:
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, f"must be in [0, max_tokens={self.max_tokens}]"),
             ("n", self.n >= 1, "must be >= 1"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
         ]
@@ -82,6 +90,8 @@ class SamplingParams:
         for k in set_:
             if k != "json_object" and not isinstance(getattr(self, k), str):
                 raise ValueError(f"{k} must be a string")
+        if set_ and self.min_tokens:  # the grammar may allow only the end before min_tokens: no token left
+            raise ValueError(f"min_tokens cannot be combined with {set_[0]}: the grammar decides where the output ends")
 
     @property
     def grammar(self) -> tuple[str, str] | None:
@@ -94,6 +104,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    def ending_ids(self, eos_ids: Iterable[int]) -> list[int]:
+        """The tokens that end the output when sampled: stop_token_ids, and the model's EOS unless ignore_eos."""
+        return sorted(set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_ids)))
 
     @property
     def penalised(self) -> bool:

@@ -12,7 +12,8 @@ from functools import lru_cache
 
 import torch
 
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # `system_note`: a template variable, as a request's chat_template_kwargs may set
+    "{% if system_note is defined %}<|im_start|>system\n{{ system_note }}<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )

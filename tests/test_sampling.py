@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 M64 = (1 << 64) - 1
 
 
-def build(params, seeds=None, steps=None, prompts=None, outputs=None, vocab=None, logits=None):
+def build(params, seeds=None, steps=None, prompts=None, outputs=None, vocab=None, logits=None, eos=()):
     n = len(params)
     vocab = vocab if vocab is not None else logits.shape[1]
     return SamplingBatch.build(
@@ -32,6 +32,7 @@ def build(params, seeds=None, steps=None, prompts=None, outputs=None, vocab=None
         outputs if outputs is not None else [[] for _ in range(n)],
         vocab,
         CPU,
+        eos,
     )
 
 
@@ -231,6 +232,45 @@ def test_logit_bias_is_added_to_the_logits():
         assert got.token_ids[0] == 7
         ref = torch.log_softmax(logits.double(), dim=-1)[torch.arange(5), got.token_ids]
         torch.testing.assert_close(got.logprobs.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_min_tokens_holds_back_the_ending_tokens():
+    """Below min_tokens a row draws what it would draw from logits where EOS and its stop_token_ids are -inf (the
+    same seeds and steps), greedy and sampled; from min_tokens on, the logits are left alone. ignore_eos frees EOS,
+    not the stop ids; logprobs stay the model's."""
+    gen = torch.Generator().manual_seed(9)
+    v, eos = 120, [5, 6]
+    logits = torch.randn(4, v, generator=gen)
+    logits[:, 5] += 40  # EOS would win every row
+    logits[2, 9] += 30  # and stop id 9 next, in row 2
+    kinds = [
+        dict(temperature=0),
+        dict(temperature=0.9, top_p=0.95, logprobs=True),
+        dict(temperature=0, stop_token_ids=[9]),
+        dict(temperature=0, ignore_eos=True, stop_token_ids=[9]),
+    ]
+    held = [SamplingParams(**k, max_tokens=8, min_tokens=3) for k in kinds]
+    plain = [SamplingParams(**k) for k in kinds]
+    by_hand = logits.clone()
+    by_hand[:3, eos] = float("-inf")
+    by_hand[2:, 9] = float("-inf")
+    for step in range(5):
+        steps = [step] * 4
+        got = sample(logits, build(held, steps=steps, logits=logits, eos=eos))
+        want = sample(by_hand if step < 3 else logits, build(plain, steps=steps, logits=logits, eos=eos))
+        assert got.token_ids.tolist() == want.token_ids.tolist()
+        if step >= 3:
+            assert got.token_ids.tolist() == [5, 5, 5, 5]
+        if step < 3:
+            assert not set(got.token_ids.tolist()[:3]) & {5, 6, 9} and got.token_ids.tolist()[3] == 5
+        ref = torch.log_softmax(logits.double(), dim=-1)[torch.arange(4), got.token_ids]
+        torch.testing.assert_close(got.logprobs.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_min_tokens_out_of_range_or_with_a_grammar_is_refused():
+    for bad in [dict(min_tokens=-1), dict(min_tokens=9, max_tokens=8), dict(min_tokens=2, regex="a+")]:
+        with pytest.raises(ValueError, match="min_tokens"):
+            SamplingParams(**bad).validate()
 
 
 def test_logit_bias_out_of_range_is_refused():

@@ -11,6 +11,7 @@ import math
 
 import httpx
 import pytest
+import torch
 from server_util import TINY_ARGS, chat_ids, hf_greedy, serve, tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # starts a server
@@ -190,6 +191,124 @@ def test_logit_bias_is_honoured(server, tok, hf):
     assert r.choices[0].message.content == decode(tok, [runner_up])
 
 
+# ---- vLLM's and SGLang's extensions ----------------------------------------------------------------------------
+@torch.no_grad()
+def held_greedy(hf, prompt: list[int], n: int, ending: set[int], min_tokens: int) -> list[int]:
+    """transformers' greedy tokens with the `ending` ids at -inf for the first min_tokens steps, up to n tokens
+    or the first ending id (included)."""
+    ids, out = list(prompt), []
+    while len(out) < n and not (out and out[-1] in ending):
+        logits = hf(torch.tensor([ids])).logits[0, -1].float()
+        if len(out) < min_tokens:
+            logits[list(ending)] = float("-inf")
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+def test_min_tokens_holds_back_stop_tokens_and_strings(server, tok, hf):
+    """vLLM's min_tokens (SGLang's min_new_tokens natively): no stop token before it, as transformers' greedy with
+    that token masked; a stop string in the text before it does not end the output."""
+    ids = chat_ids(tok, MESSAGES)
+    ref, _ = hf_greedy(hf, ids, N_TOKENS)
+    stop_id = ref[1]
+    want = held_greedy(hf, ids, N_TOKENS, {stop_id}, 6)
+    assert len(want) > ref.index(stop_id) + 1  # without min_tokens it would have ended sooner
+    r = server.client().chat.completions.create(
+        messages=MESSAGES, **greedy({"stop_token_ids": [stop_id], "min_tokens": 6})
+    )
+    assert r.usage.completion_tokens == len(want)
+    assert r.choices[0].message.content == decode(tok, want[:-1] if want[-1] == stop_id else want)
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True,
+                                                  "stop_token_ids": [stop_id], "min_new_tokens": 6}}  # fmt: skip
+    assert server.post("/generate", body).json()["meta_info"]["completion_tokens"] == len(want)
+
+    full = decode(tok, ref)
+    early = decode(tok, ref[: N_TOKENS // 2])
+    stop = next(early[i : i + 2] for i in range(len(early) - 1) if early[i : i + 2] not in decode(tok, ref[-2:]))
+    r = server.client().completions.create(prompt=PROMPT, stop=[stop], **greedy({"min_tokens": N_TOKENS}))
+    plain = server.client().completions.create(prompt=PROMPT, **greedy())
+    assert r.choices[0].text == plain.choices[0].text and r.choices[0].finish_reason == "length"
+    r = server.client().chat.completions.create(messages=MESSAGES, stop=[stop], **greedy({"min_tokens": N_TOKENS}))
+    assert r.choices[0].message.content == full and r.choices[0].finish_reason == "length"
+
+
+def test_stop_strings_and_tokens_kept_with_no_stop_trim(server, tok, hf):
+    """SGLang's no_stop_trim and vLLM's include_stop_str_in_output keep the stop string or token that ended the
+    output, streamed or not; the natively too."""
+    client = server.client()
+    full = client.chat.completions.create(messages=MESSAGES, **greedy()).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    expected = full[: full.find(stop) + len(stop)]
+    for name in ("no_stop_trim", "include_stop_str_in_output"):
+        r = client.chat.completions.create(messages=MESSAGES, stop=stop, **greedy({name: True}))
+        assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+        chunks = client.chat.completions.create(messages=MESSAGES, stop=stop, stream=True, **greedy({name: True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    ref, _ = hf_greedy(hf, chat_ids(tok, MESSAGES), N_TOKENS)
+    stop_id = ref[4]
+    k = ref.index(stop_id)
+    extra = {"stop_token_ids": [stop_id], "no_stop_trim": True}
+    r = client.chat.completions.create(messages=MESSAGES, **greedy(extra))
+    assert r.choices[0].message.content == decode(tok, ref[: k + 1])
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}}
+    text = server.post("/generate", body).json()["text"]
+    stop = text[3:5]
+    body["sampling_params"] |= {"stop": stop, "no_stop_trim": True}
+    assert server.post("/generate", body).json()["text"] == text[: text.find(stop) + 2]
+
+
+def test_chat_template_options_render_as_transformers_does(server, tok, hf):
+    """chat_template_kwargs reach the template as variables; continue_final_message (without the generation
+    prompt) lets the model go on with the assistant's last message: same prompt and greedy tokens as
+    transformers' apply_chat_template with those arguments."""
+    continued = MESSAGES + [{"role": "assistant", "content": "The city"}]
+    cases = [
+        (MESSAGES, {"system_note": "Answer in one word."}, {}),
+        (continued, {}, {"continue_final_message": True, "add_generation_prompt": False}),
+    ]
+    for messages, template_vars, flags in cases:
+        ids = tok.apply_chat_template(
+            messages,
+            tokenize=True,
+            add_generation_prompt=flags.get("add_generation_prompt", True),
+            continue_final_message=flags.get("continue_final_message", False),
+            **template_vars,
+        )
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        extra = {**flags, **({"chat_template_kwargs": template_vars} if template_vars else {})}
+        r = server.client().chat.completions.create(messages=messages, **greedy(extra))
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].message.content == decode(tok, hf_greedy(hf, ids, N_TOKENS)[0])
+
+
+def test_continuous_usage_stats_on_every_chunk(server):
+    """vLLM's stream_options.continuous_usage_stats: each chunk carries the usage so far, the last the whole."""
+    whole = server.client().chat.completions.create(messages=MESSAGES, **greedy()).usage
+    chunks = list(
+        server.client().chat.completions.create(
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            **greedy(),
+        )
+    )
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and chunks[-1].usage == whole and 0 < counts[len(counts) // 2] < N_TOKENS
+
+
+def test_bookkeeping_and_router_fields_change_nothing(server):
+    """Fields that change nothing in the answer (OpenAI's bookkeeping, what sglang-router adds at SGLang's
+    defaults) are accepted; the answer is the one without them."""
+    extra = {"store": False, "metadata": {"k": "v"}, "service_tier": "auto", "user": "u", "prompt_cache_key": "p",
+             "safety_identifier": "s", "no_stop_trim": False, "continue_final_message": False, "min_tokens": 0,
+             "separate_reasoning": True, "stream_reasoning": True, "return_hidden_states": False}  # fmt: skip
+    a = server.client().chat.completions.create(messages=MESSAGES, **greedy())
+    b = server.client().chat.completions.create(messages=MESSAGES, **greedy(extra))
+    assert b.choices[0].message.content == a.choices[0].message.content
+
+
 # ---- completions -----------------------------------------------------------------------------------------------
 def test_completions_async_greedy_streamed_and_not(server, tok, hf):
     ids = tok.encode(PROMPT)
@@ -345,6 +464,25 @@ BAD = [
     (CHAT, {"messages": USER, "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio", None),
     (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of", None),
     (COMPLETIONS, {"prompt": "hi", "suffix": "the end"}, 400, "suffix", None),
+    # Fields this server does not know, other servers' options among them: a 400 naming them, as OpenAI answers
+    (CHAT, {"messages": USER, "guided_json": {"type": "object"}}, 400, "guided_json", None),
+    (CHAT, {"messages": USER, "reasoning_effort": "low"}, 400, "reasoning_effort", None),
+    (COMPLETIONS, {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search", None),
+    (
+        CHAT,
+        {"messages": USER, "stream": True, "stream_options": {"include_usage": True, "x": 1}},
+        400,
+        "stream_options",
+        None,
+    ),
+    (CHAT, {"messages": USER, "return_hidden_states": True}, 400, "return_hidden_states", None),
+    (CHAT, {"messages": USER, "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens", None),
+    (CHAT, {"messages": USER, "min_tokens": -1}, 400, "min_tokens", None),
+    (CHAT, {"messages": USER, "min_tokens": 2, "regex": "a+"}, 400, "min_tokens", None),
+    (COMPLETIONS, {"prompt": "hi " * 300, "max_tokens": None, "min_tokens": 400}, 400, "min_tokens", None),
+    (CHAT, {"messages": USER, "continue_final_message": True, "add_generation_prompt": False}, 400, "messages", None),
+    (CHAT, {"messages": USER, "continue_final_message": True}, 400, "messages", None),
+    (CHAT, {"messages": USER, "chat_template_kwargs": {"tools": []}}, 400, "messages", None),
 ]
 
 

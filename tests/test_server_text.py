@@ -106,8 +106,8 @@ def test_special_tokens_are_skipped_or_shown():
 
 
 # ---- stop strings ---------------------------------------------------------------------------------------------
-def released(stops: list[str], deltas: list[str]) -> tuple[str, bool]:
-    m = StopMatcher(stops)
+def released(stops: list[str], deltas: list[str], keep_stop: bool = False) -> tuple[str, bool]:
+    m = StopMatcher(stops, keep_stop)
     out = []
     for i, d in enumerate(deltas):
         text, hit = m.feed(d, final=i == len(deltas) - 1)
@@ -122,15 +122,17 @@ def random_split(text: str, rng: random.Random) -> list[str]:
     return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
 
 
-def first_stop(deltas: list[str], stops: list[str]) -> tuple[str, bool]:
+def first_stop(deltas: list[str], stops: list[str], keep_stop: bool = False) -> tuple[str, bool]:
     """The reference: generation ends at the first delta after which the text contains a stop; the answer is
-    the text before the earliest stop in it (a longer stop that might have matched later never gets the chance)."""
+    the text before the earliest stop in it (a longer stop that might have matched later never gets the chance),
+    or through its end with keep_stop (of stops starting there, the shortest: it was complete first)."""
     text = ""
     for d in deltas:
         text += d
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        hits = [(i, len(s)) for s, i in ((s, text.find(s)) for s in stops) if i >= 0]
         if hits:
-            return text[: min(hits)], True
+            start, length = min(hits)
+            return text[: start + length if keep_stop else start], True
     return text, False
 
 
@@ -141,7 +143,8 @@ def test_stop_strings_cut_before_the_first_stop_however_text_arrives():
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 20)))
         stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
         deltas = random_split(text, rng)
-        assert released(stops, deltas) == first_stop(deltas, stops), (deltas, stops)
+        keep = rng.random() < 0.5
+        assert released(stops, deltas, keep) == first_stop(deltas, stops, keep), (deltas, stops, keep)
 
 
 def test_text_that_may_start_a_stop_is_held_back_until_it_cannot():
@@ -150,3 +153,10 @@ def test_text_that_may_start_a_stop_is_held_back_until_it_cannot():
     assert m.feed("O") == ("", False)
     assert m.feed("X more") == ("STOX more", False)
     assert m.feed(" ST", final=True) == (" ST", False)
+
+
+def test_text_fed_before_min_tokens_is_released_whole_and_never_searched():
+    m = StopMatcher(["STOP"])
+    assert m.feed("a STOP b ST", armed=False) == ("a STOP b ST", False)
+    assert m.feed("OP", armed=True) == ("OP", False)  # the stop began in text released unarmed
+    assert m.feed(" c STOP d") == (" c ", True)

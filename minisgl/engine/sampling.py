@@ -11,6 +11,8 @@ whatever else shares its batch and wherever it sits.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -118,7 +120,8 @@ class _Penalties:
 
 @dataclass(frozen=True)
 class _LogitBias:
-    """The batch's logit_bias entries, one per (row, token): L of them."""
+    """The batch's logit_bias entries, one per (row, token): L of them (-inf for the tokens min_tokens holds
+    back; a token may appear twice in a row, and index_put then adds both)."""
 
     rows: torch.Tensor  # int64 [L]
     ids: torch.Tensor  # int64 [L]
@@ -161,16 +164,22 @@ class SamplingBatch:
         output_ids: list[list[int]],
         vocab_size: int,
         device: torch.device,
+        eos_ids: Iterable[int] = (),
     ) -> SamplingBatch:
-        """Gather the batch's parameters into device tensors (host work, once per step)."""
+        """Gather the batch's parameters into device tensors (host work, once per step). `steps[i]` is the number
+        of tokens row i has output before this one; below its min_tokens, `eos_ids` and its stop_token_ids get a
+        bias of -inf."""
         v = vocab_size
+        biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+        biased += [(i, t, -math.inf) for i, p in enumerate(params) if steps[i] < p.min_tokens
+                   for t in p.ending_ids(eos_ids)]  # fmt: skip
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return to_device(values, dtype, device)
 
         greedy = [p.greedy for p in params]
         want_logprobs = any(p.logprobs or p.top_logprobs > 0 for p in params)
-        if all(greedy) and not want_logprobs and not any(p.penalised or p.logit_bias for p in params):
+        if all(greedy) and not want_logprobs and not biased and not any(p.penalised for p in params):
             # Pure argmax: nothing per row reaches the device (a host-to-device copy per field would cost
             # more than the step's sampling itself at small batch).
             return cls(
@@ -219,7 +228,6 @@ class SamplingBatch:
                 presence=tensor([p.presence_penalty for p in sel], torch.float32),
             )
 
-        biased = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
         logit_bias = None
         if biased:
             rows, ids, values = zip(*biased)

@@ -42,6 +42,11 @@ class GenerateReq:
     skip_special_tokens: bool = True
     tools: list[dict] | None = None  # OpenAI tool definitions, rendered into the chat prompt
     tool_format: str = "hermes"  # how tools are described to a template that has no tool section
+    # How `messages` are rendered (vLLM's and SGLang's fields): extra chat-template variables, and whether the
+    # prompt opens the assistant's turn or continues the last message (then the assistant's).
+    chat_template_kwargs: dict | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 @register

@@ -326,6 +326,7 @@ class Scheduler:
             [r.output_ids for r in reqs],
             self.vocab_size,
             fwd.logits.device,
+            self.eos_ids,
         )
 
     def _sample_launched(self, fwd: _Forward, sb: SamplingBatch) -> _Launched:

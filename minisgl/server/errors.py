@@ -75,6 +75,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     where = ".".join(loc)
     param = next((p for p in loc if not p.isdigit()), None)
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    if first.get("type") == "extra_forbidden":  # OpenAI's words for a field it does not know
+        return f"unrecognized request argument supplied: {where}; this server does not implement it{more}", param
     return (f"{where}: {first.get('msg')}" if where else str(first.get("msg"))) + more, param
 
 

@@ -41,6 +41,7 @@ class NativeSamplingParams(_Strict):
     """SGLang's `sampling_params` names; the attribute names OpenAIServing.sampling_params reads."""
 
     max_new_tokens: P.Int64 | None = 128  # SGLang's default; None: the rest of the context
+    min_new_tokens: P.Int64 = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: P.Int64 = -1
@@ -51,6 +52,7 @@ class NativeSamplingParams(_Strict):
     stop: str | list[str] | None = None
     stop_token_ids: list[P.TokenId] | None = None
     ignore_eos: bool = False
+    no_stop_trim: bool = False
     skip_special_tokens: bool = True
     n: P.Int64 = 1
     sampling_seed: P.Int64 | None = None
@@ -60,6 +62,10 @@ class NativeSamplingParams(_Strict):
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+
+    @property
+    def min_tokens(self) -> int:
+        return self.min_new_tokens
 
     @model_validator(mode="after")
     def _one_seed(self) -> NativeSamplingParams:

@@ -14,8 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from minisgl.message import GenerateReq, StrOutput, TokenLogprob
+from minisgl.message import GenerateReq, StrOutput
 from minisgl.sampling_params import SamplingParams
+from minisgl.server import openai_output as out
 from minisgl.server import protocol as P
 from minisgl.server import structured
 from minisgl.server.chat_messages import flatten_message
@@ -70,16 +71,21 @@ class OpenAIServing:
             frequency_penalty=req.frequency_penalty,
             presence_penalty=req.presence_penalty,
             seed=None if req.seed is None else req.seed % _SEED_MOD,
-            max_tokens=1 if max_tokens is None else max_tokens,  # None: the worker fills in the rest of the context
+            # None: the worker fills in the rest of the context (and checks min_tokens against it)
+            max_tokens=max(1, req.min_tokens) if max_tokens is None else max_tokens,
+            min_tokens=req.min_tokens,
             stop=stop,
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
+            no_stop_trim=req.no_stop_trim or getattr(req, "include_stop_str_in_output", False),
             n=req.n,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             logit_bias=_logit_bias(req.logit_bias),
             **structured.constraint(req, plan),
         )
+        if getattr(req, "return_hidden_states", False):
+            raise APIError(400, "return_hidden_states is not supported by this server", "return_hidden_states")
         try:
             p.validate()
         except ValueError as e:
@@ -136,6 +142,9 @@ class OpenAIServing:
             skip_special_tokens=req.skip_special_tokens,
             tools=plan.tools if plan else None,
             tool_format=self.tool_call_parser,
+            chat_template_kwargs=req.chat_template_kwargs,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
         )
         try:
             job, events, first = await self.start(request, [gen], params.n)
@@ -143,16 +152,16 @@ class OpenAIServing:
             return Response(status_code=499)
         rid, created = P.new_id("chatcmpl-"), P.now()
         if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
+            usage = out.StreamUsage.of(req.stream_options)
             return sse(self.client, job, self._chat_stream(rid, created, params.n, first, events, usage, plan))
         texts: list[list[str]] = [[] for _ in range(params.n)]
         lps: list[list[P.ChatTokenLogprob]] = [[] for _ in range(params.n)]
         reasons: list[str | None] = [None] * params.n
-        acc = _Usage()
+        acc = out.Usage()
         try:
             async for o in chain(first, events):
                 texts[o.index].append(o.text)
-                lps[o.index] += _chat_logprobs(o.logprobs)
+                lps[o.index] += out.chat_logprobs(o.logprobs)
                 reasons[o.index] = o.finish_reason if o.finished else reasons[o.index]
                 acc.add(o)
         except ClientGone:
@@ -181,21 +190,24 @@ class OpenAIServing:
         n: int,
         first: StrOutput,
         events: AsyncIterator[StrOutput],
-        include_usage: bool,
+        usage: out.StreamUsage,
         plan: structured.ToolPlan | None = None,
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[P.ChatChunkChoice], usage: P.Usage | None = None) -> str:
-            c = P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
+        acc = out.Usage()
+
+        def chunk(choices: list[P.ChatChunkChoice], final: bool = False) -> str:
+            c = P.ChatCompletionChunk(
+                id=rid, created=created, model=self.model_name, choices=choices, usage=usage.on_chunk(acc, final)
+            )
             return f"data: {c.model_dump_json()}\n\n"
 
         for i in range(n):  # OpenAI opens every choice with the role
             yield chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
-        acc = _Usage()
         tools = [plan.stream() for _ in range(n)] if plan is not None else None
         called = [False] * n
         async for o in chain(first, events):
             acc.add(o)
-            lp = P.ChatLogprobs(content=_chat_logprobs(o.logprobs)) if o.logprobs is not None else None
+            lp = P.ChatLogprobs(content=out.chat_logprobs(o.logprobs)) if o.logprobs is not None else None
             text, calls = o.text, None
             if tools is not None:
                 d = tools[o.index].feed(o.text, final=o.finished)
@@ -225,8 +237,8 @@ class OpenAIServing:
                         )
                     ]
                 )
-        if include_usage:
-            yield chunk([], acc.usage())
+        if usage.include:
+            yield chunk([], final=True)
 
     # ---- completions --------------------------------------------------------------------------------------
     async def completions(self, req: P.CompletionRequest, request: Request) -> Any:
@@ -263,19 +275,19 @@ class OpenAIServing:
         num = len(gens) * params.n
         want_lp = req.logprobs is not None
         if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
+            usage = out.StreamUsage.of(req.stream_options)
             return sse(
                 self.client, job, self._completion_stream(rid, created, slot, params.n, first, events, usage, want_lp)
             )
         texts: list[list[str]] = [[] for _ in range(num)]
         lps = [P.CompletionLogprobs() if want_lp else None for _ in range(num)]
         reasons: list[str | None] = [None] * num
-        acc = _Usage()
+        acc = out.Usage()
         try:
             async for o in chain(first, events):
                 i = slot[o.rid] * params.n + o.index
                 texts[i].append((o.prompt_text or "") + o.text)
-                _extend_completion_logprobs(lps[i], o.logprobs, sum(map(len, texts[i])) - len(o.text))
+                out.extend_completion_logprobs(lps[i], o.logprobs, sum(map(len, texts[i])) - len(o.text))
                 reasons[i] = o.finish_reason if o.finished else reasons[i]
                 acc.add(o)
         except ClientGone:
@@ -294,21 +306,24 @@ class OpenAIServing:
         n: int,
         first: StrOutput,
         events: AsyncIterator[StrOutput],
-        include_usage: bool,
+        usage: out.StreamUsage,
         want_lp: bool,
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[P.CompletionChoice], usage: P.Usage | None = None) -> str:
-            c = P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=usage)
+        acc = out.Usage()
+
+        def chunk(choices: list[P.CompletionChoice], final: bool = False) -> str:
+            c = P.CompletionResponse(
+                id=rid, created=created, model=self.model_name, choices=choices, usage=usage.on_chunk(acc, final)
+            )
             return f"data: {c.model_dump_json()}\n\n"
 
-        acc = _Usage()
         offsets: dict[int, int] = {}
         async for o in chain(first, events):
             acc.add(o)
             i = slot[o.rid] * n + o.index
             text = (o.prompt_text or "") + o.text
             lp = P.CompletionLogprobs() if want_lp else None
-            _extend_completion_logprobs(lp, o.logprobs, offsets.get(i, 0) + len(o.prompt_text or ""))
+            out.extend_completion_logprobs(lp, o.logprobs, offsets.get(i, 0) + len(o.prompt_text or ""))
             offsets[i] = offsets.get(i, 0) + len(text)
             if text or o.finished or (lp and lp.tokens):
                 yield chunk(
@@ -318,34 +333,11 @@ class OpenAIServing:
                         )
                     ]
                 )
-        if include_usage:
-            yield chunk([], acc.usage())
+        if usage.include:
+            yield chunk([], final=True)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
-class _Usage:
-    """Token counts of a job: the prompt once per rid, completion tokens of every sample."""
-
-    def __init__(self) -> None:
-        self.prompt: dict[str, int] = {}
-        self.cached: dict[str, int] = {}
-        self.completion: dict[tuple[str, int], int] = {}
-
-    def add(self, o: StrOutput) -> None:
-        self.prompt[o.rid] = o.prompt_tokens
-        self.cached[o.rid] = o.cached_tokens
-        self.completion[(o.rid, o.index)] = max(o.completion_tokens, self.completion.get((o.rid, o.index), 0))
-
-    def usage(self) -> P.Usage:
-        prompt, completion = sum(self.prompt.values()), sum(self.completion.values())
-        return P.Usage(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=prompt + completion,
-            prompt_tokens_details=P.PromptTokensDetails(cached_tokens=sum(self.cached.values())),
-        )
-
-
 def _prompts(prompt: Any) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
@@ -365,30 +357,3 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
         except ValueError:
             raise APIError(400, f"logit_bias keys must be token ids, got {safe_text(key)!r}", "logit_bias") from None
     return out
-
-
-def _bytes(s: str) -> list[int]:
-    return list(s.encode("utf-8", errors="replace"))
-
-
-def _chat_logprobs(lps: list[TokenLogprob] | None) -> list[P.ChatTokenLogprob]:
-    return [
-        P.ChatTokenLogprob(
-            token=t.token,
-            logprob=t.logprob,
-            bytes=_bytes(t.token),
-            top_logprobs=[P.TopLogprob(token=a, logprob=b, bytes=_bytes(a)) for a, b in t.top],
-        )
-        for t in lps or []
-    ]
-
-
-def _extend_completion_logprobs(out: P.CompletionLogprobs | None, lps: list[TokenLogprob] | None, offset: int) -> None:
-    if out is None:
-        return
-    for t in lps or []:
-        out.tokens.append(t.token)
-        out.token_logprobs.append(t.logprob)
-        out.top_logprobs.append({a: b for a, b in t.top})
-        out.text_offset.append(offset)
-        offset += len(t.token)

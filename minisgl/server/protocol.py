@@ -1,10 +1,14 @@
 """Pydantic models of the OpenAI-compatible API: requests as clients send them, responses field by field.
 
-Requests ignore unknown fields (clients send many optional ones, mostly bookkeeping such as `store` or
-`metadata`); the OpenAI fields that would change the answer and are not supported are declared so that the
-handlers can refuse them with a 400. Requests reject non-finite floats and integers outside int64, so
-nothing a client sends can overflow the msgpack wire format downstream.
-Ranges that depend on meaning (temperature >= 0, ...) are checked by SamplingParams.validate, in one place.
+A request body with a field it does not declare is a 400 (OpenAI's own answer: "unrecognized request
+argument supplied"), so an option from another server (vLLM's `guided_json`, ...) is never silently dropped.
+Declared are OpenAI's fields, the vLLM/SGLang extensions this server honours, bookkeeping fields that change
+nothing in the answer (`store`, `metadata`, ...), and OpenAI fields that would change it and are not
+supported, so that the handlers can refuse them by name. Objects inside a body (messages, tools) ignore
+unknown fields: clients send back the assistant messages they received, with `refusal`, `annotations` and
+the like. Requests reject non-finite floats and integers outside int64, so nothing a client sends can
+overflow the msgpack wire format downstream. Ranges that depend on meaning (temperature >= 0, ...) are
+checked by SamplingParams.validate, in one place.
 """
 
 from __future__ import annotations
@@ -23,11 +27,18 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
-class StreamOptions(_Request):
+class _Body(_Request):
+    """A request body, or an option object whose every field matters: unknown fields are a 400."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk
 
 
-class _SamplingRequest(_Request):
+class _SamplingRequest(_Body):
     """Fields shared by chat and text completions (OpenAI's, plus the common vLLM/SGLang extensions)."""
 
     model: str | None = None
@@ -46,12 +57,23 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
+    min_tokens: Int64 = 0  # vLLM's and SGLang's: no EOS, stop token or stop string before this many tokens
+    no_stop_trim: bool = False  # SGLang's: keep the stop string or token that ended the output
+    include_stop_str_in_output: bool = False  # vLLM's name for no_stop_trim
     # SGLang's structured-output extensions (at most one; chat also takes OpenAI's response_format)
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    # Bookkeeping, accepted and ignored: none of them changes the answer.
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # sglang-router adds this at SGLang's default when it forwards a request; true is refused by the handlers.
+    return_hidden_states: bool = False
 
 
 class JsonSchemaFormat(_Request):
@@ -124,6 +146,15 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # vLLM's and SGLang's chat template options: extra variables for the template, and how the prompt ends
+    # (a new assistant turn, or continuing the last message, which must then be the assistant's)
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # SGLang's reasoning-parser switches (sglang-router sends them): this server has no reasoning parser, so,
+    # as in SGLang without --reasoning-parser, they change nothing.
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
     # Read only to be refused (OpenAI fields that would change the answer and that this server does not do)
     functions: Any = None
     function_call: Any = None
@@ -141,14 +172,14 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[TokenId]
 

@@ -25,20 +25,42 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None, trust_rem
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+# Arguments of apply_chat_template that encode_chat sets itself: template variables may not override them.
+_RESERVED = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                       "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})  # fmt: skip
+
+
 def encode_chat(
-    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None, tool_format: str = "hermes"
+    tokenizer: Any,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    tool_format: str = "hermes",
+    template_kwargs: dict | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> list[int]:
-    """Token ids of a conversation rendered with the tokenizer's chat template, ready for the assistant's turn.
+    """Token ids of a conversation rendered with the tokenizer's chat template, ready for the assistant's turn
+    (`add_generation_prompt`), or ending inside the last message, an assistant's, for the model to continue
+    (`continue_final_message`; then without the generation prompt).
 
     Raises ValueError when the tokenizer has no template or the template rejects the conversation (e.g. roles
     that do not alternate). The template writes BOS itself where the model wants one, so none is added here.
     `tools` (OpenAI tool definitions), assistant `tool_calls` and `tool` messages go to a template that knows
     them; for one that does not, they are written into the messages in `tool_format` (see tool_calls.py).
+    `template_kwargs` are more variables for the template (e.g. Qwen3's `enable_thinking`).
     """
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError("this model's tokenizer has no chat template")
-    kwargs: dict = {}
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+    if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+        raise ValueError("continue_final_message needs the last message to be the assistant's")
+    clash = sorted(_RESERVED & set(template_kwargs or {}))
+    if clash:
+        raise ValueError(f"chat_template_kwargs may not set {clash[0]}")
+    kwargs: dict = dict(template_kwargs or {})
     uses_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
     if uses_tools and isinstance(template, str) and "tools" in template:
         kwargs["tools"] = tools or None
@@ -48,7 +70,13 @@ def encode_chat(
 
         messages = inject_tools(messages, tools, get_format(tool_format))
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **kwargs,
+        )
     except Exception as e:  # jinja raises its own types, from inside the template
         raise ValueError(f"cannot apply the chat template: {e}") from e
     return tokenizer.encode(text, add_special_tokens=False)

@@ -10,7 +10,10 @@ character is complete (or the sample ends).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+from minisgl.sampling_params import SamplingParams
 
 _REPLACEMENT = "\ufffd"
 
@@ -59,27 +62,30 @@ class IncrementalDetokenizer:
 class StopMatcher:
     """Finds the first stop string in a sample's text and holds back text that might begin one.
 
-    Invariant: text released by `feed` never contains (nor ends with the start of) a stop string, so a stop
-    split over several deltas is still cut cleanly; the released text is the text before the stop.
+    Invariant: text released by an armed `feed` never contains (nor ends with the start of) a stop string, so a
+    stop split over several deltas is still cut cleanly; the released text is the text before the stop, or up to
+    its end with `keep_stop`. Text fed unarmed (min_tokens not reached yet) is released whole, never searched.
     """
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], keep_stop: bool = False):
         self.stops = [s for s in stops if s]
         self.max_len = max((len(s) for s in self.stops), default=0)
+        self.keep_stop = keep_stop
         self.text = ""
         self.sent = 0  # chars of `text` released so far
 
-    def feed(self, delta: str, final: bool = False) -> tuple[str, bool]:
+    def feed(self, delta: str, final: bool = False, armed: bool = True) -> tuple[str, bool]:
         """Add `delta`; return (text to release, whether a stop string was found)."""
         start = max(self.sent, len(self.text) - self.max_len + 1)
         self.text += delta
-        if self.stops:
-            hits = [i for i in (self.text.find(s, max(0, start)) for s in self.stops) if i >= 0]
+        if self.stops and armed:
+            hits = [(i, len(s)) for s, i in ((s, self.text.find(s, max(0, start))) for s in self.stops) if i >= 0]
             if hits:
-                cut = min(hits)
-                out, self.sent = self.text[self.sent : cut], cut
+                cut, length = min(hits)
+                end = cut + length if self.keep_stop else cut
+                out, self.sent = self.text[self.sent : end], end
                 return out, True
-        end = len(self.text) if final else len(self.text) - self._partial_suffix()
+        end = len(self.text) if final or not armed else len(self.text) - self._partial_suffix()
         out, self.sent = self.text[self.sent : end], max(self.sent, end)
         return out, False
 
@@ -96,19 +102,45 @@ class SampleText:
     """One sample's text as its token outputs arrive: detokenized incrementally, then cut at the first stop string.
 
     The same path serves the server (tokenizer worker) and the offline API. A final token that ended the sample
-    as a stop token or EOS (`hidden_ids`) is counted but not shown, as OpenAI's API leaves the stop out.
+    as a stop token or EOS (`hidden_ids`) is counted but not shown, as OpenAI's API leaves the stop out, unless
+    `keep_stop` (SGLang's no_stop_trim) keeps stop strings and tokens. Stop strings are looked for once
+    `min_tokens` tokens are out.
     """
 
-    def __init__(self, tokenizer: Any, stops: list[str], hidden_ids: set[int], skip_special_tokens: bool = True):
+    def __init__(
+        self,
+        tokenizer: Any,
+        stops: list[str],
+        hidden_ids: set[int],
+        skip_special_tokens: bool = True,
+        min_tokens: int = 0,
+        keep_stop: bool = False,
+    ):
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
-        self.stop = StopMatcher(stops)
-        self.hidden_ids = hidden_ids
+        self.stop = StopMatcher(stops, keep_stop)
+        self.hidden_ids = set() if keep_stop else hidden_ids
+        self.min_tokens = min_tokens
+        self.tokens = 0
 
     def feed(self, token_ids: list[int], finished: bool, finish_reason: str | None) -> tuple[str, bool]:
         """The text these tokens release, and whether it ran into a stop string (the sample then ends there)."""
+        self.tokens += len(token_ids)
         if finished and finish_reason == "stop" and token_ids and token_ids[-1] in self.hidden_ids:
             token_ids = token_ids[:-1]
         delta = self.detok.add(token_ids)
         if finished:
             delta += self.detok.flush()
-        return self.stop.feed(delta, final=finished)
+        return self.stop.feed(delta, final=finished, armed=self.tokens >= self.min_tokens)
+
+    @classmethod
+    def for_params(
+        cls, tokenizer: Any, params: SamplingParams, eos_ids: Iterable[int], skip_special_tokens: bool = True
+    ) -> SampleText:
+        return cls(
+            tokenizer,
+            params.stop,
+            set(params.ending_ids(eos_ids)),
+            skip_special_tokens,
+            params.min_tokens,
+            params.no_stop_trim,
+        )

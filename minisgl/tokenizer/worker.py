@@ -113,12 +113,21 @@ class TokenizerWorker:
         text: str | None,
         messages: list[dict] | None,
         add_special_tokens: bool = True,
-        tools: list[dict] | None = None,
-        tool_format: str = "hermes",
+        req: GenerateReq | None = None,
     ) -> list[int]:
         if messages is not None:
             try:
-                return encode_chat(self.tokenizer, messages, tools, tool_format)
+                if req is None:
+                    return encode_chat(self.tokenizer, messages)
+                return encode_chat(
+                    self.tokenizer,
+                    messages,
+                    req.tools,
+                    req.tool_format,
+                    req.chat_template_kwargs,
+                    req.add_generation_prompt,
+                    req.continue_final_message,
+                )
             except ValueError as e:
                 raise BadRequest(str(e), "messages") from e
         return self.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
@@ -135,7 +144,7 @@ class TokenizerWorker:
             ids = list(req.input_ids)
             self._check_ids(ids, param)
         else:
-            ids = self._render(req.text, req.messages, tools=req.tools, tool_format=req.tool_format)
+            ids = self._render(req.text, req.messages, req=req)
         if not ids:
             raise BadRequest(f"the {param} is empty", param)
         assert self.info is not None, "requests are accepted only after ModelInfo"
@@ -155,6 +164,11 @@ class TokenizerWorker:
                 "context_length_exceeded",
             )
         req.params.max_tokens = max_tokens
+        if req.params.min_tokens > max_tokens:
+            raise BadRequest(
+                f"min_tokens ({req.params.min_tokens}) is more than the {max_tokens} tokens left in the context",
+                "min_tokens",
+            )
         prompt_text = None
         if req.echo:
             prompt_text = req.text if req.text is not None else self.tokenizer.decode(ids)
@@ -171,10 +185,10 @@ class TokenizerWorker:
             send(self.to_api, ReqError(req.rid, f"cannot tokenize the prompt: {e}", 400))
             return
         p = req.params
-        hidden = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.info.eos_token_ids if self.info else []))
+        eos = self.info.eos_token_ids if self.info else []
         state = _Request(req.rid, len(ids), prompt_text)
         state.samples = [
-            _Sample(SampleText(self.tokenizer, p.stop, hidden, req.skip_special_tokens)) for _ in range(p.n)
+            _Sample(SampleText.for_params(self.tokenizer, p, eos, req.skip_special_tokens)) for _ in range(p.n)
         ]
         self.reqs[req.rid] = state
         send(self.to_scheduler, TokenizedGenerateReq(req.rid, ids, p))

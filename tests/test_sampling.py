@@ -22,6 +22,7 @@ M64 = (1 << 64) - 1
 
 
 def build(params, seeds=None, steps=None, prompts=None, outputs=None, vocab=None, logits=None, eos=()):
+    """The batch on the logits' device (CPU unless given)."""
     n = len(params)
     vocab = vocab if vocab is not None else logits.shape[1]
     return SamplingBatch.build(
@@ -31,7 +32,7 @@ def build(params, seeds=None, steps=None, prompts=None, outputs=None, vocab=None
         prompts if prompts is not None else [[] for _ in range(n)],
         outputs if outputs is not None else [[] for _ in range(n)],
         vocab,
-        CPU,
+        logits.device if logits is not None else CPU,
         eos,
     )
 
@@ -203,12 +204,16 @@ def test_penalty_changes_greedy_choice():
     assert sample(logits, batch).token_ids.tolist() == [1, 0]
 
 
-def test_logit_bias_is_added_to_the_logits():
+ON_DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+
+
+@ON_DEVICES
+def test_logit_bias_is_added_to_the_logits(device):
     """Each row's draw with logit_bias equals the draw without it from logits with the biases added by hand (the
     same seeds and steps), greedy and sampled, alone and with a penalty; logprobs stay the raw model's."""
     gen = torch.Generator().manual_seed(8)
     v = 200
-    logits = torch.randn(5, v, generator=gen) * 3
+    logits = (torch.randn(5, v, generator=gen) * 3).to(device)
     biases = [{7: 100.0}, {int(logits[1].argmax()): -100.0, 3: 2.5}, {}, {0: 4.0, 199: -1.5}, {11: 1.25}]
     kinds = [
         dict(temperature=0),
@@ -230,11 +235,12 @@ def test_logit_bias_is_added_to_the_logits():
         want = sample(by_hand, build(plain, steps=steps, outputs=outputs, prompts=[[1]] * 5, logits=logits))
         assert got.token_ids.tolist() == want.token_ids.tolist()
         assert got.token_ids[0] == 7
-        ref = torch.log_softmax(logits.double(), dim=-1)[torch.arange(5), got.token_ids]
+        ref = torch.log_softmax(logits.double(), dim=-1)[torch.arange(5, device=device), got.token_ids]
         torch.testing.assert_close(got.logprobs.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_min_tokens_holds_back_the_ending_tokens():
+@ON_DEVICES
+def test_min_tokens_holds_back_the_ending_tokens(device):
     """Below min_tokens a row draws what it would draw from logits where EOS and its stop_token_ids are -inf (the
     same seeds and steps), greedy and sampled; from min_tokens on, the logits are left alone. ignore_eos frees EOS,
     not the stop ids; logprobs stay the model's."""
@@ -243,6 +249,7 @@ def test_min_tokens_holds_back_the_ending_tokens():
     logits = torch.randn(4, v, generator=gen)
     logits[:, 5] += 40  # EOS would win every row
     logits[2, 9] += 30  # and stop id 9 next, in row 2
+    logits = logits.to(device)
     kinds = [
         dict(temperature=0),
         dict(temperature=0.9, top_p=0.95, logprobs=True),
@@ -263,7 +270,7 @@ def test_min_tokens_holds_back_the_ending_tokens():
             assert got.token_ids.tolist() == [5, 5, 5, 5]
         if step < 3:
             assert not set(got.token_ids.tolist()[:3]) & {5, 6, 9} and got.token_ids.tolist()[3] == 5
-        ref = torch.log_softmax(logits.double(), dim=-1)[torch.arange(4), got.token_ids]
+        ref = torch.log_softmax(logits.double(), dim=-1)[torch.arange(4, device=device), got.token_ids]
         torch.testing.assert_close(got.logprobs.double(), ref, rtol=1e-5, atol=1e-5)
 
 

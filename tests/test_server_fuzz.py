@@ -10,6 +10,7 @@ sends each set; afterwards the server still answers a good request.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -78,6 +79,12 @@ def _breakages(endpoint: str, model: str, rng: random.Random) -> list:
         ("json_schema", json.dumps({"type": rng.choice([1, "nope", s])})),
         ("regex", "[a-z]"),
         ("logprobs", "many"),
+        ("min_tokens", -1),
+        ("min_tokens", big),
+        ("min_tokens", 3, "regex", "a+"),
+        ("no_stop_trim", "maybe"),
+        ("guided_json", {"type": "object"}),
+        ("stream_options", {"continuous_usage_stats": "x"}),
     ]
     if chat:
         out += [
@@ -95,6 +102,9 @@ def _breakages(endpoint: str, model: str, rng: random.Random) -> list:
             ("tools", [{"type": "function", "function": {"name": "f"}}], "tool_choice", s),
             ("top_logprobs", 5),
             ("top_logprobs", 50, "logprobs", True),
+            ("continue_final_message", True),
+            ("chat_template_kwargs", {"messages": s}),
+            ("chat_template_kwargs", s),
         ]
     else:
         out += [
@@ -182,14 +192,24 @@ RICH = [
                                   "type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}),
     ("/v1/completions", {"prompt": [[1, 2, 3], "abc"], "max_tokens": 3, "regex": "[a-z]{1,3}", "logprobs": 2}),
     ("/v1/completions", {"prompt": "x", "max_tokens": 3, "ebnf": 'root ::= "a" | "b"', "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Su"}],
+                              "max_tokens": 4, "min_tokens": 2, "stop": ["x"], "no_stop_trim": True,
+                              "continue_final_message": True, "add_generation_prompt": False,
+                              "chat_template_kwargs": {"system_note": "n"}, "stream": True,
+                              "stream_options": {"include_usage": True, "continuous_usage_stats": True}}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 3, "stop": "a",
+                         "include_stop_str_in_output": True, "store": True, "metadata": {"k": "v"}}),
     ("/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 3, "json_schema": SCHEMA}}),
+    ("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 3, "min_new_tokens": 2, "no_stop_trim": True,
+                                                     "stop": "a"}}),
     ("/generate", {"input_ids": [[1, 2, 3], [4, 5]], "sampling_params": {"max_new_tokens": 2}, "stream": True,
                    "return_logprob": True, "top_logprobs_num": 2}),
 ]  # fmt: skip
 VALUES = [None, True, 0, -1, 2**63, 1e308, -0.5, "", "\ud83d", "x" * 3000, [], {}, [1, 2], {"type": "x"},
           "function", "json_schema", "tool", "required", {"type": "function", "function": {"name": 5}}]  # fmt: skip
 KEYS = ["tools", "tool_choice", "response_format", "n", "logit_bias", "best_of", "suffix", "functions", "stop",
-        "max_completion_tokens", "parallel_tool_calls", "foo"]  # fmt: skip
+        "max_completion_tokens", "parallel_tool_calls", "foo", "min_tokens", "chat_template_kwargs",
+        "continue_final_message", "include_stop_str_in_output", "guided_json"]  # fmt: skip
 
 
 def _paths(x, path=()):
@@ -211,9 +231,9 @@ def _mutated(rng: random.Random) -> tuple[str, bytes]:
         if op == 0 and isinstance(parent, dict):
             del parent[path[-1]]
         elif op == 1 and isinstance(parent, dict):
-            parent[rng.choice(KEYS)] = rng.choice(VALUES)
+            parent[rng.choice(KEYS)] = copy.deepcopy(rng.choice(VALUES))  # a shared {} could come to hold itself
         else:
-            parent[path[-1]] = rng.choice(VALUES)
+            parent[path[-1]] = copy.deepcopy(rng.choice(VALUES))
     return endpoint, json.dumps(body).encode()
 
 

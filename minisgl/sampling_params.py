@@ -21,6 +21,8 @@ class SamplingParams:
     `min_tokens` (vLLM's, SGLang's min_new_tokens): until that many tokens are out, EOS and `stop_token_ids`
     cannot be sampled and stop strings are not looked for. `no_stop_trim` (SGLang's; vLLM's
     include_stop_str_in_output) keeps the stop string or stop token that ended the output in its text.
+    `prompt_logprobs` (vLLM's): the log-probability of each prompt token after the first, with that many
+    alternatives, computed over the whole prompt (the prefix cache is not used for it).
 
     Structured output (SGLang's fields; at most one may be set): `json_schema` (a JSON Schema as a string),
     `json_object` (any JSON object), `regex`, `ebnf` (GBNF-style, `root ::= ...`) or `structural_tag`
@@ -45,6 +47,7 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
@@ -75,6 +78,7 @@ class SamplingParams:
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, f"must be in [0, max_tokens={self.max_tokens}]"),
             ("n", self.n >= 1, "must be >= 1"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
         ]
         for name, ok, why in checks:
             if not ok:

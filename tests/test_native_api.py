@@ -210,7 +210,7 @@ def test_flush_cache_drops_the_prefix_cache_and_refuses_while_running(server):
         ("/generate", {"text": "a", "sampling_params": {"stop_token_ids": [10**7]}}, "stop_token_ids"),
         ("/generate", {"text": ["a", "b"], "rid": "x"}, "rid"),
         ("/generate", {"text": "a", "rid": ["x"]}, "rid"),
-        ("/generate", {"text": "a", "return_logprob": True, "logprob_start_len": 0}, "logprob_start_len"),
+        ("/generate", {"text": "a", "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len"),
         ("/generate", {"text": "a", "top_logprobs_num": 2}, "top_logprobs_num"),
         ("/generate", {"text": "a", "return_hidden_states": True}, None),
         ("/generate", {"text": "a", "model": "another-model"}, "model"),

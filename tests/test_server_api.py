@@ -309,6 +309,47 @@ def test_bookkeeping_and_router_fields_change_nothing(server):
     assert b.choices[0].message.content == a.choices[0].message.content
 
 
+def test_prompt_logprobs_with_echo_and_natively(server, tok, hf):
+    """OpenAI's echo with logprobs (how lm-evaluation-harness scores a continuation) and SGLang's
+    logprob_start_len: each prompt token after the first gets transformers' log-probability and top
+    alternatives; the first has none. The prompt as token ids and as text, streamed or not."""
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
+    want = [None] + [float(logp[j, ids[j + 1]]) for j in range(len(ids) - 1)]
+    best = [None] + [int(logp[j].argmax()) for j in range(len(ids) - 1)]
+
+    def check(tokens, lps, tops):
+        assert tokens[: len(ids)] == [tok.decode([t]) for t in ids]
+        assert lps[0] is None and tops[0] is None
+        assert lps[1 : len(ids)] == pytest.approx(want[1:], abs=1e-4)
+        assert [max(t, key=t.get) for t in tops[1 : len(ids)]] == [tok.decode([b]) for b in best[1:]]
+
+    client = server.client()
+    for prompt in (ids, PROMPT):
+        r = client.completions.create(prompt=prompt, echo=True, logprobs=2, **{**greedy(), "max_tokens": 1})
+        lp = r.choices[0].logprobs
+        check(lp.tokens, lp.token_logprobs, lp.top_logprobs)
+        assert len(lp.tokens) == len(ids) + 1 and r.choices[0].text.startswith(PROMPT)
+        assert lp.text_offset[: len(ids)] == [len("".join(lp.tokens[:j])) for j in range(len(ids))]
+    chunks = list(client.completions.create(prompt=ids, echo=True, logprobs=2, stream=True, **greedy()))
+    tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    lps = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+    tops = [x for c in chunks for x in c.choices[0].logprobs.top_logprobs]
+    check(tokens, lps, tops)
+    assert len(tokens) == len(ids) + N_TOKENS
+
+    body = {"input_ids": ids, "return_logprob": True, "logprob_start_len": 2, "top_logprobs_num": 2,
+            "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 2, "temperature": 0}}  # fmt: skip
+    meta = server.post("/generate", body).json()["meta_info"]
+    assert [t[1] for t in meta["input_token_logprobs"]] == ids[2:]
+    assert [t[0] for t in meta["input_token_logprobs"]] == pytest.approx(want[2:], abs=1e-4)
+    assert [t[0][1] for t in meta["input_top_logprobs"]] == best[2:]
+    body["logprob_start_len"] = 0
+    meta = server.post("/generate", body).json()["meta_info"]
+    assert meta["input_token_logprobs"][0][0] is None and meta["input_top_logprobs"][0] is None
+
+
 # ---- completions -----------------------------------------------------------------------------------------------
 def test_completions_async_greedy_streamed_and_not(server, tok, hf):
     ids = tok.encode(PROMPT)
@@ -483,6 +524,8 @@ BAD = [
     (CHAT, {"messages": USER, "continue_final_message": True, "add_generation_prompt": False}, 400, "messages", None),
     (CHAT, {"messages": USER, "continue_final_message": True}, 400, "messages", None),
     (CHAT, {"messages": USER, "chat_template_kwargs": {"tools": []}}, 400, "messages", None),
+    (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 1, "n": 2}, 400, "n", None),
+    (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 21}, 400, "top_logprobs", None),
 ]
 
 

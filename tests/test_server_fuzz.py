@@ -114,7 +114,7 @@ def _breakages(endpoint: str, model: str, rng: random.Random) -> list:
             ("prompt", [[1, -2]]),
             ("prompt", None),
             ("prompt", {"text": "x"}),
-            ("echo", True, "logprobs", 2),
+            ("echo", True, "logprobs", 2, "n", 2),
             ("logprobs", 50),
         ]
     out += [

@@ -144,11 +144,12 @@ class FlushCacheResult:
 @register
 @dataclass
 class TokenLogprob:
-    """A generated token as text with its log-probability and the best alternatives (text, logprob)."""
+    """A token as text with its log-probability and the best alternatives (text, logprob). `logprob` is None only
+    for a prompt's first token, which nothing before it predicts."""
 
     token: str
     token_id: int
-    logprob: float
+    logprob: float | None
     top: list[tuple[str, float]] = field(default_factory=list)
     top_ids: list[int] = field(default_factory=list)  # the token ids of `top`, same order
 
@@ -171,6 +172,7 @@ class StrOutput:
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_text: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # every prompt token, on the first output, when asked for
 
 
 @register

@@ -17,12 +17,15 @@ def make_forward_batch(
     page_table: torch.Tensor,
     page_size: int,
     token_buf: torch.Tensor | None = None,
+    prompt_rows: list[bool] | None = None,
 ) -> ForwardBatch:
     """Flatten `extend_lens[b]` new tokens of each request (starting at its `num_computed`) into one batch.
 
     Called before the requests' `num_computed` is advanced. In DECODE
     mode with `token_buf`, input ids are gathered on the device from each request's row of `token_buf`
-    (the host may not know the last sampled token yet).
+    (the host may not know the last sampled token yet). `logits_index` holds first the last token of each
+    request with `needs_logits`, in order, then, for each request with `prompt_rows`, in order, every new
+    position that predicts a prompt token (prompt_logprobs.py reads those rows).
     """
     device = page_table.device
     ids: list[int] = []
@@ -30,9 +33,12 @@ def make_forward_batch(
     out_loc: list[int] = []
     logits_index: list[int] = []
     prefix_lens = [r.num_computed for r in reqs]
+    extra: list[int] = []
     from_device = mode is ForwardMode.DECODE and token_buf is not None
-    for r, n, want in zip(reqs, extend_lens, needs_logits):
+    for b, (r, n, want) in enumerate(zip(reqs, extend_lens, needs_logits)):
         start = r.num_computed
+        if prompt_rows is not None and prompt_rows[b]:
+            extra.extend(range(len(positions), len(positions) + min(n, len(r.prompt_ids) - 1 - start)))
         if not from_device:
             ids.extend(r.all_ids[start : start + n])
         for p in range(start, start + n):
@@ -40,6 +46,7 @@ def make_forward_batch(
             out_loc.append(r.page_at(p // page_size) * page_size + p % page_size)
         if want:
             logits_index.append(len(positions) - 1)
+    logits_index += extra
     seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens)]
     cu = [0]
     for n in extend_lens:

@@ -21,7 +21,8 @@ class TokenOutput:
     sample, with `finish_reason` "stop" (EOS / stop token), "length" (max_tokens or context) or "abort".
     `logprobs[i]` is the log-probability of `token_ids[i]`; `top_logprobs[i]` the alternatives as
     (token_id, logprob) pairs, best first. Both are None unless the request asked for them. `error` ends the
-    sample without output (e.g. its grammar did not compile).
+    sample without output (e.g. its grammar did not compile). With params.prompt_logprobs, sample 0's first
+    output carries `prompt_logprobs[i]`, the log-probability of prompt token i + 1, and its alternatives.
     """
 
     rid: str
@@ -35,6 +36,8 @@ class TokenOutput:
     cached_tokens: int = 0
     error: str | None = None
     error_status: int = 500  # the HTTP status of `error`: 400 for the client's mistake (a bad grammar)
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass

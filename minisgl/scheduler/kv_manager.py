@@ -60,11 +60,12 @@ class KVManager:
         return -(-num_tokens // self.page_size)
 
     def admit(self, req: Req) -> None:
-        """Give `req` a page-table row and whatever prefix of its tokens the cache already holds.
-        At least one token is left to compute: its logits are what the prefill is for."""
+        """Give `req` a page-table row and whatever prefix of its tokens the cache already holds (none while it
+        wants prompt logprobs: every prompt position's logits are computed then). At least one token is left
+        to compute: its logits are what the prefill is for."""
         assert req.row < 0, "request already admitted"
         req.row = self._free_rows.pop()
-        match = self.cache.match(req.all_ids[:-1])
+        match = self.cache.match([] if req.wants_prompt_logprobs else req.all_ids[:-1])
         self.cache.lock(match.handle)
         req.handle, req.cached_pages, req.own_pages = match.handle, list(match.pages), []
         req.num_computed = match.num_tokens

@@ -42,6 +42,10 @@ class Req:
     finish_reason: str | None = None
     wait_for: Req | None = None  # a sibling sample whose prefill must finish first (n > 1 sharing)
     grammar: Any = None  # this sample's grammar Matcher: advanced only by tokens it really accepted
+    # params.prompt_logprobs, sample 0 only: prompt tokens 1.. as their prefill computes them; sent once, whole
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     @property
     def all_ids(self) -> list[int]:
@@ -72,6 +76,15 @@ class Req:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt logprobs are still to be computed: its prefill then starts at 0 (no cached prefix)."""
+        return (
+            self.index == 0
+            and self.params.prompt_logprobs is not None
+            and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+        )
+
 
 def samples(
     rid: str, prompt_ids: list[int], params: SamplingParams, base_seed: int, max_len: int, share_prompt: bool
@@ -86,3 +99,20 @@ def samples(
         if share_prompt:
             reqs[-1].wait_for = reqs[0]
     return reqs
+
+
+def check_prompt(input_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Raise ValueError when a request can never run on this model: bad parameters, ids outside the vocabulary,
+    or no room left in the context for a single output token."""
+    params.validate()
+    if not input_ids:
+        raise ValueError("the prompt is empty")
+    if min(input_ids) < 0 or max(input_ids) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if params.logit_bias and max(params.logit_bias) >= vocab_size:
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
+    if len(input_ids) >= max_model_len:
+        raise ValueError(
+            f"prompt has {len(input_ids)} tokens; the context length is {max_model_len} and at least one token "
+            "must be generated"
+        )

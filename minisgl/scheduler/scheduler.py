@@ -17,11 +17,12 @@ from minisgl.engine.engine import Engine
 from minisgl.engine.sampling import PendingTokens, SamplingBatch
 from minisgl.grammar import GrammarBackend, GrammarCompiler, GrammarError, GrammarSpec
 from minisgl.sampling_params import SamplingParams
+from minisgl.scheduler import prompt_logprobs
 from minisgl.scheduler.batch import make_forward_batch
 from minisgl.scheduler.grammar import GrammarQueue, Verdict
 from minisgl.scheduler.io import SchedulerStats, TokenOutput
 from minisgl.scheduler.kv_manager import KVManager
-from minisgl.scheduler.req import Req, samples
+from minisgl.scheduler.req import Req, check_prompt, samples
 
 logger = logging.getLogger(__name__)
 GRAMMAR_TIMEOUT_S = 60.0  # a grammar still compiling after this long fails its request
@@ -110,18 +111,7 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------
     def add_request(self, rid: str, input_ids: list[int], params: SamplingParams) -> None:
         """Queue a request (n samples). Raises ValueError if it can never run."""
-        params.validate()
-        if not input_ids:
-            raise ValueError("the prompt is empty")
-        if min(input_ids) < 0 or max(input_ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
-        if len(input_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(input_ids)} tokens; the context length is {self.max_model_len} and at least "
-                "one token must be generated"
-            )
+        check_prompt(input_ids, params, self.vocab_size, self.max_model_len)
         if self.kv.pages_for(len(input_ids) + 1) > self.kv.capacity:
             raise ValueError(f"prompt of {len(input_ids)} tokens does not fit in the KV pool")
         spec = None
@@ -297,8 +287,14 @@ class Scheduler:
         if not reqs:
             return None
         done = [r.num_computed + n >= r.seq_len + r.pending for r, n in zip(reqs, lens)]
-        batch = make_forward_batch(mode, reqs, lens, done, self.kv.page_table, self.kv.page_size, self.token_buf)
+        prompt_rows = prompt_logprobs.wanted(reqs) if mode is ForwardMode.EXTEND else None
+        batch = make_forward_batch(
+            mode, reqs, lens, done, self.kv.page_table, self.kv.page_size, self.token_buf, prompt_rows
+        )
         logits = self.engine.forward(batch)
+        if prompt_rows is not None:
+            prompt_logprobs.record(reqs, lens, prompt_rows, logits[sum(done) :])
+            logits = logits[: sum(done)]
         for r, n in zip(reqs, lens):
             r.num_computed += n
         sampled = [r for r, d in zip(reqs, done) if d]
@@ -356,6 +352,7 @@ class Scheduler:
             self._stats.generation_tokens_total += 1
             out = TokenOutput(req.rid, req.index, [tok], prompt_tokens=len(req.prompt_ids))
             out.cached_tokens = req.num_cached_prompt
+            prompt_logprobs.attach(req, out)
             if req.params.logprobs and logprobs is not None:
                 out.logprobs = [logprobs[i]]
                 k = req.params.top_logprobs

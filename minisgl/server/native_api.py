@@ -84,7 +84,7 @@ class GenerateRequest(_Strict):
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: P.Int64 = 0
-    logprob_start_len: P.Int64 = -1  # -1: output tokens only (prompt logprobs are not computed)
+    logprob_start_len: P.Int64 = -1  # -1: output tokens only; k >= 0: prompt tokens from position k on too
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
     # sglang-router re-serializes the body with these SGLang fields at their defaults: accepted when they ask
@@ -142,15 +142,15 @@ class NativeServing:
                 "max_new_tokens",
                 "context_length_exceeded",
             )
-        if req.logprob_start_len != -1:
-            raise APIError(
-                400,
-                "logprob_start_len other than -1 is not supported (prompt logprobs are not computed)",
-                "logprob_start_len",
-            )
+        if req.logprob_start_len < -1:
+            raise APIError(400, "logprob_start_len must be -1 (output only) or >= 0", "logprob_start_len")
         if req.top_logprobs_num and not req.return_logprob:
             raise APIError(400, "top_logprobs_num requires return_logprob to be true", "top_logprobs_num")
-        params = self.openai.sampling_params(sp, sp.max_new_tokens, req.return_logprob, req.top_logprobs_num)
+        # logprob_start_len >= 0: the prompt's tokens from there on get logprobs too (computed over the whole prompt)
+        prompt_lps = req.top_logprobs_num if req.return_logprob and req.logprob_start_len >= 0 else None
+        params = self.openai.sampling_params(
+            sp, sp.max_new_tokens, req.return_logprob, req.top_logprobs_num, None, prompt_lps
+        )
         gens = []
         for rid, p in zip(rids, prompts):
             if isinstance(p, list):
@@ -302,6 +302,7 @@ class _Outputs:
         self.completion = [0] * num
         self.reason: list[str | None] = [None] * num
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(num)]
+        self.prompt_logprobs: dict[int, list[TokenLogprob]] = {}  # per prompt (sample 0 brings them)
 
     def add(self, o: StrOutput) -> int:
         i = self.slot[o.rid] * self.n + o.index
@@ -310,6 +311,8 @@ class _Outputs:
         self.cached[i] = max(self.cached[i], o.cached_tokens)
         self.completion[i] = max(self.completion[i], o.completion_tokens)
         self.logprobs[i] += o.logprobs or []
+        if o.prompt_logprobs is not None:
+            self.prompt_logprobs[self.slot[o.rid]] = o.prompt_logprobs
         if o.finished:
             self.reason[i] = o.finish_reason
         return i
@@ -333,14 +336,19 @@ class _Outputs:
         }
         if self.req.return_logprob:
             text = self.req.return_text_in_logprobs
-            meta["input_token_logprobs"] = []
+            start = self.req.logprob_start_len
+            prompt = self.prompt_logprobs.get(i // self.n, [])[start:] if start >= 0 else []
+
+            def tops(t: TokenLogprob) -> list | None:
+                if t.logprob is None:  # the prompt's first token: nothing predicts it
+                    return None
+                return [[lp, tid, tok if text else None] for (tok, lp), tid in zip(t.top, t.top_ids)]
+
+            meta["input_token_logprobs"] = [[t.logprob, t.token_id, t.token if text else None] for t in prompt]
             meta["output_token_logprobs"] = [
                 [t.logprob, t.token_id, t.token if text else None] for t in self.logprobs[i]
             ]
             if self.req.top_logprobs_num:
-                meta["input_top_logprobs"] = []
-                meta["output_top_logprobs"] = [
-                    [[lp, tid, tok if text else None] for (tok, lp), tid in zip(t.top, t.top_ids)]
-                    for t in self.logprobs[i]
-                ]
+                meta["input_top_logprobs"] = [tops(t) for t in prompt]
+                meta["output_top_logprobs"] = [tops(t) for t in self.logprobs[i]]
         return {"text": self.text[i], "meta_info": meta}

@@ -60,6 +60,7 @@ class OpenAIServing:
         logprobs: bool,
         top_logprobs: int,
         plan: structured.ToolPlan | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         p = SamplingParams(
@@ -81,6 +82,7 @@ class OpenAIServing:
             n=req.n,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_logprobs,
             logit_bias=_logit_bias(req.logit_bias),
             **structured.constraint(req, plan),
         )
@@ -243,13 +245,14 @@ class OpenAIServing:
     # ---- completions --------------------------------------------------------------------------------------
     async def completions(self, req: P.CompletionRequest, request: Request) -> Any:
         self.check_model(req.model)
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+        echo_lps = req.logprobs if req.echo else None  # the prompt's tokens get logprobs too
+        if echo_lps is not None and req.n != 1:
+            raise APIError(400, "echo with logprobs needs n = 1", "n")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported (the n samples are returned as they are)", "best_of")
         if req.suffix:
             raise APIError(400, "suffix (text insertion) is not supported", "suffix")
-        params = self.sampling_params(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0)
+        params = self.sampling_params(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0, None, echo_lps)
         prompts = _prompts(req.prompt)
         gens = []
         for p in prompts:
@@ -287,7 +290,9 @@ class OpenAIServing:
             async for o in chain(first, events):
                 i = slot[o.rid] * params.n + o.index
                 texts[i].append((o.prompt_text or "") + o.text)
-                out.extend_completion_logprobs(lps[i], o.logprobs, sum(map(len, texts[i])) - len(o.text))
+                end = sum(map(len, texts[i]))
+                out.extend_completion_logprobs(lps[i], o.prompt_logprobs, end - len(texts[i][-1]))
+                out.extend_completion_logprobs(lps[i], o.logprobs, end - len(o.text))
                 reasons[i] = o.finish_reason if o.finished else reasons[i]
                 acc.add(o)
         except ClientGone:
@@ -323,6 +328,7 @@ class OpenAIServing:
             i = slot[o.rid] * n + o.index
             text = (o.prompt_text or "") + o.text
             lp = P.CompletionLogprobs() if want_lp else None
+            out.extend_completion_logprobs(lp, o.prompt_logprobs, offsets.get(i, 0))
             out.extend_completion_logprobs(lp, o.logprobs, offsets.get(i, 0) + len(o.prompt_text or ""))
             offsets[i] = offsets.get(i, 0) + len(text)
             if text or o.finished or (lp and lp.tokens):

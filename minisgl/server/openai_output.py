@@ -68,6 +68,6 @@ def extend_completion_logprobs(out: P.CompletionLogprobs | None, lps: list[Token
     for t in lps or []:
         out.tokens.append(t.token)
         out.token_logprobs.append(t.logprob)
-        out.top_logprobs.append({a: b for a, b in t.top})
+        out.top_logprobs.append({a: b for a, b in t.top} if t.logprob is not None else None)
         out.text_offset.append(offset)
         offset += len(t.token)

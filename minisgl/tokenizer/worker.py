@@ -68,6 +68,7 @@ class _Request:
     prompt_tokens: int
     prompt_text: str | None
     samples: list[_Sample] = field(default_factory=list)
+    prompt_ids: list[int] | None = None  # kept only when prompt logprobs were asked for
 
 
 class TokenizerWorker:
@@ -186,7 +187,7 @@ class TokenizerWorker:
             return
         p = req.params
         eos = self.info.eos_token_ids if self.info else []
-        state = _Request(req.rid, len(ids), prompt_text)
+        state = _Request(req.rid, len(ids), prompt_text, prompt_ids=ids if p.prompt_logprobs is not None else None)
         state.samples = [
             _Sample(SampleText.for_params(self.tokenizer, p, eos, req.skip_special_tokens)) for _ in range(p.n)
         ]
@@ -226,8 +227,13 @@ class TokenizerWorker:
         finished = out.finished or hit_stop
         if hit_stop and not out.finished:
             send(self.to_scheduler, AbortReq(out.rid, out.index))  # free its KV now, not at max_tokens
-        logprobs = self._logprobs(out) if out.logprobs is not None else None
-        if not (text or finished or logprobs or (s.first and req.prompt_text is not None)):
+        logprobs = self._logprobs(out.token_ids, out.logprobs, out.top_logprobs) if out.logprobs is not None else None
+        prompt_lps = None
+        if out.prompt_logprobs is not None and req.prompt_ids:
+            first = TokenLogprob(self._piece(req.prompt_ids[0]), req.prompt_ids[0], None)
+            rest = self._logprobs(req.prompt_ids[1:], out.prompt_logprobs, out.prompt_top_logprobs)
+            prompt_lps = [first, *rest]
+        if not (text or finished or logprobs or prompt_lps or (s.first and req.prompt_text is not None)):
             return None
         result = StrOutput(
             out.rid,
@@ -241,6 +247,7 @@ class TokenizerWorker:
             out.cached_tokens,
             logprobs,
             req.prompt_text if s.first else None,
+            prompt_lps,
         )
         s.first = False
         if finished:
@@ -249,11 +256,13 @@ class TokenizerWorker:
                 del self.reqs[out.rid]
         return result
 
-    def _logprobs(self, out: TokenOutput) -> list[TokenLogprob]:
-        tops = out.top_logprobs or [[] for _ in out.token_ids]
+    def _logprobs(
+        self, ids: list[int], lps: list[float] | None, tops: list[list[tuple[int, float]]] | None
+    ) -> list[TokenLogprob]:
+        tops = tops or [[] for _ in ids]
         return [
             TokenLogprob(self._piece(tid), tid, lp, [(self._piece(a), alp) for a, alp in top], [a for a, _ in top])
-            for tid, lp, top in zip(out.token_ids, out.logprobs or [], tops)
+            for tid, lp, top in zip(ids, lps or [], tops)
         ]
 
 

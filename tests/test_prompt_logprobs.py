@@ -62,10 +62,11 @@ def check(found: dict, prompts: list[list[int]], hf) -> None:
             ) < 1e-4
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("chunk", [4096, 16], ids=["whole", "chunked"])
-def test_prompt_logprobs_match_transformers(ckpt, chunk):
+def test_prompt_logprobs_match_transformers(ckpt, chunk, device):
     path, hf = ckpt
-    llm = LLM(path, device="cpu", dtype="float32", page_size=4, chunked_prefill_size=chunk)
+    llm = LLM(path, device=device, dtype="float32", page_size=4, chunked_prefill_size=chunk)
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=K)
     check(prompt_outputs(llm, PROMPTS, params), PROMPTS, hf)
 

@@ -10,6 +10,7 @@ from checkpoints import build_checkpoint
 from engine_util import hf_model, random_prompts
 
 from minisgl import LLM, SamplingParams
+from minisgl.scheduler import prompt_logprobs
 
 PROMPTS = random_prompts(n=6, lo=1, hi=90, seed=3)
 K = 3
@@ -63,12 +64,17 @@ def check(found: dict, prompts: list[list[int]], hf) -> None:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("chunk", [4096, 16], ids=["whole", "chunked"])
-def test_prompt_logprobs_match_transformers(ckpt, chunk, device):
+@pytest.mark.parametrize("chunk,rows", [(4096, 256), (16, 256), (4096, 7)], ids=["whole", "chunked", "few-rows"])
+def test_prompt_logprobs_match_transformers(ckpt, chunk, rows, device, monkeypatch):
+    """`rows`: the logits rows a prefill batch may spend on prompt positions (a prompt then takes more chunks)."""
+    monkeypatch.setattr(prompt_logprobs, "MAX_ROWS", rows)
+    spent, record = [], prompt_logprobs.record
+    monkeypatch.setattr(prompt_logprobs, "record", lambda *a: (spent.append(a[3].shape[0]), record(*a)))
     path, hf = ckpt
     llm = LLM(path, device=device, dtype="float32", page_size=4, chunked_prefill_size=chunk)
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=K)
     check(prompt_outputs(llm, PROMPTS, params), PROMPTS, hf)
+    assert max(spent) <= rows and sum(spent) == sum(len(p) - 1 for p in PROMPTS)
 
 
 def test_prompt_logprobs_ignore_the_prefix_cache(ckpt):

@@ -3,7 +3,9 @@ token given the ones before it, read from the logits of the prefill's own positi
 
 A request that wants them is prefilled from position 0 (KVManager.admit skips the prefix cache), and each of its
 prefill chunks asks make_forward_batch for the logits of every position that predicts a prompt token: position p
-scores token p + 1. Those rows come after the sampled ones, so sampling never sees them.
+scores token p + 1. Those rows come after the sampled ones, so sampling never sees them. Their logits are
+[rows, vocab] floats, so a prefill batch computes at most MAX_ROWS of them (a long prompt takes more, shorter
+chunks).
 """
 
 from __future__ import annotations
@@ -12,6 +14,23 @@ import torch
 
 from minisgl.scheduler.io import TokenOutput
 from minisgl.scheduler.req import Req
+
+MAX_ROWS = 256  # prompt positions with logits per prefill batch (256 x a 151k vocabulary x 4 bytes: 156 MB)
+
+
+class RowBudget:
+    """What is left of one prefill batch's MAX_ROWS."""
+
+    def __init__(self) -> None:
+        self.left = MAX_ROWS
+
+    def take(self, req: Req, n: int) -> int:
+        """How many of the n tokens `req` may prefill in this batch (all of them unless it wants prompt logprobs)."""
+        if not req.wants_prompt_logprobs:
+            return n
+        n = min(n, self.left)
+        self.left -= n
+        return n
 
 
 def wanted(reqs: list[Req]) -> list[bool] | None:

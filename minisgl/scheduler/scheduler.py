@@ -156,14 +156,8 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        return bool(
-            self.waiting
-            or self.running
-            or self._aborted
-            or self._inflight
-            or self._ready
-            or (self.grammars is not None and len(self.grammars) > 0)
-        )
+        queued = self.waiting or self.running or self._aborted or self._inflight or self._ready
+        return bool(queued or (self.grammars is not None and len(self.grammars) > 0))
 
     def shutdown(self) -> None:
         """Nothing to stop: the engine lives in this process (`TPScheduler.shutdown` stops its ranks)."""
@@ -219,7 +213,7 @@ class Scheduler:
         return need > self.kv.available_pages
 
     def _schedule_prefill(self) -> tuple[list[Req], list[int]] | None:
-        budget = self.config.chunked_prefill_size
+        budget, rows = self.config.chunked_prefill_size, prompt_logprobs.RowBudget()
         # Keep a page per running request in hand so admitting new work does not force a retraction next step.
         reserve = len(self.running)
         reqs: list[Req] = []
@@ -239,7 +233,9 @@ class Scheduler:
                     self._stats.extra["cached_tokens"] = (
                         self._stats.extra.get("cached_tokens", 0) + req.num_cached_prompt
                     )
-            n = min(req.seq_len - req.num_computed, budget)
+            n = rows.take(req, min(req.seq_len - req.num_computed, budget))
+            if n == 0:
+                continue
             if self.kv.available_pages - self._pages_needed(req, n) < reserve or not self.kv.reserve(
                 req, req.num_computed + n
             ):

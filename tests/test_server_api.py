@@ -350,6 +350,34 @@ def test_prompt_logprobs_with_echo_and_natively(server, tok, hf):
     assert meta["input_token_logprobs"][0][0] is None and meta["input_top_logprobs"][0] is None
 
 
+def test_vllm_prompt_logprobs(server, tok, hf):
+    """vLLM's prompt_logprobs: per prompt token (none for the first) the token's logprob and rank in the
+    vocabulary, and the top alternatives, as transformers has them; on completions (every sample of every prompt)
+    and chat (the chat template's prompt); refused with stream, as vLLM does."""
+    ids = tok.encode(PROMPT)
+
+    def check(prompt_lps, ids):
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
+        assert len(prompt_lps) == len(ids) and prompt_lps[0] is None
+        for j in range(1, len(ids)):
+            row, entry = logp[j - 1], prompt_lps[j]
+            mine = entry[str(ids[j])]
+            assert mine["logprob"] == pytest.approx(float(row[ids[j]]), abs=1e-4)
+            assert mine["rank"] == int((row > row[ids[j]] + 1e-6).sum()) + 1 and mine["decoded_token"]
+            best = int(row.argmax())
+            assert entry[str(best)]["rank"] == 1 and len(entry) in (2, 3)
+
+    client = server.client()
+    r = client.completions.create(prompt=[ids, ids[:3]], n=2, **greedy({"prompt_logprobs": 2}))
+    for i, c in enumerate(r.choices):
+        check(c.model_extra["prompt_logprobs"], ids if i < 2 else ids[:3])
+    r = client.chat.completions.create(messages=MESSAGES, **greedy({"prompt_logprobs": 1}))
+    check(r.model_extra["prompt_logprobs"], chat_ids(tok, MESSAGES))
+    plain = client.chat.completions.create(messages=MESSAGES, **greedy())
+    assert plain.model_extra["prompt_logprobs"] is None and plain.choices[0].message == r.choices[0].message
+
+
 # ---- completions -----------------------------------------------------------------------------------------------
 def test_completions_async_greedy_streamed_and_not(server, tok, hf):
     ids = tok.encode(PROMPT)
@@ -526,6 +554,8 @@ BAD = [
     (CHAT, {"messages": USER, "chat_template_kwargs": {"tools": []}}, 400, "messages", None),
     (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 1, "n": 2}, 400, "n", None),
     (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 21}, 400, "top_logprobs", None),
+    (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs", None),
+    (CHAT, {"messages": USER, "prompt_logprobs": 21}, 400, "prompt_logprobs", None),
 ]
 
 

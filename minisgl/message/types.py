@@ -152,6 +152,7 @@ class TokenLogprob:
     logprob: float | None
     top: list[tuple[str, float]] = field(default_factory=list)
     top_ids: list[int] = field(default_factory=list)  # the token ids of `top`, same order
+    rank: int | None = None  # among the vocabulary, 1 the most likely (prompt tokens only)
 
 
 @register

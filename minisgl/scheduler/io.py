@@ -38,6 +38,7 @@ class TokenOutput:
     error_status: int = 500  # the HTTP status of `error`: 400 for the client's mistake (a bad grammar)
     prompt_logprobs: list[float] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_ranks: list[int] | None = None  # of each prompt token among the vocabulary, 1 the most likely
 
 
 @dataclass

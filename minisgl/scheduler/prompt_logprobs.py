@@ -41,7 +41,8 @@ def wanted(reqs: list[Req]) -> list[bool] | None:
 
 def record(reqs: list[Req], lens: list[int], wanted: list[bool], logits: torch.Tensor) -> None:
     """Store what this prefill chunk computed, before the requests' `num_computed` advances. `logits` holds the
-    rows make_forward_batch added for `wanted`, in order. Index i of a request's lists is prompt token i + 1;
+    rows make_forward_batch added for `wanted`, in order. Index i of a request's lists is prompt token i + 1 (its
+    logprob, its rank among the vocabulary, 1 the most likely, and the top alternatives);
     a chunk computed again (after its pages were taken back) overwrites its entries."""
     spans, targets = [], []
     for r, n, w in zip(reqs, lens, wanted):
@@ -53,7 +54,8 @@ def record(reqs: list[Req], lens: list[int], wanted: list[bool], logits: torch.T
     if len(targets) != logits.shape[0]:
         raise RuntimeError(f"prompt logprobs: {logits.shape[0]} rows for {len(targets)} prompt tokens")
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None]).squeeze(1).tolist()
+    chosen_t = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])
+    chosen, ranks = chosen_t.squeeze(1).tolist(), ((logp > chosen_t).sum(-1) + 1).tolist()
     k = max(r.params.prompt_logprobs or 0 for r, _, _ in spans)
     top_ids = top_lps = None
     if k:
@@ -63,6 +65,7 @@ def record(reqs: list[Req], lens: list[int], wanted: list[bool], logits: torch.T
     for r, start, stop in spans:
         m, want = stop - start, r.params.prompt_logprobs or 0
         r.prompt_logprobs[start:] = chosen[row : row + m]
+        r.prompt_ranks[start:] = ranks[row : row + m]
         r.prompt_top_logprobs[start:] = [
             list(zip(top_ids[i][:want], top_lps[i][:want])) if want else [] for i in range(row, row + m)
         ]
@@ -74,4 +77,5 @@ def attach(req: Req, out: TokenOutput) -> None:
     if req.index == 0 and req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
         out.prompt_logprobs = list(req.prompt_logprobs)
         out.prompt_top_logprobs = list(req.prompt_top_logprobs)
+        out.prompt_ranks = list(req.prompt_ranks)
         req.prompt_logprobs_sent = True

@@ -45,6 +45,7 @@ class Req:
     # params.prompt_logprobs, sample 0 only: prompt tokens 1.. as their prefill computes them; sent once, whole
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_ranks: list[int] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
 
     @property

@@ -86,8 +86,6 @@ class OpenAIServing:
             logit_bias=_logit_bias(req.logit_bias),
             **structured.constraint(req, plan),
         )
-        if getattr(req, "return_hidden_states", False):
-            raise APIError(400, "return_hidden_states is not supported by this server", "return_hidden_states")
         try:
             p.validate()
         except ValueError as e:
@@ -118,6 +116,13 @@ class OpenAIServing:
             raise
         return job, events, first
 
+    def check_extensions(self, req: P._SamplingRequest) -> None:
+        """The OpenAI endpoints' own refusals of vLLM/SGLang fields (the native API has its own fields)."""
+        if req.prompt_logprobs is not None and req.stream:
+            raise APIError(400, "prompt_logprobs is not available with stream", "prompt_logprobs")
+        if req.return_hidden_states:
+            raise APIError(400, "return_hidden_states is not supported by this server", "return_hidden_states")
+
     # ---- chat ---------------------------------------------------------------------------------------------
     async def chat(self, req: P.ChatCompletionRequest, request: Request) -> Any:
         self.check_model(req.model)
@@ -133,8 +138,9 @@ class OpenAIServing:
         if req.audio is not None:
             raise APIError(400, "audio output is not supported", "audio")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        self.check_extensions(req)
         plan = structured.tool_plan(req, self.tool_call_parser)
-        params = self.sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, plan)
+        params = self.sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, plan, req.prompt_logprobs)
         messages = [flatten_message(m, i) for i, m in enumerate(req.messages)]
         gen = GenerateReq(
             self.client.new_rid(),
@@ -160,8 +166,10 @@ class OpenAIServing:
         lps: list[list[P.ChatTokenLogprob]] = [[] for _ in range(params.n)]
         reasons: list[str | None] = [None] * params.n
         acc = out.Usage()
+        prompt_lps = None
         try:
             async for o in chain(first, events):
+                prompt_lps = o.prompt_logprobs or prompt_lps
                 texts[o.index].append(o.text)
                 lps[o.index] += out.chat_logprobs(o.logprobs)
                 reasons[o.index] = o.finish_reason if o.finished else reasons[o.index]
@@ -182,7 +190,12 @@ class OpenAIServing:
                 )
             )
         return P.ChatCompletionResponse(
-            id=rid, created=created, model=self.model_name, choices=choices, usage=acc.usage()
+            id=rid,
+            created=created,
+            model=self.model_name,
+            choices=choices,
+            usage=acc.usage(),
+            prompt_logprobs=out.vllm_prompt_logprobs(prompt_lps) if req.prompt_logprobs is not None else None,
         )
 
     async def _chat_stream(
@@ -252,7 +265,11 @@ class OpenAIServing:
             raise APIError(400, "best_of is not supported (the n samples are returned as they are)", "best_of")
         if req.suffix:
             raise APIError(400, "suffix (text insertion) is not supported", "suffix")
-        params = self.sampling_params(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0, None, echo_lps)
+        self.check_extensions(req)
+        want = req.logprobs is not None
+        params = self.sampling_params(
+            req, req.max_tokens, want, req.logprobs or 0, None, _most(echo_lps, req.prompt_logprobs)
+        )
         prompts = _prompts(req.prompt)
         gens = []
         for p in prompts:
@@ -285,20 +302,30 @@ class OpenAIServing:
         texts: list[list[str]] = [[] for _ in range(num)]
         lps = [P.CompletionLogprobs() if want_lp else None for _ in range(num)]
         reasons: list[str | None] = [None] * num
+        prompt_lps: dict[int, list] = {}  # per prompt: sample 0 brings them
         acc = out.Usage()
         try:
             async for o in chain(first, events):
                 i = slot[o.rid] * params.n + o.index
+                if o.prompt_logprobs is not None:
+                    prompt_lps[slot[o.rid]] = o.prompt_logprobs
                 texts[i].append((o.prompt_text or "") + o.text)
                 end = sum(map(len, texts[i]))
-                out.extend_completion_logprobs(lps[i], o.prompt_logprobs, end - len(texts[i][-1]))
+                out.extend_completion_logprobs(lps[i], o.prompt_logprobs if req.echo else None, end - len(texts[i][-1]))
                 out.extend_completion_logprobs(lps[i], o.logprobs, end - len(o.text))
                 reasons[i] = o.finish_reason if o.finished else reasons[i]
                 acc.add(o)
         except ClientGone:
             return Response(status_code=499)
+        vllm_lps = req.prompt_logprobs is not None
         choices = [
-            P.CompletionChoice(index=i, text="".join(texts[i]), logprobs=lps[i], finish_reason=reasons[i])
+            P.CompletionChoice(
+                index=i,
+                text="".join(texts[i]),
+                logprobs=lps[i],
+                finish_reason=reasons[i],
+                prompt_logprobs=out.vllm_prompt_logprobs(prompt_lps.get(i // params.n)) if vllm_lps else None,
+            )
             for i in range(num)
         ]
         return P.CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices, usage=acc.usage())
@@ -328,6 +355,7 @@ class OpenAIServing:
             i = slot[o.rid] * n + o.index
             text = (o.prompt_text or "") + o.text
             lp = P.CompletionLogprobs() if want_lp else None
+            # a stream gets prompt logprobs only with echo (prompt_logprobs is refused there)
             out.extend_completion_logprobs(lp, o.prompt_logprobs, offsets.get(i, 0))
             out.extend_completion_logprobs(lp, o.logprobs, offsets.get(i, 0) + len(o.prompt_text or ""))
             offsets[i] = offsets.get(i, 0) + len(text)
@@ -344,6 +372,11 @@ class OpenAIServing:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
+def _most(a: int | None, b: int | None) -> int | None:
+    """The larger of two optional counts (None: not asked)."""
+    return b if a is None else a if b is None else max(a, b)
+
+
 def _prompts(prompt: Any) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]

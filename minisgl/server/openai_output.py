@@ -71,3 +71,19 @@ def extend_completion_logprobs(out: P.CompletionLogprobs | None, lps: list[Token
         out.top_logprobs.append({a: b for a, b in t.top} if t.logprob is not None else None)
         out.text_offset.append(offset)
         offset += len(t.token)
+
+
+def vllm_prompt_logprobs(lps: list[TokenLogprob] | None) -> P.PromptLogprobs | None:
+    """vLLM's prompt_logprobs from the prompt's TokenLogprobs (the first token has none)."""
+    if lps is None:
+        return None
+    out: P.PromptLogprobs = []
+    for t in lps:
+        if t.logprob is None:
+            out.append(None)
+            continue
+        entry = {str(tid): {"logprob": lp, "rank": k + 1, "decoded_token": tok}
+                 for k, ((tok, lp), tid) in enumerate(zip(t.top, t.top_ids))}  # fmt: skip
+        entry[str(t.token_id)] = {"logprob": t.logprob, "rank": t.rank, "decoded_token": t.token}
+        out.append(entry)
+    return out

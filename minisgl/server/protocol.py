@@ -59,6 +59,7 @@ class _SamplingRequest(_Body):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias
     min_tokens: Int64 = 0  # vLLM's and SGLang's: no EOS, stop token or stop string before this many tokens
+    prompt_logprobs: Int64 | None = None  # vLLM's: each prompt token's logprob, with this many alternatives
     no_stop_trim: bool = False  # SGLang's: keep the stop string or token that ended the output
     include_stop_str_in_output: bool = False  # vLLM's name for no_stop_trim
     # SGLang's structured-output extensions (at most one; chat also takes OpenAI's response_format)
@@ -185,6 +186,11 @@ class DetokenizeRequest(_Body):
 
 
 # ---- responses ----------------------------------------------------------------------------------------
+# vLLM's prompt_logprobs: per prompt token (None for the first) a map from token id to its logprob, its rank in
+# the vocabulary and its text, for the token itself and the top alternatives.
+PromptLogprobs = list[dict[str, dict[str, Any]] | None]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
@@ -262,6 +268,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatDelta(BaseModel):
@@ -299,6 +306,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -232,6 +232,8 @@ class TokenizerWorker:
         if out.prompt_logprobs is not None and req.prompt_ids:
             first = TokenLogprob(self._piece(req.prompt_ids[0]), req.prompt_ids[0], None)
             rest = self._logprobs(req.prompt_ids[1:], out.prompt_logprobs, out.prompt_top_logprobs)
+            for t, rank in zip(rest, out.prompt_ranks or []):
+                t.rank = rank
             prompt_lps = [first, *rest]
         if not (text or finished or logprobs or prompt_lps or (s.first and req.prompt_text is not None)):
             return None

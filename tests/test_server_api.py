@@ -433,6 +433,18 @@ def test_tokenize_and_detokenize(server, tok):
     assert r.json()["tokens"] == chat_ids(tok, MESSAGES) and r.json()["count"] == len(chat_ids(tok, MESSAGES))
     ids = tok.encode("héllo wörld, 東京 😀")
     assert server.post("/detokenize", {"tokens": ids}).json()["text"] == tok.decode(ids)
+    # the chat template options, as on chat completions and in vLLM's /tokenize
+    continued = MESSAGES + [{"role": "assistant", "content": "The city"}]
+    for messages, options, args in [
+        (MESSAGES, {"add_generation_prompt": False}, {"add_generation_prompt": False}),
+        (MESSAGES, {"chat_template_kwargs": {"system_note": "Be brief."}}, {"system_note": "Be brief."}),
+        (continued, {"continue_final_message": True, "add_generation_prompt": False},
+         {"continue_final_message": True, "add_generation_prompt": False}),
+    ]:  # fmt: skip
+        want = tok.apply_chat_template(messages, tokenize=True, **{"add_generation_prompt": True, **args})
+        want = list(want["input_ids"] if hasattr(want, "keys") else want)
+        assert server.post("/tokenize", {"messages": messages, **options}).json()["tokens"] == want
+    assert server.post("/tokenize", {"messages": MESSAGES, "continue_final_message": True}).status_code == 400
 
 
 # ---- many at once ----------------------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ class TokenizeReq:
     text: str | None = None
     messages: list[dict] | None = None
     add_special_tokens: bool = True
+    chat_template_kwargs: dict | None = None  # as in GenerateReq
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 @register

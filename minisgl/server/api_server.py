@@ -111,7 +111,17 @@ def create_app(args: ServerArgs, model_name: str, paths: IpcPaths) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         messages = [flatten_message(m, i) for i, m in enumerate(req.messages)] if req.messages is not None else None
-        r = await client.call(TokenizeReq(client.new_rid(), req.prompt, messages, req.add_special_tokens))
+        r = await client.call(
+            TokenizeReq(
+                client.new_rid(),
+                req.prompt,
+                messages,
+                req.add_special_tokens,
+                req.chat_template_kwargs,
+                req.add_generation_prompt,
+                req.continue_final_message,
+            )
+        )
         return {"tokens": r.tokens, "count": len(r.tokens), "max_model_len": r.max_model_len}
 
     @app.post("/detokenize")

@@ -110,25 +110,12 @@ class TokenizerWorker:
 
     # ---- requests -------------------------------------------------------------------------------------
     def _render(
-        self,
-        text: str | None,
-        messages: list[dict] | None,
-        add_special_tokens: bool = True,
-        req: GenerateReq | None = None,
+        self, text: str | None, messages: list[dict] | None, add_special_tokens: bool = True, **chat: Any
     ) -> list[int]:
+        """Token ids of a text prompt, or of chat `messages` rendered by encode_chat with the options `chat`."""
         if messages is not None:
             try:
-                if req is None:
-                    return encode_chat(self.tokenizer, messages)
-                return encode_chat(
-                    self.tokenizer,
-                    messages,
-                    req.tools,
-                    req.tool_format,
-                    req.chat_template_kwargs,
-                    req.add_generation_prompt,
-                    req.continue_final_message,
-                )
+                return encode_chat(self.tokenizer, messages, **chat)
             except ValueError as e:
                 raise BadRequest(str(e), "messages") from e
         return self.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
@@ -145,7 +132,15 @@ class TokenizerWorker:
             ids = list(req.input_ids)
             self._check_ids(ids, param)
         else:
-            ids = self._render(req.text, req.messages, req=req)
+            ids = self._render(
+                req.text,
+                req.messages,
+                tools=req.tools,
+                tool_format=req.tool_format,
+                template_kwargs=req.chat_template_kwargs,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+            )
         if not ids:
             raise BadRequest(f"the {param} is empty", param)
         assert self.info is not None, "requests are accepted only after ModelInfo"
@@ -198,7 +193,14 @@ class TokenizerWorker:
         ctx = self.info.max_model_len if self.info else 0
         try:
             if isinstance(msg, TokenizeReq):
-                ids = self._render(msg.text, msg.messages, msg.add_special_tokens)
+                ids = self._render(
+                    msg.text,
+                    msg.messages,
+                    msg.add_special_tokens,
+                    template_kwargs=msg.chat_template_kwargs,
+                    add_generation_prompt=msg.add_generation_prompt,
+                    continue_final_message=msg.continue_final_message,
+                )
                 result = TokenizeResult(msg.rid, ids, "", ctx)
             else:
                 self._check_ids(msg.tokens, "tokens")

@@ -378,6 +378,36 @@ def test_vllm_prompt_logprobs(server, tok, hf):
     assert plain.model_extra["prompt_logprobs"] is None and plain.choices[0].message == r.choices[0].message
 
 
+def test_vllm_structured_output_fields(server):
+    """vLLM's guided_* fields and structured_outputs object constrain the output as SGLang's fields do; a choice
+    is one of its strings (sampled at temperature 1 from a random model, several seeds)."""
+    import json as json_module
+    import re
+
+    choices = ["yes", "no", 'say "maybe"']
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    cases = [
+        ({"guided_choice": choices}, lambda t: t in choices),
+        ({"structured_outputs": {"choice": choices}}, lambda t: t in choices),
+        ({"guided_regex": "[a-c]{2}x"}, lambda t: re.fullmatch("[a-c]{2}x", t)),
+        ({"structured_outputs": {"regex": "[0-9]{3}"}}, lambda t: re.fullmatch("[0-9]{3}", t)),
+        ({"guided_json": schema}, lambda t: isinstance(json_module.loads(t)["n"], int)),
+        ({"structured_outputs": {"json": schema}}, lambda t: isinstance(json_module.loads(t)["n"], int)),
+        ({"guided_grammar": 'root ::= "a" "b"+'}, lambda t: re.fullmatch("ab+", t)),
+    ]
+    client = server.client()
+    for extra, ok in cases:
+        for seed in range(3):
+            r = client.completions.create(
+                model=NAME, prompt=PROMPT, max_tokens=24, temperature=1.0, seed=seed, extra_body=extra
+            )
+            text = r.choices[0].text
+            assert r.choices[0].finish_reason == "stop" and ok(text), (extra, text)
+    both = {"guided_regex": "a", "regex": "b"}
+    r = server.post(COMPLETIONS, {"prompt": PROMPT, **both})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex"
+
+
 # ---- completions -----------------------------------------------------------------------------------------------
 def test_completions_async_greedy_streamed_and_not(server, tok, hf):
     ids = tok.encode(PROMPT)
@@ -546,7 +576,7 @@ BAD = [
     (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of", None),
     (COMPLETIONS, {"prompt": "hi", "suffix": "the end"}, 400, "suffix", None),
     # Fields this server does not know, other servers' options among them: a 400 naming them, as OpenAI answers
-    (CHAT, {"messages": USER, "guided_json": {"type": "object"}}, 400, "guided_json", None),
+    (CHAT, {"messages": USER, "logits_processors": ["x"]}, 400, "logits_processors", None),
     (CHAT, {"messages": USER, "reasoning_effort": "low"}, 400, "reasoning_effort", None),
     (COMPLETIONS, {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search", None),
     (
@@ -568,6 +598,8 @@ BAD = [
     (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 21}, 400, "top_logprobs", None),
     (COMPLETIONS, {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs", None),
     (CHAT, {"messages": USER, "prompt_logprobs": 21}, 400, "prompt_logprobs", None),
+    (CHAT, {"messages": USER, "guided_choice": []}, 400, "guided_choice", None),
+    (CHAT, {"messages": USER, "structured_outputs": {"json_": {}}}, 400, "structured_outputs", None),
 ]
 
 

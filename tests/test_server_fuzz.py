@@ -83,7 +83,8 @@ def _breakages(endpoint: str, model: str, rng: random.Random) -> list:
         ("min_tokens", big),
         ("min_tokens", 3, "regex", "a+"),
         ("no_stop_trim", "maybe"),
-        ("guided_json", {"type": "object"}),
+        ("guided_json", "{not json"),
+        ("guided_choice", []),
         ("stream_options", {"continuous_usage_stats": "x"}),
     ]
     if chat:

@@ -1,7 +1,7 @@
 """Pydantic models of the OpenAI-compatible API: requests as clients send them, responses field by field.
 
 A request body with a field it does not declare is a 400 (OpenAI's own answer: "unrecognized request
-argument supplied"), so an option from another server (vLLM's `guided_json`, ...) is never silently dropped.
+argument supplied"), so an option from another server (vLLM's `use_beam_search`, ...) is never silently dropped.
 Declared are OpenAI's fields, the vLLM/SGLang extensions this server honours, bookkeeping fields that change
 nothing in the answer (`store`, `metadata`, ...), and OpenAI fields that would change it and are not
 supported, so that the handlers can refuse them by name. Objects inside a body (messages, tools) ignore
@@ -38,6 +38,16 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk
 
 
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs object: one of these constrains the output."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingRequest(_Body):
     """Fields shared by chat and text completions (OpenAI's, plus the common vLLM/SGLang extensions)."""
 
@@ -62,10 +72,15 @@ class _SamplingRequest(_Body):
     prompt_logprobs: Int64 | None = None  # vLLM's: each prompt token's logprob, with this many alternatives
     no_stop_trim: bool = False  # SGLang's: keep the stop string or token that ended the output
     include_stop_str_in_output: bool = False  # vLLM's name for no_stop_trim
-    # SGLang's structured-output extensions (at most one; chat also takes OpenAI's response_format)
+    # SGLang's structured-output extensions (at most one; chat also takes OpenAI's response_format), and vLLM's
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Bookkeeping, accepted and ignored: none of them changes the answer.
     user: str | None = None
     store: bool | None = None

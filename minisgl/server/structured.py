@@ -1,9 +1,10 @@
 """Structured output and tool calling on the OpenAI routes: request fields -> one output constraint, model
 output -> tool calls.
 
-A constraint comes from exactly one of: SGLang's `json_schema` / `regex` / `ebnf` fields, OpenAI's
-`response_format` (chat), or `tool_choice` "required" / a named function (chat; enforced with the tool-call
-format's structural tag). Anything that would change what the client gets and that we cannot honour (an
+A constraint comes from exactly one of: SGLang's `json_schema` / `regex` / `ebnf` fields, vLLM's `guided_*`
+fields or `structured_outputs` object (a choice becomes a grammar of its strings), OpenAI's `response_format`
+(chat), or `tool_choice` "required" / a named function (chat; enforced with the tool-call format's structural
+tag). Anything that would change what the client gets and that we cannot honour (an
 unknown response_format type, two constraints, a tool_choice without tools) is refused with a 400 here; a
 grammar that does not compile is refused by the scheduler's compile step, also with a 400.
 """
@@ -44,6 +45,25 @@ def constraint(req: P._SamplingRequest, plan: ToolPlan | None = None) -> dict[st
         found.append(("regex", {"regex": req.regex}))
     if req.ebnf is not None:
         found.append(("ebnf", {"ebnf": req.ebnf}))
+    so = getattr(req, "structured_outputs", None)  # vLLM's fields are not in the native API's sampling_params
+    vllm = [
+        ("guided_json", "json", getattr(req, "guided_json", None), so and so.json_),
+        ("guided_regex", "regex", getattr(req, "guided_regex", None), so and so.regex),
+        ("guided_choice", "choice", getattr(req, "guided_choice", None), so and so.choice),
+        ("guided_grammar", "grammar", getattr(req, "guided_grammar", None), so and so.grammar),
+    ]
+    for legacy, key, old_style, new_style in vllm:
+        for name, value in ((legacy, old_style), (f"structured_outputs.{key}", new_style)):
+            if value is None:
+                continue
+            if key == "json":
+                found.append((name, {"json_schema": _schema_text(value, name)}))
+            elif key == "choice":
+                found.append((name, {"ebnf": _choice_grammar(value, name)}))
+            else:
+                found.append((name, {"regex" if key == "regex" else "ebnf": value}))
+    if so is not None and so.json_object:
+        found.append(("structured_outputs.json_object", {"json_object": True}))
     rf = getattr(req, "response_format", None)
     if rf is not None:
         if rf.type not in RESPONSE_FORMATS:
@@ -73,6 +93,13 @@ def constraint(req: P._SamplingRequest, plan: ToolPlan | None = None) -> dict[st
     if len(found) > 1:
         raise APIError(400, f"{found[0][0]} and {found[1][0]} both constrain the output; give at most one", found[1][0])
     return found[0][1] if found else {}
+
+
+def _choice_grammar(choices: list[str], param: str) -> str:
+    """A grammar whose only sentences are `choices` (JSON string escapes are GBNF's)."""
+    if not choices:
+        raise APIError(400, f"{param} needs at least one choice", param)
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 def tool_plan(req: P.ChatCompletionRequest, parser: str) -> ToolPlan | None:

@@ -48,6 +48,11 @@ def long_request(server) -> dict:
     return {**LONG, "model": server.client().models.list().data[0].id}
 
 
+def body_of(kwargs: dict) -> dict:
+    """The JSON body the openai client sends for these keyword arguments (extra_body merged in)."""
+    return {**{k: v for k, v in kwargs.items() if k != "extra_body"}, **kwargs.get("extra_body", {})}
+
+
 def test_api_key_required_except_health(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
@@ -110,7 +115,7 @@ def test_request_timeout_ends_request_and_frees_it(server):
     with httpx.stream(
         "POST",
         f"{server.url}/v1/chat/completions",
-        json={**long_request(server), "stream": True},
+        json={**body_of(long_request(server)), "stream": True},
         headers={"Authorization": f"Bearer {KEY}"},
         timeout=60,
     ) as r:

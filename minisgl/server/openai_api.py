@@ -266,9 +266,9 @@ class OpenAIServing:
         if req.suffix:
             raise APIError(400, "suffix (text insertion) is not supported", "suffix")
         self.check_extensions(req)
-        want = req.logprobs is not None
+        want_lp = req.logprobs is not None
         params = self.sampling_params(
-            req, req.max_tokens, want, req.logprobs or 0, None, _most(echo_lps, req.prompt_logprobs)
+            req, req.max_tokens, want_lp, req.logprobs or 0, None, _most(echo_lps, req.prompt_logprobs)
         )
         prompts = _prompts(req.prompt)
         gens = []
@@ -293,7 +293,6 @@ class OpenAIServing:
         slot = {g.rid: k for k, g in enumerate(gens)}
         rid, created = P.new_id("cmpl-"), P.now()
         num = len(gens) * params.n
-        want_lp = req.logprobs is not None
         if req.stream:
             usage = out.StreamUsage.of(req.stream_options)
             return sse(

@@ -120,7 +120,7 @@ class SampleText:
         self.stop = StopMatcher(stops, keep_stop)
         self.hidden_ids = set() if keep_stop else hidden_ids
         self.min_tokens = min_tokens
-        self.tokens = 0
+        self.tokens = 0  # fed so far, hidden ones included: the sample's completion tokens
 
     def feed(self, token_ids: list[int], finished: bool, finish_reason: str | None) -> tuple[str, bool]:
         """The text these tokens release, and whether it ran into a stop string (the sample then ends there)."""

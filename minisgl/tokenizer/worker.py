@@ -57,7 +57,6 @@ class BadRequest(Exception):
 @dataclass
 class _Sample:
     text: SampleText
-    tokens: int = 0
     done: bool = False
     first: bool = True
 
@@ -224,7 +223,6 @@ class TokenizerWorker:
             send(self.to_api, ReqError(out.rid, out.error, out.error_status, code=code))
             return None
         s = req.samples[out.index]
-        s.tokens += len(out.token_ids)
         text, hit_stop = s.text.feed(out.token_ids, out.finished, out.finish_reason)
         finished = out.finished or hit_stop
         if hit_stop and not out.finished:
@@ -233,9 +231,7 @@ class TokenizerWorker:
         prompt_lps = None
         if out.prompt_logprobs is not None and req.prompt_ids:
             first = TokenLogprob(self._piece(req.prompt_ids[0]), req.prompt_ids[0], None)
-            rest = self._logprobs(req.prompt_ids[1:], out.prompt_logprobs, out.prompt_top_logprobs)
-            for t, rank in zip(rest, out.prompt_ranks or []):
-                t.rank = rank
+            rest = self._logprobs(req.prompt_ids[1:], out.prompt_logprobs, out.prompt_top_logprobs, out.prompt_ranks)
             prompt_lps = [first, *rest]
         if not (text or finished or logprobs or prompt_lps or (s.first and req.prompt_text is not None)):
             return None
@@ -247,7 +243,7 @@ class TokenizerWorker:
             "stop" if hit_stop else out.finish_reason,
             len(out.token_ids),
             req.prompt_tokens,
-            s.tokens,
+            s.text.tokens,
             out.cached_tokens,
             logprobs,
             req.prompt_text if s.first else None,
@@ -261,12 +257,19 @@ class TokenizerWorker:
         return result
 
     def _logprobs(
-        self, ids: list[int], lps: list[float] | None, tops: list[list[tuple[int, float]]] | None
+        self,
+        ids: list[int],
+        lps: list[float] | None,
+        tops: list[list[tuple[int, float]]] | None,
+        ranks: list[int] | None = None,
     ) -> list[TokenLogprob]:
         tops = tops or [[] for _ in ids]
+        ranks = ranks or [None] * len(ids)
         return [
-            TokenLogprob(self._piece(tid), tid, lp, [(self._piece(a), alp) for a, alp in top], [a for a, _ in top])
-            for tid, lp, top in zip(ids, lps or [], tops)
+            TokenLogprob(
+                self._piece(tid), tid, lp, [(self._piece(a), alp) for a, alp in top], [a for a, _ in top], rank
+            )
+            for tid, lp, top, rank in zip(ids, lps or [], tops, ranks)
         ]
 
 

@@ -36,12 +36,16 @@ def decode_logits(llm: LLM, prompts: list[list[int]], monkeypatch) -> list[torch
     return seen
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "auto"])
+@pytest.fixture(scope="module", params=["bfloat16", "auto", "float32-kv-fp16"])
 def int4_llama(tmp_path_factory, request):
-    """bfloat16: fp32 matmuls; auto: activations rounded to int8 for the int4 matmuls (QuantConfig)."""
+    """bfloat16: fp32 matmuls; auto: activations rounded to int8 for the int4 matmuls (QuantConfig);
+    float32-kv-fp16: fp32 activations over an fp16 KV cache."""
     path = build_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama3")
-    llm = LLM(path, device="cpu", dtype=request.param, quantization="int4", page_size=4)
-    assert llm.scheduler.engine.quant.int8_activations == (request.param == "auto")
+    dtype, _, kv = request.param.partition("-kv-")
+    llm = LLM(path, device="cpu", dtype=dtype, quantization="int4", page_size=4, kv_cache_dtype=kv or "auto")
+    assert llm.scheduler.engine.quant.int8_activations == (dtype == "auto")
+    if kv:
+        assert llm.scheduler.engine.pool.dtype == torch.float16
     return llm
 
 

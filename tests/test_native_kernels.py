@@ -101,42 +101,77 @@ def reference_attention(q, k_cache, v_cache, slots, lens, scale):
     return out
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "batch,q_heads,kv_heads,head_dim,layout",
-    [
-        (5, 9, 3, 64, "fused"),  # GQA, q/k/v slices of one projection (Llama)
-        (3, 4, 4, 128, "fused"),
-        (4, 6, 2, 40, "per_head"),  # a head size with no specialisation; heads interleaved as GPT-NeoX's
-        (16, 9, 3, 64, "fused"),  # large enough to split over threads
-    ],
-)
-def test_decode_attention(at_each_level, dtype, batch, q_heads, kv_heads, head_dim, layout):
-    torch.manual_seed(0)
-    page, pages = 4, 1 + batch * 80
-    k_cache = torch.randn(pages * page, kv_heads, head_dim).to(dtype)
-    v_cache = torch.randn(pages * page, kv_heads, head_dim).to(dtype)
-    lens = torch.randint(1, 300 if batch == 16 else 40, (batch,))
+def attention_case(batch, q_heads, kv_heads, head_dim, layout, dtype, cache_dtype, max_len, seed=0):
+    """Paged caches with every sequence's pages scattered, the new token at each sequence's last position."""
+    gen = torch.Generator().manual_seed(seed)
+    page, per_seq = 4, max_len // 4 + 1
+    pages = 1 + batch * per_seq
+    k_cache = torch.randn(pages * page, kv_heads, head_dim, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(pages * page, kv_heads, head_dim, generator=gen).to(cache_dtype)
+    lens = torch.randint(1, max_len + 1, (batch,), generator=gen)
     lens[0] = 1  # a sequence that sees only its new token
-    table = torch.randperm(pages - 1)[: batch * 80].view(batch, 80) + 1  # page 0 is scratch
-    max_len = int(lens.max())
-    pos = torch.arange(max_len)
+    table = torch.randperm(pages - 1, generator=gen)[: batch * per_seq].view(batch, per_seq) + 1  # 0 is scratch
+    width = int(lens.max())
+    pos = torch.arange(width)
     slots = table[:, pos // page] * page + pos % page
     slots = slots.masked_fill(pos >= lens[:, None], 0).contiguous()
-    out_loc = slots[torch.arange(batch), lens - 1].clone()  # the new token is each sequence's last position
+    out_loc = slots[torch.arange(batch), lens - 1].clone()
     if layout == "fused":
-        qkv = torch.randn(batch, (q_heads + 2 * kv_heads) * head_dim).to(dtype)
+        qkv = torch.randn(batch, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
         q = qkv[:, : q_heads * head_dim].view(batch, q_heads, head_dim)
         k = qkv[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].view(batch, kv_heads, head_dim)
         v = qkv[:, (q_heads + kv_heads) * head_dim :].view(batch, kv_heads, head_dim)
     else:
-        kv = torch.randn(batch, kv_heads, 3, head_dim).to(dtype)  # heads further apart than head_dim
+        kv = torch.randn(batch, kv_heads, 3, head_dim, generator=gen).to(dtype)  # heads further apart than head_dim
         k, v = kv[:, :, 0], kv[:, :, 2]
-        q = torch.randn(batch, q_heads, 2, head_dim).to(dtype)[:, :, 1]
+        q = torch.randn(batch, q_heads, 2, head_dim, generator=gen).to(dtype)[:, :, 1]
+    return q, k, v, out_loc, k_cache, v_cache, slots, lens
+
+
+ACTIVATIONS_AND_CACHES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                          (torch.float32, torch.float16), (torch.bfloat16, torch.float16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", ACTIVATIONS_AND_CACHES)
+@pytest.mark.parametrize(
+    "batch,q_heads,kv_heads,head_dim,layout,max_len",
+    [
+        (5, 9, 3, 64, "fused", 40),  # GQA, q/k/v slices of one projection (Llama)
+        (3, 4, 4, 128, "fused", 40),
+        (4, 6, 2, 40, "per_head", 40),  # a head size with no specialisation; heads interleaved as GPT-NeoX's
+        (16, 9, 3, 64, "fused", 300),  # large enough to split over threads
+        (2, 8, 1, 64, "fused", 1100),  # several chunks of positions per sequence, merged
+    ],
+)
+def test_decode_attention(at_each_level, dtype, cache_dtype, batch, q_heads, kv_heads, head_dim, layout, max_len):
+    q, k, v, out_loc, k_cache, v_cache, slots, lens = attention_case(
+        batch, q_heads, kv_heads, head_dim, layout, dtype, cache_dtype, max_len
+    )
     scale = head_dim**-0.5
     out = native.decode_attention(q, k, v, out_loc, k_cache, v_cache, slots, lens, scale)
-    assert torch.equal(k_cache[out_loc], k) and torch.equal(v_cache[out_loc], v)
+    # the new k/v are stored rounded to the cache's dtype, as torch rounds (to nearest even)
+    assert torch.equal(k_cache[out_loc], k.to(cache_dtype)) and torch.equal(v_cache[out_loc], v.to(cache_dtype))
     close(out, reference_attention(q, k_cache, v_cache, slots, lens, scale), dtype)
+
+
+def test_decode_attention_is_the_same_in_any_batch_and_on_any_thread_count(at_each_level):
+    """A sequence's chunks of positions are fixed by its length: its result does not depend on the sequences
+    beside it or on how many threads split the work (so a busy core cannot change a greedy answer)."""
+    args = attention_case(6, 9, 3, 64, "fused", torch.float32, torch.float16, 700, seed=3)
+    q, k, v, out_loc, k_cache, v_cache, slots, lens = args
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(native.decode_attention(q, k, v, out_loc, k_cache.clone(), v_cache.clone(), slots, lens, 0.125))
+        alone = [native.decode_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], out_loc[b : b + 1], k_cache.clone(),
+                                         v_cache.clone(), slots[b : b + 1, : lens[b]].contiguous(), lens[b : b + 1],
+                                         0.125) for b in range(6)]  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    assert torch.equal(torch.cat(alone), outs[0])
 
 
 def test_without_a_library_the_layers_keep_torch_ops(monkeypatch):

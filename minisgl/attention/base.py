@@ -27,8 +27,17 @@ class AttentionBackend(ABC):
 
     supports_cuda_graph: bool = False
 
-    def __init__(self, pool: KVPool, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(
+        self,
+        pool: KVPool,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        dtype: torch.dtype | None = None,
+    ):
         self.pool = pool
+        self.dtype = dtype or pool.dtype  # q's and the result's: the pool may store k/v narrower (KVPool)
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim

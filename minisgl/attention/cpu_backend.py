@@ -26,7 +26,7 @@ class CpuBackend(TorchBackend):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.native_decode = native.fits(self.pool.k(0))
+        self.native_decode = native.fits_kv_cache(self.dtype, self.pool.k(0))
 
     def prepare(self, batch: ForwardBatch) -> None:
         if not (batch.is_decode and self.native_decode):

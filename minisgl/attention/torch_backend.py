@@ -52,11 +52,11 @@ class TorchBackend(AttentionBackend):
         batch.attn_metadata = meta
 
     def _work_dtype(self, b: int) -> torch.dtype:
-        if b <= 2 and self.pool.dtype == torch.bfloat16 and self.pool.device.type == "cpu":
+        if b <= 2 and self.dtype == torch.bfloat16 and self.pool.device.type == "cpu":
             # CPU bf16 bmm has a high fixed cost: at a batch of one or two, multiplying in fp32 measured ~30%
             # faster; at larger batches bf16 wins.
             return torch.float32
-        return self.pool.dtype
+        return self.dtype
 
     def _prepare_decode(self, batch: ForwardBatch, meta: TorchMetadata, valid: torch.Tensor) -> None:
         if min(batch.prefix_lens_cpu) == max(batch.prefix_lens_cpu):
@@ -101,9 +101,11 @@ class TorchBackend(AttentionBackend):
         start = 0
         for b, (prefix, extend) in enumerate(zip(batch.prefix_lens_cpu, batch.extend_lens_cpu)):
             total = prefix + extend
-            keys = k_cache[slots[b, :total]].transpose(0, 1)  # [Hkv, L, D]
-            vals = v_cache[slots[b, :total]].transpose(0, 1)
-            qb = q[start : start + extend].transpose(0, 1).to(keys.dtype)  # [Hq, n, D]
+            # Read back from the cache even for the new tokens: rounded as they are stored (an fp16 pool), so a
+            # prompt attends alike whether it comes whole, in chunks or after a cached prefix.
+            keys = k_cache[slots[b, :total]].transpose(0, 1).to(self.dtype)  # [Hkv, L, D]
+            vals = v_cache[slots[b, :total]].transpose(0, 1).to(self.dtype)
+            qb = q[start : start + extend].transpose(0, 1).to(self.dtype)  # [Hq, n, D]
             # Four dims, batch 1: with three, torch's CPU attention takes its unfused path (several times slower).
             qb, keys, vals = qb[None], keys[None], vals[None]
             if prefix == 0:  # plain causal: the fused kernel skips the masked half

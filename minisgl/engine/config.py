@@ -14,6 +14,7 @@ class EngineConfig:
     model: str | None = None  # local dir, .gguf file or HF repo id; None = the embedded default model
     tokenizer: str | None = None
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    kv_cache_dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (see engine.resolve_kv_cache_dtype)
     device: str | None = None  # cuda when available, else cpu
     page_size: int | None = None  # tokens per KV page; None = 16 on the CPU, 1 on CUDA (Engine.page_size)
     max_total_tokens: int | None = None  # KV pool size in tokens; None = mem_fraction_static of free memory

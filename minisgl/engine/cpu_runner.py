@@ -71,13 +71,13 @@ class CpuDecodeRunner:
 
 def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> CpuDecodeRunner | None:
     """A CpuDecodeRunner for `model` (a LlamaForCausalLM), or None unless every layer qualifies: int4 weights in
-    minisgl's CPU layout without biases, one rank, fp32 or bf16, no q/k norm, a gated MLP, and the cpu attention
-    backend decoding natively (native kernels loaded, at either ISA level)."""
+    minisgl's CPU layout without biases, one rank, fp32 or bf16 (the KV cache that or fp16), no q/k norm, a gated
+    MLP, and the cpu attention backend decoding natively (native kernels loaded, at either ISA level)."""
     if not isinstance(model, LlamaForCausalLM) or not native.available():
         return None
     if not (isinstance(backend, CpuBackend) and backend.native_decode):
         return None
-    dtype = pool.dtype
+    dtype = backend.dtype  # the activations'; the pool holds them or fp16 (backend.native_decode checked which)
     if dtype not in (torch.bfloat16, torch.float32) or model.model.rotary.cos.dtype != dtype:
         return None
     layers = []
@@ -103,6 +103,7 @@ def build(model: nn.Module, pool: KVPool, backend: AttentionBackend) -> CpuDecod
                 mlp.down_proj.in_features,
                 model.model.rotary.cos.shape[1],
                 int(dtype == torch.bfloat16),
+                int(pool.dtype == torch.float16),
                 layer.input_layernorm.eps,
                 backend.scale,
             )  # fmt: skip

@@ -72,6 +72,28 @@ def _log_cpu_choices(requested: str, dtype: torch.dtype, quant: QuantConfig | No
                 dtype_why, torch.get_num_threads(), wait)  # fmt: skip
 
 
+_KV_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}  # fmt: skip
+
+
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device, llama_numerics: bool):
+    """(the KV cache's dtype, why) for --kv-cache-dtype `name` and activations of `dtype`. `auto` keeps the
+    activations' dtype, so attention sees exactly what the model computed, except where the engine already runs
+    llama.cpp's numerics on fp32 activations (llama_numerics: --dtype auto, quantized weights, a CPU): there fp16,
+    llama.cpp's own cache type, which halves what decode attention reads at every step. Only the CPU attention
+    backends read a cache of another dtype than the activations'."""
+    if name == "auto":
+        if llama_numerics and dtype == torch.float32:
+            return torch.float16, "--kv-cache-dtype auto with llama.cpp's numerics (a named --dtype: the same)"
+        return dtype, "--kv-cache-dtype auto: the activations'"
+    if name not in _KV_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; choose auto, {', '.join(_KV_DTYPES)}")
+    kv = _KV_DTYPES[name]
+    if kv != dtype and device.type != "cpu":
+        raise ValueError(f"kv_cache_dtype {name} differs from the activations' {dtype}: only on the CPU")
+    return kv, f"--kv-cache-dtype {name}"
+
+
 class Engine:
     """Owns the model, the KV pool and the attention backend of one rank. Knows nothing about requests."""
 
@@ -87,6 +109,8 @@ class Engine:
         if self.device.type == "cpu" and config.dtype == "auto" and self.quant is not None:
             # llama.cpp's numerics (Q8 activations) for speed unless the user named a dtype to compute in
             self.quant = dataclasses.replace(self.quant, int8_activations=True)
+        llama_numerics = self.quant is not None and self.quant.int8_activations
+        self.kv_dtype, kv_why = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device, llama_numerics)
         self.cpu_share: CpuShare | None = None
         if self.device.type == "cpu":
             threads = config.cpu_threads or default_threads()
@@ -113,11 +137,14 @@ class Engine:
         self.page_size = config.page_size or (_CPU_PAGE_SIZE if self.device.type == "cpu" else 1)
         num_pages = self._num_pages(num_kv_heads)
         self.pool = KVPool(
-            cfg.num_layers, num_pages, self.page_size, num_kv_heads, cfg.head_dim, self.dtype, self.device
+            cfg.num_layers, num_pages, self.page_size, num_kv_heads, cfg.head_dim, self.kv_dtype, self.device
         )
         name = config.attention_backend or default_backend(self.device)
-        self.attn_backend = create_backend(name, self.pool, num_q_heads, num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
-        logger.info("KV pool: %d pages of %d tokens, attention backend %s", num_pages, self.page_size, name)
+        self.attn_backend = create_backend(
+            name, self.pool, num_q_heads, num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, self.dtype
+        )
+        logger.info("KV pool: %d pages of %d tokens, %s (%s), attention backend %s", num_pages, self.page_size,
+                    self.kv_dtype, kv_why, name)  # fmt: skip
         self.cpu_runner = None
         if self.device.type == "cpu":
             self.cpu_runner = cpu_runner.build(self.model, self.pool, self.attn_backend)
@@ -175,7 +202,7 @@ class Engine:
 
     def _num_pages(self, num_kv_heads: int) -> int:
         cfg, ps = self.model_config, self.page_size
-        per_page = KVPool.bytes_per_page(cfg.num_layers, ps, num_kv_heads, cfg.head_dim, self.dtype)
+        per_page = KVPool.bytes_per_page(cfg.num_layers, ps, num_kv_heads, cfg.head_dim, self.kv_dtype)
 
         def pages_for(tokens: int) -> int:
             return -(-tokens // ps) + 1  # +1: page 0 is scratch

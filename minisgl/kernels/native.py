@@ -8,8 +8,8 @@ native kernels). Where no library fits (ARM, an x86 CPU below v3, a build withou
 False and callers keep their torch ops; a log line says so. Nothing is compiled at run time.
 
 The wrappers expect CPU tensors of one dtype, float32 or bfloat16, whose last dim is contiguous; `fits()`
-checks that. They return results in the layouts the torch paths do. A wrapper handed what its kernel cannot
-take raises ValueError instead of returning an unwritten output.
+checks that (KV caches may also hold fp16: `fits_kv_cache()`). They return results in the layouts the torch paths
+do. A wrapper handed what its kernel cannot take raises ValueError instead of returning an unwritten output.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ _SIGNATURES = {
     "minisgl_rotary": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64],
     "minisgl_silu_and_mul": [_int, _ptr, _ptr, _i64, _i64],
     "minisgl_decode_attention": [
+        _int,
         _int,
         _ptr,
         _i64,
@@ -125,15 +126,16 @@ class Int4Weight(ctypes.Structure):
 
 
 class DecoderWeights(ctypes.Structure):
-    """One decoder layer's weights and KV cache, as csrc/decoder.h reads them. It holds raw pointers: the
-    tensors they point into must outlive it."""
+    """One decoder layer's weights and KV cache, as csrc/decoder.h reads them (is_bf16: the activations' dtype;
+    kv_f16: fp16 caches, else the activations' dtype). It holds raw pointers: the tensors they point into must
+    outlive it."""
 
     _fields_ = [
         ("input_norm", _ptr), ("post_norm", _ptr),
         ("qkv", Int4Weight), ("o", Int4Weight), ("gate_up", Int4Weight), ("down", Int4Weight),
         ("k_cache", _ptr), ("v_cache", _ptr),
         ("hidden", _i64), ("q_heads", _i64), ("kv_heads", _i64), ("head_dim", _i64), ("inter", _i64),
-        ("rotary_half", _i64), ("is_bf16", _i64),
+        ("rotary_half", _i64), ("is_bf16", _i64), ("kv_f16", _i64),
         ("eps", ctypes.c_double), ("scale", ctypes.c_double),
     ]  # fmt: skip
 
@@ -213,6 +215,18 @@ def fits(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def fits_kv_cache(dtype: torch.dtype, cache: torch.Tensor) -> bool:
+    """True when decode attention can run natively with activations of `dtype` over this cache [S, Hkv, D]: the
+    cache holds that dtype or fp16, on the CPU, contiguous heads of a size that is a multiple of 8."""
+    return (
+        fits(torch.empty(0, dtype=dtype))
+        and cache.is_cpu
+        and cache.dtype in (dtype, torch.float16)
+        and cache.shape[-1] % 8 == 0
+        and cache.stride(-1) == 1
+    )
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of x into a new contiguous tensor (x's rows may be evenly strided)."""
     dim = x.shape[-1]
@@ -276,11 +290,16 @@ def decode_attention(
 ) -> torch.Tensor:
     """Store k/v [B, Hkv, D] at slots out_loc [B] of the caches [S, Hkv, D], then attend: q [B, Hq, D] over the
     slots [B, L] (int64; the first lens[b] of row b are real) of its sequence. q, k and v may be strided views of
-    one projection (any token and head strides). Returns [B, Hq, D]."""
+    one projection (any token and head strides). The caches hold q's dtype or fp16 (k/v are rounded to it as
+    they are stored). Returns [B, Hq, D]."""
     batch, q_heads, head_dim = q.shape
+    kv_f16 = k_cache.dtype == torch.float16
+    _check(v_cache.dtype == k_cache.dtype and (kv_f16 or k_cache.dtype == q.dtype),
+           f"decode_attention: caches of {k_cache.dtype} with {q.dtype} activations")  # fmt: skip
+    _check(head_dim % 8 == 0, f"decode_attention: head_dim {head_dim} is not a multiple of 8")
     out = q.new_empty((batch, q_heads, head_dim))
     _lib().minisgl_decode_attention(
-        _DTYPES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+        _DTYPES[q.dtype], int(kv_f16), q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
         v.data_ptr(), v.stride(0), v.stride(1), out_loc.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         slots.data_ptr(), lens.data_ptr(), out.data_ptr(), batch, slots.shape[1], q_heads, k.shape[1], head_dim,
         scale,

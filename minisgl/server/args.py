@@ -19,6 +19,7 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     device: str | None = None
     tp: int = 1
     nnodes: int = 1
@@ -66,6 +67,7 @@ class ServerArgs:
             model=self.model,
             tokenizer=self.tokenizer,
             dtype=self.dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
             device=self.device,
             tp_size=self.tp,
             nnodes=self.nnodes,
@@ -148,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.dtype,
         choices=["auto", "bfloat16", "float16", "float32"],
         help="weight and activation dtype; auto picks the checkpoint's on GPU, a fast one on CPU",
+    )
+    m.add_argument(
+        "--kv-cache-dtype",
+        default=d.kv_cache_dtype,
+        choices=["auto", "bfloat16", "bf16", "float16", "fp16", "float32"],
+        help="KV cache dtype; auto: the activations', except fp16 under --dtype auto on a CPU with quantized "
+        "weights (as llama.cpp's cache); another than the activations' only on the CPU",
     )
     m.add_argument(
         "--load-format",

@@ -8,6 +8,9 @@
 // Plain C ABI, no torch headers: one build serves every torch version. Compiled once per ISA level at package
 // build time (setup.py, kernels/build.py).
 
+#include <type_traits>
+
+#include "attention.h"
 #include "decoder.h"
 #include "gumbel.h"
 #include "int4.h"
@@ -50,19 +53,23 @@ void minisgl_silu_and_mul(int is_bf16, const void* x, void* out, int64_t rows, i
         silu_and_mul((const float*)x, (float*)out, rows, inter);
 }
 
-void minisgl_decode_attention(int is_bf16, const void* q, int64_t q_stride, int64_t q_hstride, const void* k,
-                              int64_t k_stride, int64_t k_hstride, const void* v, int64_t v_stride, int64_t v_hstride,
-                              const int64_t* out_loc, void* k_cache, void* v_cache, const int64_t* slots,
-                              const int64_t* lens, void* out, int64_t batch, int64_t max_len, int64_t q_heads,
-                              int64_t kv_heads, int64_t head_dim, float scale) {
+// kv_f16: the caches hold fp16 (1) or the activations' type (0).
+void minisgl_decode_attention(int is_bf16, int kv_f16, const void* q, int64_t q_stride, int64_t q_hstride,
+                              const void* k, int64_t k_stride, int64_t k_hstride, const void* v, int64_t v_stride,
+                              int64_t v_hstride, const int64_t* out_loc, void* k_cache, void* v_cache,
+                              const int64_t* slots, const int64_t* lens, void* out, int64_t batch, int64_t max_len,
+                              int64_t q_heads, int64_t kv_heads, int64_t head_dim, float scale) {
+    auto run = [&](auto* act, auto* cache) {
+        using T = std::remove_pointer_t<decltype(act)>;
+        using C = std::remove_pointer_t<decltype(cache)>;
+        decode_attention_any((const T*)q, q_stride, q_hstride, (const T*)k, k_stride, k_hstride, (const T*)v,
+                             v_stride, v_hstride, out_loc, (C*)k_cache, (C*)v_cache, slots, lens, (T*)out, batch,
+                             max_len, q_heads, kv_heads, head_dim, scale);
+    };
     if (is_bf16)
-        decode_attention_any((const bf16*)q, q_stride, q_hstride, (const bf16*)k, k_stride, k_hstride,
-                             (const bf16*)v, v_stride, v_hstride, out_loc, (bf16*)k_cache, (bf16*)v_cache,
-                             slots, lens, (bf16*)out, batch, max_len, q_heads, kv_heads, head_dim, scale);
+        kv_f16 ? run((bf16*)nullptr, (f16*)nullptr) : run((bf16*)nullptr, (bf16*)nullptr);
     else
-        decode_attention_any((const float*)q, q_stride, q_hstride, (const float*)k, k_stride, k_hstride,
-                             (const float*)v, v_stride, v_hstride, out_loc, (float*)k_cache, (float*)v_cache, slots,
-                             lens, (float*)out, batch, max_len, q_heads, kv_heads, head_dim, scale);
+        kv_f16 ? run((float*)nullptr, (f16*)nullptr) : run((float*)nullptr, (float*)nullptr);
 }
 
 // The ISA level this library was compiled for: 2 AVX-512 (x86-64-v4 with BF16 and VNNI), 1 AVX2 (x86-64-v3).

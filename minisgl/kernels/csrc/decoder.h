@@ -7,6 +7,7 @@
 #if defined(__AVX2__)
 #include <vector>
 
+#include "attention.h"
 #include "int4.h"
 #include "int4_q8.h"
 #include "ops.h"
@@ -29,7 +30,8 @@ struct DecoderWeights {
     void* k_cache;  // [slots, kv_heads, head_dim]
     void* v_cache;
     int64_t hidden, q_heads, kv_heads, head_dim, inter, rotary_half;
-    int64_t is_bf16;  // the element type of the norms, caches, cos/sin and activations: 1 bf16, 0 fp32
+    int64_t is_bf16;  // the element type of the norms, cos/sin and activations: 1 bf16, 0 fp32
+    int64_t kv_f16;   // the caches' element type: 1 fp16, 0 the activations'
     double eps, scale;
 };
 
@@ -72,8 +74,14 @@ void decoder_layer(const DecoderWeights& L, const DecodeStep& S, T* h, T* residu
     rotary(qkv.data(), row, L.q_heads + L.kv_heads, d, (const T*)S.cos, (const T*)S.sin, L.rotary_half, b);
     const T* k = qkv.data() + L.q_heads * d;
     const T* v = k + L.kv_heads * d;
-    decode_attention_any(qkv.data(), row, d, k, row, d, v, row, d, S.out_loc, (T*)L.k_cache, (T*)L.v_cache, S.slots,
-                         S.lens, attn.data(), b, S.max_len, L.q_heads, L.kv_heads, d, float(L.scale));
+    auto attend = [&](auto* k_cache, auto* v_cache) {
+        decode_attention_any(qkv.data(), row, d, k, row, d, v, row, d, S.out_loc, k_cache, v_cache, S.slots, S.lens,
+                             attn.data(), b, S.max_len, L.q_heads, L.kv_heads, d, float(L.scale));
+    };
+    if (L.kv_f16)
+        attend((f16*)L.k_cache, (f16*)L.v_cache);
+    else
+        attend((T*)L.k_cache, (T*)L.v_cache);
     int4_linear(L.o, attn.data(), b, h);
     add_rmsnorm(h, residual, post_norm, b, hidden, eps);
     int4_linear(L.gate_up, h, b, gate_up.data());

@@ -1,5 +1,7 @@
-// bf16 <-> fp32 and the rounding helpers every CPU kernel shares, and a vectorisable exp.
+// bf16 and fp16 <-> fp32 and the rounding helpers every CPU kernel shares, and a vectorisable exp.
 #pragma once
+
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -9,6 +11,12 @@ namespace minisgl {
 
 using bf16 = uint16_t;
 
+// IEEE half, a storage type only (KV caches): a struct, so overloads tell it apart from bf16's bits. Both ISA
+// levels have F16C, whose conversions round to nearest even as torch's .to(torch.float16) does.
+struct f16 {
+    uint16_t bits;
+};
+
 inline float to_float(float x) { return x; }
 inline float to_float(bf16 x) {
     uint32_t u = uint32_t(x) << 16;
@@ -17,7 +25,10 @@ inline float to_float(bf16 x) {
     return f;
 }
 
+inline float to_float(f16 x) { return _cvtsh_ss(x.bits); }
+
 inline void from_float(float x, float* out) { *out = x; }
+inline void from_float(float x, f16* out) { out->bits = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
 inline void from_float(float x, bf16* out) {
     uint32_t u;
     std::memcpy(&u, &x, 4);

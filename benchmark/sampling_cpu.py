@@ -20,6 +20,7 @@ import types
 import torch
 
 import minisgl.engine.sampling as sampling
+import minisgl.engine.token_filter as token_filter
 from minisgl import SamplingParams
 
 PARAMS = {
@@ -33,13 +34,13 @@ PARAMS = {
 
 @contextlib.contextmanager
 def torch_ops_only(vocab: int):
-    saved = sampling.CPU_SAMPLING_CANDIDATES, sampling.native
-    sampling.CPU_SAMPLING_CANDIDATES = vocab
+    saved = token_filter.CPU_SAMPLING_CANDIDATES, sampling.native
+    token_filter.CPU_SAMPLING_CANDIDATES = vocab
     sampling.native = types.SimpleNamespace(fits=lambda *t: False)
     try:
         yield
     finally:
-        sampling.CPU_SAMPLING_CANDIDATES, sampling.native = saved
+        token_filter.CPU_SAMPLING_CANDIDATES, sampling.native = saved
 
 
 def median_ms(fn, repeats: int) -> float:

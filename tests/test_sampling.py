@@ -12,9 +12,10 @@ import pytest
 import torch
 from scipy import stats
 
-import minisgl.engine.sampling as sampling
+import minisgl.engine.token_filter as token_filter
 from minisgl.engine.draws import GOLDEN, random_bits, splitmix64
-from minisgl.engine.sampling import SamplingBatch, apply_penalties, filter_mask, sample
+from minisgl.engine.sampling import SamplingBatch, apply_penalties, sample
+from minisgl.engine.token_filter import filter_mask
 from minisgl.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -111,7 +112,7 @@ def ref_keep(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> tuple
 def test_filter_mask_against_reference(monkeypatch, candidates):
     """candidates 8 < v: the CPU ranks 8 tokens per row first and sorts only the rows they do not settle (a
     nucleus past them, a top-k between them and v); every row must come out as from a whole sort."""
-    monkeypatch.setattr(sampling, "CPU_SAMPLING_CANDIDATES", candidates)
+    monkeypatch.setattr(token_filter, "CPU_SAMPLING_CANDIDATES", candidates)
     gen = torch.Generator().manual_seed(0)
     b, v = 200, 40
     logits = torch.randn(b, v, generator=gen, dtype=torch.float64) * 2

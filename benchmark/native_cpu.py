@@ -137,6 +137,19 @@ def bench_level(args, dtype: torch.dtype) -> None:
         row("decode_attn", f"ctx{ctx}", m, {
             "native": median_us(lambda: native.decode_attention(q, kn, vn, out_loc, kc, vc, slots, lens, 0.125), rep),
             "torch": median_us(torch_attn, rep)})  # fmt: skip
+        if dtype == torch.float32:  # over an fp16 cache (--kv-cache-dtype float16, the AVX2 default for a GGUF)
+            kc16, vc16 = kc.half(), vc.half()
+
+            def torch_attn16():
+                kc16[out_loc], vc16[out_loc] = kn.half(), vn.half()
+                keys = kc16[slots].float().repeat_interleave(3, 2)
+                vals = vc16[slots].float().repeat_interleave(3, 2)
+                return F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2))
+
+            row("decode_attn_kv16", f"ctx{ctx}", m, {
+                "native": median_us(
+                    lambda: native.decode_attention(q, kn, vn, out_loc, kc16, vc16, slots, lens, 0.125), rep),
+                "torch": median_us(torch_attn16, rep)})  # fmt: skip
 
 
 def main() -> None:

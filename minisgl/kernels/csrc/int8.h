@@ -67,7 +67,7 @@ void dot_rows4(const float* wf, int64_t k_len, const float* x, float dots[][4]) 
         for (int r = 0; r < 4; ++r) dots[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 #else
-constexpr int64_t kInt8Rows = 2;  // 16 registers: 8 accumulators, 4 weights, x
+constexpr int64_t kInt8Rows = 3;  // 16 registers: 12 accumulators and 4 weights; the FMAs read x from L1
 
 template <int M>
 void dot_rows4(const float* wf, int64_t k_len, const float* x, float dots[][4]) {
@@ -130,8 +130,9 @@ void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const f
                     for (int64_t g = 0; g < groups; ++g)
                         for (int64_t k = g * group; k < (g + 1) * group; ++k)
                             wf[r * k_len + k] = float(wq[r * k_len + k]) * sq[r * groups + g];
-                for (int64_t m0 = 0; m0 < rows; m0 += kInt8Rows) {
-                    const int64_t mc = rows - m0 < kInt8Rows ? rows - m0 : kInt8Rows;
+                for (int64_t m0 = 0, mc; m0 < rows; m0 += mc) {
+                    mc = rows - m0 < kInt8Rows ? rows - m0 : kInt8Rows;
+                    if (kInt8Rows == 3 && rows - m0 == 4) mc = 2;  // 2 + 2 rows, not 3 + 1
                     float dots[kInt8Rows][4];
                     const float* xm = xf.data() + m0 * k_len;
                     switch (mc) {
@@ -141,7 +142,8 @@ void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const f
                         case 3: dot_rows4<3>(wf.data(), k_len, xm, dots); break;
                         default: dot_rows4<4>(wf.data(), k_len, xm, dots); break;
 #else
-                        default: dot_rows4<2>(wf.data(), k_len, xm, dots); break;
+                        case 2: dot_rows4<2>(wf.data(), k_len, xm, dots); break;
+                        default: dot_rows4<3>(wf.data(), k_len, xm, dots); break;
 #endif
                     }
                     for (int64_t m = 0; m < mc; ++m)

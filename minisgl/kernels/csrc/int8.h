@@ -44,6 +44,33 @@ inline void int8_rows4_one(const int8_t* w, int64_t k_len, const float* sc, int6
     for (int r = 0; r < 4; ++r) dots[0][r] = hsum256(acc[r]);
 }
 
+// dots[m][r] = x[m] . w[r] for M <= 2 rows of x and 4 weight rows, each weight widened and scaled (exactly) in a
+// register as it is read: for a few rows of x, writing the dequantized quad to memory first (dot_rows4) costs
+// more than it saves.
+template <int M>
+void int8_rows4_few(const int8_t* w, int64_t k_len, const float* sc, int64_t groups, const float* x,
+                    float dots[][4]) {
+    const int64_t group = k_len / groups;
+    __m256 acc[M][4];
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < 4; ++r) acc[m][r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m256 s[4];
+        for (int r = 0; r < 4; ++r) s[r] = _mm256_set1_ps(sc[r * groups + g]);
+        for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+            __m256 xv[M];
+            for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * k_len + k);
+            for (int r = 0; r < 4; ++r) {
+                const __m128i q = _mm_loadl_epi64((const __m128i*)(w + r * k_len + k));
+                const __m256 wv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s[r]);
+                for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < M; ++m)
+        for (int r = 0; r < 4; ++r) dots[m][r] = hsum256(acc[m][r]);
+}
+
 // dots[m][r] = x[m] . wf[r] over k for M rows of x and 4 weight rows already dequantized to fp32 (wf[r] at
 // r * k_len): with more than one row of x, each quad of weight rows is widened once and reused from L1 for all
 // of them, so the inner loop is loads and FMAs only.
@@ -87,6 +114,8 @@ void dot_rows4(const float* wf, int64_t k_len, const float* x, float dots[][4]) 
 }
 #endif
 
+constexpr int64_t kInt8FewRows = 3;  // up to this many rows of x, int8_rows4_few: no dequantized copy
+
 // y [rows][n] (T: fp32 or bf16) = x [rows][k] (T) times w [n][k] (int8) with fp32 scales [n][groups] (each for
 // k / groups consecutive columns, a multiple of 16), rounded once. Tiles of 64 output rows go over the OpenMP
 // threads; each quad of weight rows is read from memory once and reused from cache for every row of x. Results
@@ -102,7 +131,7 @@ void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const f
     const int64_t tiles = (n + kTile - 1) / kTile;
 #pragma omp parallel if (tiles >= 16)
     {
-        std::vector<float> out(rows * kTile), wf(rows > 1 ? 4 * k_len : 0);
+        std::vector<float> out(rows * kTile), wf(rows > kInt8FewRows ? 4 * k_len : 0);
         std::vector<int8_t> tail;  // the last rows, padded to 4 with zeros
         std::vector<float> tail_scale;
 #pragma omp for schedule(static)
@@ -124,6 +153,18 @@ void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const f
                     float dots[1][4];
                     int8_rows4_one(wq, k_len, sq, groups, xf.data(), dots);
                     for (int64_t r = 0; r < live; ++r) out[r0 - t0 + r] = dots[0][r];
+                    continue;
+                }
+                if (rows <= kInt8FewRows) {
+                    for (int64_t m0 = 0; m0 < rows; m0 += 2) {
+                        float dots[2][4];
+                        if (rows - m0 >= 2)
+                            int8_rows4_few<2>(wq, k_len, sq, groups, xf.data() + m0 * k_len, dots);
+                        else
+                            int8_rows4_few<1>(wq, k_len, sq, groups, xf.data() + m0 * k_len, dots);
+                        for (int64_t m = m0; m < rows && m < m0 + 2; ++m)
+                            for (int64_t r = 0; r < live; ++r) out[m * kTile + r0 - t0 + r] = dots[m - m0][r];
+                    }
                     continue;
                 }
                 for (int64_t r = 0; r < 4; ++r)  // q * scale is exact in fp32

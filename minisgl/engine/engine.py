@@ -84,8 +84,9 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device, 
     backends read a cache of another dtype than the activations'."""
     if name == "auto":
         if llama_numerics and dtype == torch.float32:
-            return torch.float16, "--kv-cache-dtype auto with llama.cpp's numerics (a named --dtype: the same)"
-        return dtype, "--kv-cache-dtype auto: the activations'"
+            return torch.float16, ("--kv-cache-dtype auto: fp16, llama.cpp's cache type, as --dtype auto computes as "
+                                   "llama.cpp does here; a named --dtype keeps the cache in it")  # fmt: skip
+        return dtype, "--kv-cache-dtype auto: the activations' dtype"
     if name not in _KV_DTYPES:
         raise ValueError(f"unknown kv_cache_dtype {name!r}; choose auto, {', '.join(_KV_DTYPES)}")
     kv = _KV_DTYPES[name]

@@ -98,7 +98,7 @@ def test_auto_is_fp16_only_where_llama_cpp_numerics_run(ckpt):
         resolve_kv_cache_dtype("float16", bf16, cuda, llama_numerics=False)
     with pytest.raises(ValueError, match="unknown kv_cache_dtype"):
         resolve_kv_cache_dtype("fp8_e5m2", f32, cpu, llama_numerics=False)
-    # the engine applies it: int4 weights under --dtype auto with fp32 activations (as on an AVX2 CPU)
+    # the engine applies it: a named --dtype keeps the cache in that dtype, int4 weights or not
     path, _ = ckpt
     llm = LLM(path, device="cpu", dtype="float32", quantization="int4")
     assert llm.scheduler.engine.pool.dtype == f32

@@ -119,6 +119,16 @@ def test_auto_picks_fp16_at_the_avx2_level(ckpt, monkeypatch):
         native._lib.cache_clear()
 
 
+def test_backends_that_read_only_their_own_dtype_refuse_another_cache():
+    from minisgl.attention import create_backend
+    from minisgl.kvcache.pool import KVPool
+
+    pool = KVPool(2, 4, 4, 3, 64, torch.float16, "cpu")
+    assert create_backend("torch", pool, 9, 3, 64, 0.125, torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="needs the KV cache in the activations' dtype"):
+        create_backend("triton", pool, 9, 3, 64, 0.125, torch.float32)
+
+
 def test_server_flag():
     assert parse_args(["--kv-cache-dtype", "fp16"]).engine_kwargs()["kv_cache_dtype"] == "fp16"
     with pytest.raises(SystemExit):

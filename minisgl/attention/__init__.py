@@ -27,8 +27,8 @@ def create_backend(
     scale: float,
     dtype: torch.dtype | None = None,
 ) -> AttentionBackend:
-    """`dtype`: the activations' (None: the pool's). Only the torch and cpu backends take a pool of another
-    dtype (an fp16 cache under fp32 activations)."""
+    """`dtype`: the activations' (None: the pool's); a backend without `mixed_cache_dtype` refuses a pool of
+    another dtype."""
     if name == "torch":
         from minisgl.attention.torch_backend import TorchBackend as cls
     elif name == "cpu":
@@ -39,8 +39,4 @@ def create_backend(
         from minisgl.attention.flashinfer_backend import FlashInferBackend as cls
     else:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name in ("torch", "cpu"):
-        return cls(pool, num_q_heads, num_kv_heads, head_dim, scale, dtype)
-    if dtype not in (None, pool.dtype):
-        raise ValueError(f"the {name} attention backend needs the KV cache in the activations' dtype ({dtype})")
-    return cls(pool, num_q_heads, num_kv_heads, head_dim, scale)
+    return cls(pool, num_q_heads, num_kv_heads, head_dim, scale, dtype)

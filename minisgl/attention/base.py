@@ -26,6 +26,8 @@ class AttentionBackend(ABC):
     """
 
     supports_cuda_graph: bool = False
+    # Whether q (and the result) may have another dtype than the pool's k/v: an fp16 cache under fp32 activations.
+    mixed_cache_dtype: bool = False
 
     def __init__(
         self,
@@ -37,7 +39,10 @@ class AttentionBackend(ABC):
         dtype: torch.dtype | None = None,
     ):
         self.pool = pool
-        self.dtype = dtype or pool.dtype  # q's and the result's: the pool may store k/v narrower (KVPool)
+        self.dtype = dtype or pool.dtype  # q's and the result's
+        if self.dtype != pool.dtype and not self.mixed_cache_dtype:
+            raise ValueError(f"attention backend {type(self).__name__} needs the KV cache in the activations' dtype "
+                             f"({self.dtype}), not {pool.dtype}")  # fmt: skip
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim

@@ -18,8 +18,16 @@ class FlashInferBackend(AttentionBackend):
     memory, so the pool needs no conversion.
     """
 
-    def __init__(self, pool: KVPool, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float):
-        super().__init__(pool, num_q_heads, num_kv_heads, head_dim, scale)
+    def __init__(
+        self,
+        pool: KVPool,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(pool, num_q_heads, num_kv_heads, head_dim, scale, dtype)
         try:
             import flashinfer
         except ImportError as e:

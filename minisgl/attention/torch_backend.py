@@ -44,6 +44,8 @@ class TorchBackend(AttentionBackend):
     ~4x longer for one query per sequence. Extend runs one causal SDPA call per sequence.
     """
 
+    mixed_cache_dtype = True
+
     def prepare(self, batch: ForwardBatch) -> None:
         slots, valid = slot_table(batch)
         meta = TorchMetadata(slots=slots.reshape(-1), max_len=slots.shape[1], bias=None)

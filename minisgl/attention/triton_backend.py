@@ -34,8 +34,16 @@ class TritonBackend(AttentionBackend):
 
     supports_cuda_graph = True
 
-    def __init__(self, pool: KVPool, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float):
-        super().__init__(pool, num_q_heads, num_kv_heads, head_dim, scale)
+    def __init__(
+        self,
+        pool: KVPool,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(pool, num_q_heads, num_kv_heads, head_dim, scale, dtype)
         if head_dim < 16 or head_dim & (head_dim - 1):
             raise ValueError(f"attention backend 'triton' needs a power-of-two head_dim >= 16, got {head_dim}")
         if pool.device.type == "cuda":

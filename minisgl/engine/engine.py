@@ -21,7 +21,7 @@ from minisgl.engine import cpu_runner
 from minisgl.engine.config import EngineConfig
 from minisgl.engine.sampling import PendingTokens, SamplingBatch, TokenMask, sample
 from minisgl.kvcache.pool import KVPool
-from minisgl.models.config import ModelConfig, load_model_config, resolve_dtype
+from minisgl.models.config import DTYPES, ModelConfig, load_model_config, resolve_dtype
 from minisgl.models.gguf import gguf_weight_types
 from minisgl.models.hub import resolve_model_path
 from minisgl.models.registry import model_class
@@ -72,8 +72,7 @@ def _log_cpu_choices(requested: str, dtype: torch.dtype, quant: QuantConfig | No
                 dtype_why, torch.get_num_threads(), wait)  # fmt: skip
 
 
-_KV_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-              "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}  # fmt: skip
+_KV_DTYPES = {**DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
 
 
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device, llama_numerics: bool):

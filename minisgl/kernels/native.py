@@ -219,7 +219,8 @@ def fits_kv_cache(dtype: torch.dtype, cache: torch.Tensor) -> bool:
     """True when decode attention can run natively with activations of `dtype` over this cache [S, Hkv, D]: the
     cache holds that dtype or fp16, on the CPU, contiguous heads of a size that is a multiple of 8."""
     return (
-        fits(torch.empty(0, dtype=dtype))
+        dtype in _DTYPES
+        and _lib() is not None
         and cache.is_cpu
         and cache.dtype in (dtype, torch.float16)
         and cache.shape[-1] % 8 == 0

@@ -12,7 +12,7 @@ import torch
 from minisgl.kernels import native
 from minisgl.layers.rotary import RopeConfig
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def model_config_from_dict(cfg: dict[str, Any], model_dir: str | None = None) ->
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         eos_token_ids=_eos_ids(model_dir, cfg),
-        torch_dtype=_DTYPES.get(torch_dtype) if isinstance(torch_dtype, str) else None,
+        torch_dtype=DTYPES.get(torch_dtype) if isinstance(torch_dtype, str) else None,
         hf=cfg,
     )
 
@@ -116,9 +116,9 @@ def resolve_dtype(name: str, config: ModelConfig, device: torch.device) -> torch
     """`auto` is the checkpoint's dtype on GPU (bf16 if unknown). On CPU it is bfloat16 where the CPU computes
     it natively (AMX/AVX512-BF16), else float32, because emulated bf16 matmuls are slower than fp32."""
     if name != "auto":
-        if name not in _DTYPES:
+        if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; choose auto, bfloat16, float16 or float32")
-        return _DTYPES[name]
+        return DTYPES[name]
     if device.type == "cpu":
         return torch.bfloat16 if native.has_native_bf16() else torch.float32
     dtype = config.torch_dtype or torch.bfloat16

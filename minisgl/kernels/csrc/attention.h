@@ -154,9 +154,10 @@ void decode_attention(const T* q, int64_t q_stride, int64_t q_hstride, const T* 
             store_row(v + b * v_stride + h * v_hstride, v_cache + out_loc[b] * token + h * head_dim, head_dim);
         }
     const int64_t group = q_heads / kv_heads, part_len = group * (head_dim + 2);
+    auto chunks_of = [&](int64_t b) { return (lens[b] + kChunk - 1) / kChunk; };
     // Work items (b, h, chunk) in that order: first[b] is sequence b's first item at kv head 0.
     std::vector<int64_t> first(batch + 1, 0);
-    for (int64_t b = 0; b < batch; ++b) first[b + 1] = first[b] + kv_heads * ((lens[b] + kChunk - 1) / kChunk);
+    for (int64_t b = 0; b < batch; ++b) first[b + 1] = first[b] + kv_heads * chunks_of(b);
     const int64_t work = first[batch];
     std::vector<float> parts(work * part_len);
 #pragma omp parallel if (work > 1)
@@ -166,7 +167,7 @@ void decode_attention(const T* q, int64_t q_stride, int64_t q_hstride, const T* 
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < work; ++i) {
             const int64_t b = std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1;
-            const int64_t chunks = (lens[b] + kChunk - 1) / kChunk, h = (i - first[b]) / chunks;
+            const int64_t chunks = chunks_of(b), h = (i - first[b]) / chunks;
             const int64_t c = (i - first[b]) % chunks, p0 = c * kChunk, n = std::min(kChunk, lens[b] - p0);
             for (int64_t g = 0; g < group; ++g)
                 for (int64_t d = 0; d < head_dim; ++d)
@@ -178,7 +179,7 @@ void decode_attention(const T* q, int64_t q_stride, int64_t q_hstride, const T* 
         // Merge each (sequence, kv head)'s chunks: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < batch * kv_heads; ++bh) {
-            const int64_t b = bh / kv_heads, h = bh % kv_heads, chunks = (lens[b] + kChunk - 1) / kChunk;
+            const int64_t b = bh / kv_heads, h = bh % kv_heads, chunks = chunks_of(b);
             const float* pb = parts.data() + (first[b] + h * chunks) * part_len;
             for (int64_t g = 0; g < group; ++g) {
                 float big = pb[g * (head_dim + 2)];

@@ -40,6 +40,17 @@ inline void from_float(float x, bf16* out) {
     *out = bf16(u >> 16);
 }
 
+// A weight matmul at a few rows of x streams its weight from memory once per call. The hardware prefetchers
+// alone kept a core's loads well short of what it can draw (docs/benchmarks.md, the vocabulary head), so the
+// integer kernels ask for their weight's bytes kWeightAhead ahead of where they read, into L1.
+constexpr int64_t kWeightAhead = 8192;
+
+// Prefetch the cache lines of [p + kWeightAhead, p + kWeightAhead + bytes); past the weight's end it loads
+// nothing (a prefetch never faults).
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + kWeightAhead + b, _MM_HINT_T0);
+}
+
 // x rounded to T's precision and back: where HF would store a T tensor between two ops.
 template <typename T>
 inline float round_as(float x) {

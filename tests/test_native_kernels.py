@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_quant_methods import quantized_linear
 
 from minisgl.kernels import native
-from minisgl.kernels.tuning import CPU_INT4_NATIVE_MAX_ROWS
+from minisgl.kernels.tuning import CPU_INT4_NATIVE_MAX_ROWS, CPU_INT8_NATIVE_MAX_ROWS
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no native CPU kernels for this CPU or build")
 
@@ -272,6 +272,68 @@ def test_int8_gemm_matches_torch(at_each_level, rows, cols, group, batch, dtype)
     dense = x.double() @ w.view(rows, cols).t()
     tol = 1e-4 if dtype == torch.float32 else 2**-7  # fp32: sums of 576 terms of ~1 in another order
     torch.testing.assert_close(ours.double(), dense, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("rows,cols,group", [(4099, 576, 32), (30, 64, 32), (7, 32, 32), (13, 192, 96)])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 9, 16])  # AVX2 takes 2 rows a pass, AVX-512 4
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_gemm_with_int8_activations(at_each_level, rows, cols, group, batch, dtype):
+    """act_q8: exactly the product of the rounded activations with the file's weights, to summation order."""
+    torch.manual_seed(rows + batch)
+    qweight = torch.randint(-128, 128, (rows, cols), dtype=torch.int8)  # -128 too: a file may hold it
+    scale = torch.rand(rows, cols // group) * 0.01 + 1e-3
+    x = torch.randn(batch, cols).to(dtype)
+    x[0, :32] = 0  # a group of zeros has no scale
+    ours = native.int8_gemm(x, qweight, scale, act_q8=True)
+    assert ours.shape == (batch, rows) and ours.dtype == dtype
+    w = (qweight.double().view(rows, -1, group) * scale.double().unsqueeze(2)).view(rows, cols).t()
+    tol = 1e-4 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(ours.double(), q8_rounded(x) @ w, rtol=tol, atol=tol)
+    exact = x.double() @ w  # and within the rounding's reach of the exact product
+    assert (ours.double() - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+def test_int8_gemm_with_int8_activations_gives_a_row_the_same_bits_in_any_call():
+    """Whatever the batch, the thread count or the ISA level, a row of x gets the same result: a sampled
+    sequence's logits do not depend on what else runs beside it."""
+    torch.manual_seed(0)
+    qweight = torch.randint(-127, 128, (1000, 576), dtype=torch.int8)
+    scale = torch.rand(1000, 18) * 0.01
+    x = torch.randn(16, 576)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for level in LEVELS:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("MINISGL_CPU_ISA", level)
+                native._lib.cache_clear()
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    for step in (16, 1, 3):  # one call; one row a call; three (AVX2: a pass of 2 and one of 1)
+                        parts = [native.int8_gemm(x[i : i + step], qweight, scale, True) for i in range(0, 16, step)]
+                        results.append(torch.cat(parts))
+    finally:
+        torch.set_num_threads(threads)
+        native._lib.cache_clear()
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 300), (torch.bfloat16, 100), (torch.bfloat16, 300)])
+def test_int8_layer_with_int8_activations_picks_its_kernel(dtype, rows, monkeypatch):
+    """A layer with int8 activations runs the integer kernel for every fp32 input, however many rows, and for
+    bf16 inputs only up to CPU_INT8_NATIVE_MAX_ROWS."""
+    layer, _ = quantized_linear("int8", 96, 64, dtype=dtype)
+    layer.method.int8_activations = True
+    calls = []
+    monkeypatch.setattr(native, "int8_gemm", lambda *a, f=native.int8_gemm: calls.append(a[-1]) or f(*a))
+    x = torch.randn(rows, 64).to(dtype)
+    y = layer(x).double()
+    integer_kernel = dtype == torch.float32 or rows <= CPU_INT8_NATIVE_MAX_ROWS
+    assert calls == ([True] if integer_kernel else [])
+    if integer_kernel:
+        tol = 1e-4 if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(y, q8_rounded(x) @ layer.method.dequantize(layer).double().t(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("vocab", [1, 37, 1000, 49152])

@@ -93,6 +93,7 @@ def test_quantized_model_matches_transformers_on_dequantized_weights(arch, schem
     [
         ("cpu", "int4", "bfloat16"),
         ("cpu", "int4", "auto"),
+        ("cpu", "int8", "auto"),
         pytest.param("cuda", "int4", "bfloat16", marks=pytest.mark.gpu),
         pytest.param("cuda", "int8", "bfloat16", marks=pytest.mark.gpu),
         pytest.param("cuda", "fp8", "bfloat16", marks=pytest.mark.gpu),
@@ -100,9 +101,9 @@ def test_quantized_model_matches_transformers_on_dequantized_weights(arch, schem
 )
 def test_quantized_greedy_within_reference_top2(device, scheme, dtype, tmp_path):
     """bfloat16 activations (on CUDA the Triton kernels, CUDA graphs, and for fp8 per-token activation scales in
-    prefill), or the CPU's auto dtype, whose int4 matmuls round activations to int8. Each greedy token must be
-    one the reference ranks first or second, with a logit within bf16 (fp8: activation-quantization) noise of
-    the best."""
+    prefill), or the CPU's auto dtype, whose int4 and int8 matmuls round activations to int8. Each greedy token
+    must be one the reference ranks first or second, with a logit within bf16 (fp8: activation-quantization)
+    noise of the best."""
     if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no fp8 tensor cores")
     src = build_checkpoint(str(tmp_path / "src"), "llama")

@@ -66,7 +66,7 @@ def _log_cpu_choices(requested: str, dtype: torch.dtype, quant: QuantConfig | No
     else:
         dtype_why = "--dtype auto, and the CPU has no native bf16 (emulated bf16 is slower than fp32)"
     if quant is not None and quant.int8_activations:
-        dtype_why += "; int4 matmuls round them to int8 per 32 as llama.cpp does (a named --dtype: exact matmuls)"
+        dtype_why += "; int4/int8 matmuls round them to int8 per 32 as llama.cpp does (a named --dtype: exact ones)"
     wait = ", ".join(f"{v}={os.environ[v]}" for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if v in os.environ)
     logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads, waits: %s", loaded, why, dtype,
                 dtype_why, torch.get_num_threads(), wait)  # fmt: skip

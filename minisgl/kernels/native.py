@@ -68,7 +68,7 @@ _SIGNATURES = {
         _f32,
     ],  # fmt: skip
     "minisgl_int4_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int],
-    "minisgl_int8_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr],
+    "minisgl_int8_gemm": [_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _int],
     "minisgl_decoder_layer": [_ptr, _ptr, _ptr, _ptr, _int],
     "minisgl_gumbel_argmax": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr],
 }
@@ -308,19 +308,22 @@ def decode_attention(
     return out
 
 
-def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, act_q8: bool = False) -> torch.Tensor:
     """x [M, K] (fp32 or bf16, contiguous) times int8 qweight [N, K] with fp32 scales [N, G], each for K/G
-    consecutive columns (a multiple of 16: G = K/32 for GGUF's Q8_0, 1 per channel), [M, N] in x's dtype."""
+    consecutive columns (a multiple of 16: G = K/32 for GGUF's Q8_0, 1 per channel), [M, N] in x's dtype.
+    act_q8: x is first rounded to int8 per group of 32 (csrc/int8_q8.h; K/G a multiple of 32), else multiplied
+    in fp32 (csrc/int8.h)."""
     rows, k_len = x.shape
     _check(x.dtype in _DTYPES, f"int8_gemm takes fp32 or bf16 activations, not {x.dtype}")
     _check(qweight.dtype == torch.int8 and qweight.shape[1] == k_len, "int8_gemm: qweight must be int8 [N, K]")
     _check(scale.dtype == torch.float32 and scale.dim() == 2 and scale.shape[0] == qweight.shape[0]
            and k_len % scale.shape[1] == 0 and (k_len // scale.shape[1]) % 16 == 0,
            "int8_gemm: scale must be fp32 [N, G] with K/G a multiple of 16")  # fmt: skip
+    _check(not act_q8 or (k_len // scale.shape[1]) % 32 == 0, "int8_gemm: act_q8 needs groups of 32 columns")
     _check(x.is_contiguous() and qweight.is_contiguous() and scale.is_contiguous(), "int8_gemm: contiguous inputs")
     y = x.new_empty((rows, qweight.shape[0]))
     _lib().minisgl_int8_gemm(_DTYPES[x.dtype], x.data_ptr(), rows, k_len, qweight.data_ptr(), scale.data_ptr(),
-                             scale.shape[1], qweight.shape[0], y.data_ptr())  # fmt: skip
+                             scale.shape[1], qweight.shape[0], y.data_ptr(), int(act_q8))  # fmt: skip
     return y
 
 

@@ -12,15 +12,15 @@ __all__ = ["KEEP_GGUF", "SCHEMES", "QuantConfig", "QuantMethod", "make_method", 
 
 def make_method(scheme: str, device: torch.device, dtype: torch.dtype, int8_activations: bool = False) -> QuantMethod:
     """The method object for `scheme` on `device` with activations of `dtype` (shared by all its layers);
-    int8_activations: see QuantConfig (CPU int4 only)."""
+    int8_activations: see QuantConfig (CPU int4 and int8 only)."""
     from minisgl.quant.fp8 import Fp8Method
     from minisgl.quant.int4 import Int4CpuMethod, Int4CudaMethod
     from minisgl.quant.int8 import Int8CpuMethod, Int8CudaMethod
 
-    if scheme == "int4" and device.type != "cuda":
-        return Int4CpuMethod(device, dtype, int8_activations)
+    if device.type != "cuda" and scheme in ("int4", "int8"):
+        return (Int4CpuMethod if scheme == "int4" else Int8CpuMethod)(device, dtype, int8_activations)
     methods: dict[str, type[QuantMethod]] = {
-        "int8": Int8CudaMethod if device.type == "cuda" else Int8CpuMethod,
+        "int8": Int8CudaMethod,
         "int4": Int4CudaMethod,
         "fp8": Fp8Method,
     }

@@ -21,9 +21,10 @@ class QuantConfig:
     the scheme its GGUF type maps to (None: stored unquantized, stays dense). Embeddings and norms are never
     quantized; the LM head only with `quantize_lm_head`, or under KEEP_GGUF when the file stores it quantized.
 
-    int8_activations: CPU int4 layers round the activations of their native matmuls to int8 per group of 32 and
-    multiply in integers, as llama.cpp multiplies its 4-bit blocks by Q8 activations (about twice as fast; the
-    engine sets it where the user left --dtype auto). Otherwise they multiply in fp32, exactly the file's weights.
+    int8_activations: CPU int4 and int8 layers (the latter with groups of 32: GGUF's Q8_0, such as a head) round
+    the activations of their native matmuls to int8 per group of 32 and multiply in integers, as llama.cpp
+    multiplies its 4- and 8-bit blocks by Q8 activations (about twice as fast; the engine sets it where the user
+    left --dtype auto). Otherwise they multiply in fp32, exactly the file's weights.
     """
 
     scheme: str

@@ -59,10 +59,16 @@ class Int8CpuMethod(QuantMethod):
     a multiple of 32): GGUF's Q8_0 blocks load as they are (the file's scales, exact), dense weights are quantized
     per group. Up to CPU_INT8_NATIVE_MAX_ROWS rows (more for a vocabulary-sized weight) the native kernel (AVX2 or
     AVX-512, fp32 or bf16 activations) multiplies; larger inputs, or no native kernels, expand the weight for a
-    dense matmul. Layers whose K is not a multiple of 16 stay dense.
+    dense matmul. Layers whose K is not a multiple of 16 stay dense. With int8_activations (QuantConfig) and
+    groups of 32 the native kernel rounds the activations to int8 per group of 32 first, and in fp32 it takes
+    every input, so a row's result does not depend on how many rows share the call.
     """
 
     name = "int8"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, int8_activations: bool = False):
+        super().__init__(device, dtype)
+        self.int8_activations = int8_activations
 
     def supports(self, out_features: int, in_features: int) -> bool:
         return in_features % 16 == 0
@@ -86,8 +92,9 @@ class Int8CpuMethod(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         rows, weight = x.shape[0], layer.qweight.numel()
         limit = CPU_INT8_LARGE_NATIVE_MAX_ROWS if weight >= CPU_INT8_LARGE_WEIGHT else CPU_INT8_NATIVE_MAX_ROWS
-        if rows <= limit and native.fits(x):
-            return native.int8_gemm(x.contiguous(), layer.qweight, layer.qscale)
+        act_q8 = self.int8_activations and layer.qweight.shape[1] // layer.qscale.shape[1] % GROUP == 0
+        if (rows <= limit or (act_q8 and x.dtype == torch.float32)) and native.fits(x):
+            return native.int8_gemm(x.contiguous(), layer.qweight, layer.qscale, act_q8)
         return torch.nn.functional.linear(x, self.dequantize(layer).to(x.dtype))
 
     def dequantize(self, layer: nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@
 #include "int4.h"
 #include "int4_q8.h"
 #include "int8.h"
+#include "int8_q8.h"
 #include "ops.h"
 
 using namespace minisgl;
@@ -104,12 +105,13 @@ void minisgl_int4_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, 
         (act_q8 ? int4_q8_gemm<float> : int4_gemm<float>)((const float*)x, rows, k_len, w, sm, n, (float*)y);
 }
 
+// act_q8: quantize x to int8 per group of 32 and multiply in integers (int8_q8.h; k / groups a multiple of 32).
 void minisgl_int8_gemm(int is_bf16, const void* x, int64_t rows, int64_t k_len, const int8_t* w, const float* scale,
-                       int64_t groups, int64_t n, void* y) {
+                       int64_t groups, int64_t n, void* y, int act_q8) {
     if (is_bf16)
-        int8_gemm((const bf16*)x, rows, k_len, w, scale, groups, n, (bf16*)y);
+        (act_q8 ? int8_q8_gemm<bf16> : int8_gemm<bf16>)((const bf16*)x, rows, k_len, w, scale, groups, n, (bf16*)y);
     else
-        int8_gemm((const float*)x, rows, k_len, w, scale, groups, n, (float*)y);
+        (act_q8 ? int8_q8_gemm<float> : int8_gemm<float>)((const float*)x, rows, k_len, w, scale, groups, n, (float*)y);
 }
 
 // x: fp32 [rows][stride], temperature-scaled and filtered logits (-inf: excluded); seeds, steps, out: [rows].

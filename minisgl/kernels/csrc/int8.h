@@ -116,27 +116,27 @@ void dot_rows4(const float* wf, int64_t k_len, const float* x, float dots[][4]) 
 
 constexpr int64_t kInt8FewRows = 3;  // up to this many rows of x, int8_rows4_few: no dequantized copy
 
-// y [rows][n] (T: fp32 or bf16) = x [rows][k] (T) times w [n][k] (int8) with fp32 scales [n][groups] (each for
-// k / groups consecutive columns, a multiple of 16), rounded once. Tiles of 64 output rows go over the OpenMP
-// threads; each quad of weight rows is read from memory once and reused from cache for every row of x. Results
-// gather in a per-tile buffer and are stored as contiguous runs: storing 4 values at a time into many rows of y
-// far apart (a vocabulary-sized head) ran several times slower.
-template <typename T>
-void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const float* scale, int64_t groups,
-               int64_t n, T* y) {
-    constexpr int64_t kTile = 64;
-    const int64_t group = k_len / groups;
-    std::vector<float> xf(rows * k_len);
-    for (int64_t i = 0; i < rows * k_len; ++i) xf[i] = to_float(x[i]);
-    const int64_t tiles = (n + kTile - 1) / kTile;
+// The shape of both int8 matmuls (this one and int8_q8.h's): y [rows][n] (T) from w [n][k] (int8) with fp32
+// scales [n][groups], in quads of 4 weight rows. Tiles of 64 output rows go over the OpenMP threads; each quad is
+// read from memory once and reused from cache for every row of x. quad(wq, sq, out, scratch) writes the quad's
+// dots with every row m of x to out[m * kTile + 0..3] (the last quad of w comes padded to 4 rows with zeros);
+// scratch is the thread's own buffer of `scratch_len` floats. Results gather in a per-tile buffer and are stored
+// as contiguous runs: storing 4 values at a time into many rows of y far apart (a vocabulary-sized head) ran
+// several times slower.
+constexpr int64_t kInt8Tile = 64;
+
+template <typename T, typename Quad>
+void for_each_int8_quad(int64_t rows, int64_t k_len, const int8_t* w, const float* scale, int64_t groups, int64_t n,
+                        T* y, int64_t scratch_len, Quad quad) {
+    const int64_t tiles = (n + kInt8Tile - 1) / kInt8Tile;
 #pragma omp parallel if (tiles >= 16)
     {
-        std::vector<float> out(rows * kTile), wf(rows > kInt8FewRows ? 4 * k_len : 0);
+        std::vector<float> out(rows * kInt8Tile), scratch(scratch_len);
         std::vector<int8_t> tail;  // the last rows, padded to 4 with zeros
         std::vector<float> tail_scale;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t t0 = t * kTile, t_rows = n - t0 < kTile ? n - t0 : kTile;
+            const int64_t t0 = t * kInt8Tile, t_rows = n - t0 < kInt8Tile ? n - t0 : kInt8Tile;
             for (int64_t r0 = t0; r0 < t0 + t_rows; r0 += 4) {
                 const int64_t live = n - r0 < 4 ? n - r0 : 4;
                 const int8_t* wq = w + r0 * k_len;
@@ -149,52 +149,66 @@ void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const f
                     wq = tail.data();
                     sq = tail_scale.data();
                 }
-                if (rows == 1) {
-                    float dots[1][4];
-                    int8_rows4_one(wq, k_len, sq, groups, xf.data(), dots);
-                    for (int64_t r = 0; r < live; ++r) out[r0 - t0 + r] = dots[0][r];
-                    continue;
-                }
-                if (rows <= kInt8FewRows) {
-                    for (int64_t m0 = 0; m0 < rows; m0 += 2) {
-                        float dots[2][4];
-                        if (rows - m0 >= 2)
-                            int8_rows4_few<2>(wq, k_len, sq, groups, xf.data() + m0 * k_len, dots);
-                        else
-                            int8_rows4_few<1>(wq, k_len, sq, groups, xf.data() + m0 * k_len, dots);
-                        for (int64_t m = m0; m < rows && m < m0 + 2; ++m)
-                            for (int64_t r = 0; r < live; ++r) out[m * kTile + r0 - t0 + r] = dots[m - m0][r];
-                    }
-                    continue;
-                }
-                for (int64_t r = 0; r < 4; ++r)  // q * scale is exact in fp32
-                    for (int64_t g = 0; g < groups; ++g)
-                        for (int64_t k = g * group; k < (g + 1) * group; ++k)
-                            wf[r * k_len + k] = float(wq[r * k_len + k]) * sq[r * groups + g];
-                for (int64_t m0 = 0, mc; m0 < rows; m0 += mc) {
-                    mc = rows - m0 < kInt8Rows ? rows - m0 : kInt8Rows;
-                    if (kInt8Rows == 3 && rows - m0 == 4) mc = 2;  // 2 + 2 rows, not 3 + 1
-                    float dots[kInt8Rows][4];
-                    const float* xm = xf.data() + m0 * k_len;
-                    switch (mc) {
-                        case 1: dot_rows4<1>(wf.data(), k_len, xm, dots); break;
-#if defined(__AVX512F__)
-                        case 2: dot_rows4<2>(wf.data(), k_len, xm, dots); break;
-                        case 3: dot_rows4<3>(wf.data(), k_len, xm, dots); break;
-                        default: dot_rows4<4>(wf.data(), k_len, xm, dots); break;
-#else
-                        case 2: dot_rows4<2>(wf.data(), k_len, xm, dots); break;
-                        default: dot_rows4<3>(wf.data(), k_len, xm, dots); break;
-#endif
-                    }
-                    for (int64_t m = 0; m < mc; ++m)
-                        for (int64_t r = 0; r < live; ++r) out[(m0 + m) * kTile + r0 - t0 + r] = dots[m][r];
-                }
+                quad(wq, sq, out.data() + (r0 - t0), scratch.data());
             }
             for (int64_t m = 0; m < rows; ++m)
-                for (int64_t r = 0; r < t_rows; ++r) from_float(out[m * kTile + r], y + m * n + t0 + r);
+                for (int64_t r = 0; r < t_rows; ++r) from_float(out[m * kInt8Tile + r], y + m * n + t0 + r);
         }
     }
+}
+
+// y [rows][n] (T: fp32 or bf16) = x [rows][k] (T) times w [n][k] (int8) with fp32 scales [n][groups] (each for
+// k / groups consecutive columns, a multiple of 16), in fp32, rounded once.
+template <typename T>
+void int8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, const float* scale, int64_t groups,
+               int64_t n, T* y) {
+    const int64_t group = k_len / groups;
+    std::vector<float> xf(rows * k_len);
+    for (int64_t i = 0; i < rows * k_len; ++i) xf[i] = to_float(x[i]);
+    const int64_t wf_len = rows > kInt8FewRows ? 4 * k_len : 0;
+    for_each_int8_quad(rows, k_len, w, scale, groups, n, y, wf_len, [&](auto wq, auto sq, float* out, float* wf) {
+        if (rows == 1) {
+            float dots[1][4];
+            int8_rows4_one(wq, k_len, sq, groups, xf.data(), dots);
+            for (int64_t r = 0; r < 4; ++r) out[r] = dots[0][r];
+            return;
+        }
+        if (rows <= kInt8FewRows) {
+            for (int64_t m0 = 0; m0 < rows; m0 += 2) {
+                float dots[2][4];
+                if (rows - m0 >= 2)
+                    int8_rows4_few<2>(wq, k_len, sq, groups, xf.data() + m0 * k_len, dots);
+                else
+                    int8_rows4_few<1>(wq, k_len, sq, groups, xf.data() + m0 * k_len, dots);
+                for (int64_t m = m0; m < rows && m < m0 + 2; ++m)
+                    for (int64_t r = 0; r < 4; ++r) out[m * kInt8Tile + r] = dots[m - m0][r];
+            }
+            return;
+        }
+        for (int64_t r = 0; r < 4; ++r)  // q * scale is exact in fp32
+            for (int64_t g = 0; g < groups; ++g)
+                for (int64_t k = g * group; k < (g + 1) * group; ++k)
+                    wf[r * k_len + k] = float(wq[r * k_len + k]) * sq[r * groups + g];
+        for (int64_t m0 = 0, mc; m0 < rows; m0 += mc) {
+            mc = rows - m0 < kInt8Rows ? rows - m0 : kInt8Rows;
+            if (kInt8Rows == 3 && rows - m0 == 4) mc = 2;  // 2 + 2 rows, not 3 + 1
+            float dots[kInt8Rows][4];
+            const float* xm = xf.data() + m0 * k_len;
+            switch (mc) {
+                case 1: dot_rows4<1>(wf, k_len, xm, dots); break;
+#if defined(__AVX512F__)
+                case 2: dot_rows4<2>(wf, k_len, xm, dots); break;
+                case 3: dot_rows4<3>(wf, k_len, xm, dots); break;
+                default: dot_rows4<4>(wf, k_len, xm, dots); break;
+#else
+                case 2: dot_rows4<2>(wf, k_len, xm, dots); break;
+                default: dot_rows4<3>(wf, k_len, xm, dots); break;
+#endif
+            }
+            for (int64_t m = 0; m < mc; ++m)
+                for (int64_t r = 0; r < 4; ++r) out[(m0 + m) * kInt8Tile + r] = dots[m][r];
+        }
+    });
 }
 
 }  // namespace minisgl

@@ -30,6 +30,8 @@ inline void int8_rows4_one(const int8_t* w, int64_t k_len, const float* sc, int6
         __m256 sum[2][4];
         for (int r = 0; r < 4; ++r) sum[0][r] = sum[1][r] = _mm256_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+            if (k % 64 == 0)
+                for (int r = 0; r < 4; ++r) prefetch_ahead(w + r * k_len + k, 64);
             for (int h = 0; h < 2; ++h) {
                 const __m256 xv = _mm256_loadu_ps(x + k + 8 * h);
                 for (int r = 0; r < 4; ++r) {
@@ -58,6 +60,8 @@ void int8_rows4_few(const int8_t* w, int64_t k_len, const float* sc, int64_t gro
         __m256 s[4];
         for (int r = 0; r < 4; ++r) s[r] = _mm256_set1_ps(sc[r * groups + g]);
         for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+            if (k % 64 == 0)
+                for (int r = 0; r < 4; ++r) prefetch_ahead(w + r * k_len + k, 64);
             __m256 xv[M];
             for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * k_len + k);
             for (int r = 0; r < 4; ++r) {

@@ -4,12 +4,14 @@ the default model's shapes (SmolLM2-135M: hidden 576, intermediate 1536, vocabul
     python benchmark/native_cpu.py
     python benchmark/native_cpu.py --rows 1 4 16 64 --repeats 300 --dtype float32 --levels avx2
 
-int4: minisgl's CPU layout vs a dense matmul on the dequantized weight (torch's best plain op; and with
-the weight expanded on every call, as layers do for prefill-sized inputs) and torch's own
-packed int4 kernel (aten._weight_int4pack_mm_for_cpu, on a weight packed for it). int8: per-group scales vs the
-dense matmul and aten._weight_int8pack_mm. Small ops: RMSNorm, rotary, SiLU-and-mul and paged decode attention
-vs the torch ops the layers run without native kernels. Median microseconds per call, weights hot in cache.
-Each level is loaded with MINISGL_CPU_ISA; run with ATEN_CPU_CAPABILITY=avx2 to see torch as on an AVX2 CPU.
+int4: minisgl's CPU layout (native: fp32 products, as a named --dtype runs them; native_q8: on activations rounded
+to int8 per 32, as --dtype auto does) vs a dense matmul on the dequantized weight (torch's best plain op; and with
+the weight expanded on every call, as layers do for prefill-sized inputs) and torch's own packed int4 kernel
+(aten._weight_int4pack_mm_for_cpu, on a weight packed for it). int8 (native and native_q8 likewise): per-group
+scales vs the dense matmul and aten._weight_int8pack_mm. Small ops: RMSNorm, rotary, SiLU-and-mul and paged
+decode attention vs the torch ops the layers run without native kernels. Median microseconds per call, weights
+hot in cache. Each level is loaded with MINISGL_CPU_ISA; run with ATEN_CPU_CAPABILITY=avx2 to see torch as on an
+AVX2 CPU.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def bench_level(args, dtype: torch.dtype) -> None:
             x = torch.randn(m, k).to(dtype)
             times = {
                 "native": median_us(lambda: native.int4_gemm(x, layer.qweight, layer.qscale_min, n), rep),
+                "native_q8": median_us(lambda: native.int4_gemm(x, layer.qweight, layer.qscale_min, n, True), rep),
                 "dense": median_us(lambda: F.linear(x, dense), rep),
                 "expand+dense": median_us(
                     lambda: (
@@ -88,6 +91,7 @@ def bench_level(args, dtype: torch.dtype) -> None:
             r = max(10, rep // 10)
             times = {
                 "native": median_us(lambda: native.int8_gemm(x, layer.qweight, layer.qscale), r),
+                "native_q8": median_us(lambda: native.int8_gemm(x, layer.qweight, layer.qscale, True), r),
                 "dense": median_us(lambda: F.linear(x, dense), r),
                 "aten_int8": median_us(lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale), r),
             }

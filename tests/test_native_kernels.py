@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import pytest
 import torch
@@ -293,12 +294,16 @@ def test_int8_gemm_with_int8_activations(at_each_level, rows, cols, group, batch
     assert (ours.double() - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
-def test_int8_gemm_with_int8_activations_gives_a_row_the_same_bits_in_any_call():
-    """Whatever the batch, the thread count or the ISA level, a row of x gets the same result: a sampled
-    sequence's logits do not depend on what else runs beside it."""
-    torch.manual_seed(0)
-    qweight = torch.randint(-127, 128, (1000, 576), dtype=torch.int8)
-    scale = torch.rand(1000, 18) * 0.01
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_integer_kernels_give_a_row_the_same_bits_in_any_call(scheme):
+    """act_q8: whatever the batch, the thread count or the ISA level, a row of x gets the same result, so a
+    sampled sequence's logits do not depend on what else runs beside it."""
+    layer, _ = quantized_linear(scheme, 1000, 576, dtype=torch.float32)
+    if scheme == "int4":
+        matmul = functools.partial(native.int4_gemm, qweight=layer.qweight, scale_min=layer.qscale_min,
+                                   out_features=1000, act_q8=True)  # fmt: skip
+    else:
+        matmul = functools.partial(native.int8_gemm, qweight=layer.qweight, scale=layer.qscale, act_q8=True)
     x = torch.randn(16, 576)
     results = []
     threads = torch.get_num_threads()
@@ -309,9 +314,8 @@ def test_int8_gemm_with_int8_activations_gives_a_row_the_same_bits_in_any_call()
                 native._lib.cache_clear()
                 for t in (1, 2):
                     torch.set_num_threads(t)
-                    for step in (16, 1, 3):  # one call; one row a call; three (AVX2: a pass of 2 and one of 1)
-                        parts = [native.int8_gemm(x[i : i + step], qweight, scale, True) for i in range(0, 16, step)]
-                        results.append(torch.cat(parts))
+                    for step in (16, 1, 3):  # one call; one row a call; three (int8 on AVX2: passes of 2 and 1)
+                        results.append(torch.cat([matmul(x[i : i + step]) for i in range(0, 16, step)]))
     finally:
         torch.set_num_threads(threads)
         native._lib.cache_clear()

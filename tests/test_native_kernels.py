@@ -235,17 +235,20 @@ def test_int4_gemm_with_int8_activations(at_each_level, rows, cols, batch, dtype
     assert (ours.double() - exact).abs().max() < 0.02 * exact.abs().max()
 
 
+@pytest.mark.parametrize("scheme,limit", [("int4", CPU_INT4_NATIVE_MAX_ROWS), ("int8", CPU_INT8_NATIVE_MAX_ROWS)])
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, 300), (torch.bfloat16, 100), (torch.bfloat16, 300)])
-def test_int4_layer_with_int8_activations_picks_its_kernel(dtype, rows, monkeypatch):
+def test_layer_with_int8_activations_picks_its_kernel(scheme, limit, dtype, rows, monkeypatch):
     """A layer with int8 activations runs the integer kernel for every fp32 input, however many rows (it beats
-    an fp32 dense matmul at prefill sizes), and for bf16 inputs only up to CPU_INT4_NATIVE_MAX_ROWS."""
-    layer, _ = quantized_linear("int4", 96, 64, dtype=dtype)
+    an fp32 dense matmul at prefill sizes, and a row's result stays that of any batch), and for bf16 inputs only
+    up to the scheme's native row limit."""
+    layer, _ = quantized_linear(scheme, 96, 64, dtype=dtype)
     layer.method.int8_activations = True
     calls = []
-    monkeypatch.setattr(native, "int4_gemm", lambda *a, f=native.int4_gemm: calls.append(a[-1]) or f(*a))
+    kernel = getattr(native, f"{scheme}_gemm")
+    monkeypatch.setattr(native, f"{scheme}_gemm", lambda *a: calls.append(a[-1]) or kernel(*a))
     x = torch.randn(rows, 64).to(dtype)
     y = layer(x).double()
-    integer_kernel = dtype == torch.float32 or rows <= CPU_INT4_NATIVE_MAX_ROWS
+    integer_kernel = dtype == torch.float32 or rows <= limit
     assert calls == ([True] if integer_kernel else [])
     if integer_kernel:
         tol = 1e-4 if dtype == torch.float32 else 2**-7
@@ -294,50 +297,47 @@ def test_int8_gemm_with_int8_activations(at_each_level, rows, cols, group, batch
     assert (ours.double() - exact).abs().max() <= 0.02 * exact.abs().max()
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_integer_kernels_give_a_row_the_same_bits_in_any_call(scheme):
-    """act_q8: whatever the batch, the thread count or the ISA level, a row of x gets the same result, so a
-    sampled sequence's logits do not depend on what else runs beside it."""
+def integer_matmul(scheme: str):
+    """A [1000 x 576] layer of `scheme` and its integer kernel (act_q8) as a function of x."""
     layer, _ = quantized_linear(scheme, 1000, 576, dtype=torch.float32)
     if scheme == "int4":
-        matmul = functools.partial(native.int4_gemm, qweight=layer.qweight, scale_min=layer.qscale_min,
-                                   out_features=1000, act_q8=True)  # fmt: skip
-    else:
-        matmul = functools.partial(native.int8_gemm, qweight=layer.qweight, scale=layer.qscale, act_q8=True)
+        return functools.partial(native.int4_gemm, qweight=layer.qweight, scale_min=layer.qscale_min,
+                                 out_features=1000, act_q8=True)  # fmt: skip
+    return functools.partial(native.int8_gemm, qweight=layer.qweight, scale=layer.qscale, act_q8=True)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_integer_kernels_give_a_row_the_same_bits_in_any_call(at_each_level, scheme):
+    """act_q8: whatever the batch or the thread count, a row of x gets the same result, so a sampled
+    sequence's logits do not depend on what else runs beside it."""
+    matmul = integer_matmul(scheme)
     x = torch.randn(16, 576)
     results = []
     threads = torch.get_num_threads()
     try:
-        for level in LEVELS:
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("MINISGL_CPU_ISA", level)
-                native._lib.cache_clear()
-                for t in (1, 2):
-                    torch.set_num_threads(t)
-                    for step in (16, 1, 3):  # one call; one row a call; three (int8 on AVX2: passes of 2 and 1)
-                        results.append(torch.cat([matmul(x[i : i + step]) for i in range(0, 16, step)]))
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for step in (16, 1, 3):  # one call; one row a call; three (int8 on AVX2: passes of 2 and 1)
+                results.append(torch.cat([matmul(x[i : i + step]) for i in range(0, 16, step)]))
     finally:
         torch.set_num_threads(threads)
-        native._lib.cache_clear()
     for r in results[1:]:
         assert torch.equal(r, results[0])
 
 
-@pytest.mark.parametrize("dtype,rows", [(torch.float32, 300), (torch.bfloat16, 100), (torch.bfloat16, 300)])
-def test_int8_layer_with_int8_activations_picks_its_kernel(dtype, rows, monkeypatch):
-    """A layer with int8 activations runs the integer kernel for every fp32 input, however many rows, and for
-    bf16 inputs only up to CPU_INT8_NATIVE_MAX_ROWS."""
-    layer, _ = quantized_linear("int8", 96, 64, dtype=dtype)
-    layer.method.int8_activations = True
-    calls = []
-    monkeypatch.setattr(native, "int8_gemm", lambda *a, f=native.int8_gemm: calls.append(a[-1]) or f(*a))
-    x = torch.randn(rows, 64).to(dtype)
-    y = layer(x).double()
-    integer_kernel = dtype == torch.float32 or rows <= CPU_INT8_NATIVE_MAX_ROWS
-    assert calls == ([True] if integer_kernel else [])
-    if integer_kernel:
-        tol = 1e-4 if dtype == torch.float32 else 2**-7
-        torch.testing.assert_close(y, q8_rounded(x) @ layer.method.dequantize(layer).double().t(), rtol=tol, atol=tol)
+@pytest.mark.skipif(len(LEVELS) < 2, reason="one ISA level on this CPU")
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_integer_kernels_agree_between_avx2_and_avx512(scheme, monkeypatch):
+    """act_q8: the same integer dot products and the same float operations at both levels, to the bit."""
+    matmul, x = integer_matmul(scheme), torch.randn(5, 576)
+    results = []
+    for level in LEVELS:
+        monkeypatch.setenv("MINISGL_CPU_ISA", level)
+        native._lib.cache_clear()
+        results.append(matmul(x))
+    monkeypatch.undo()
+    native._lib.cache_clear()
+    assert torch.equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("vocab", [1, 37, 1000, 49152])

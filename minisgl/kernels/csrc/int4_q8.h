@@ -27,8 +27,9 @@ inline __m256i dot4(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
-// Four k's of a 64-row block (4 x 32 bytes, the next bytes prefetched) as eight vectors of 8 rows x 4 k's in nibbles, each byte a code.
-// Vector c (c < 4), int32 lane i holds row 16 (i / 4) + 4c + i % 4 (low nibbles); vector 4 + c the same rows + 32.
+// Four k's of a 64-row block (4 x 32 bytes; the bytes kWeightAhead on are prefetched) as eight vectors of 8 rows
+// x 4 k's in nibbles, each byte a code. Vector c (c < 4), int32 lane i holds row 16 (i / 4) + 4c + i % 4 (low
+// nibbles); vector 4 + c the same rows + 32.
 inline void unpack4(const uint8_t* p, __m256i u[8]) {
     prefetch_ahead(p, 128);
     const __m256i low = _mm256_set1_epi8(0x0f);

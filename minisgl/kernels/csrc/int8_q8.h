@@ -71,7 +71,7 @@ void int8_q8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, cons
                   int64_t n, T* y) {
     const int64_t chunks = k_len / 32;
     std::vector<int8_t> qx(rows * k_len);
-    std::vector<float> dx(rows * chunks), sx(rows * chunks);
+    std::vector<float> dx(rows * chunks), sx(rows * chunks);  // sx: the int4 kernel's, unused here
     for (int64_t m = 0; m < rows; ++m)
         quantize_q8_row(x + m * k_len, k_len, qx.data() + m * k_len, dx.data() + m * chunks, sx.data() + m * chunks);
     for_each_int8_quad(rows, k_len, w, scale, groups, n, y, 0, [&](auto wq, auto sq, float* out, float*) {

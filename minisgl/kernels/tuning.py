@@ -30,9 +30,10 @@ CPU_INT8_NATIVE_MAX_ROWS = 16
 CPU_INT8_LARGE_WEIGHT = 1 << 24
 CPU_INT8_LARGE_NATIVE_MAX_ROWS = 256
 # A GGUF's tied LM head keeps an int8 copy for decode; with bf16 activations, from this many rows on it
-# multiplies by the dense embedding instead (native bf16 dot products). In fp32 the dense product reads twice
-# the bytes of bf16 and is slower than the int8 kernel at every batch size, so the copy serves all of them.
-CPU_DENSE_HEAD_MIN_ROWS = 8
+# multiplies by the dense embedding instead (native bf16 dot products), which then beats even the int8 kernel on
+# int8-rounded activations (--dtype auto; AVX-512 with AVX512-BF16). In fp32 the dense product reads twice the
+# bytes of bf16 and is slower than the int8 kernels at every batch size, so the copy serves all of them.
+CPU_DENSE_HEAD_MIN_ROWS = 10
 # Top-k/top-p sampling on the CPU ranks this many most probable tokens of each row first (topk) and sorts the
 # whole vocabulary only for rows whose kept set reaches past them (engine/sampling.py); a topk this size costs a
 # small fraction of a full sort of a 49k vocabulary (benchmark/sampling_cpu.py).

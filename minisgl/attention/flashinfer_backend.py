@@ -6,7 +6,6 @@ import torch
 
 from minisgl.attention.base import AttentionBackend
 from minisgl.core.forward_batch import ForwardBatch
-from minisgl.kvcache.pool import KVPool
 
 _WORKSPACE_BYTES = 256 << 20
 
@@ -18,16 +17,9 @@ class FlashInferBackend(AttentionBackend):
     memory, so the pool needs no conversion.
     """
 
-    def __init__(
-        self,
-        pool: KVPool,
-        num_q_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        scale: float,
-        dtype: torch.dtype | None = None,
-    ):
-        super().__init__(pool, num_q_heads, num_kv_heads, head_dim, scale, dtype)
+    def __init__(self, *args, **kwargs):  # AttentionBackend's
+        super().__init__(*args, **kwargs)
+        pool = self.pool
         try:
             import flashinfer
         except ImportError as e:

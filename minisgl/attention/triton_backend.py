@@ -11,7 +11,6 @@ from minisgl.core import settings
 from minisgl.core.forward_batch import ForwardBatch
 from minisgl.kernels.decode_attention import decode_attention, decode_block_n, num_kv_splits
 from minisgl.kernels.extend_attention import extend_attention, extend_blocks, extend_tiles
-from minisgl.kvcache.pool import KVPool
 
 # Without an SM count (the CPU, under Triton's interpreter) pretend a small GPU, so tests exercise splits.
 _CPU_SMS = 4
@@ -34,16 +33,9 @@ class TritonBackend(AttentionBackend):
 
     supports_cuda_graph = True
 
-    def __init__(
-        self,
-        pool: KVPool,
-        num_q_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        scale: float,
-        dtype: torch.dtype | None = None,
-    ):
-        super().__init__(pool, num_q_heads, num_kv_heads, head_dim, scale, dtype)
+    def __init__(self, *args, **kwargs):  # AttentionBackend's
+        super().__init__(*args, **kwargs)
+        pool, head_dim = self.pool, self.head_dim
         if head_dim < 16 or head_dim & (head_dim - 1):
             raise ValueError(f"attention backend 'triton' needs a power-of-two head_dim >= 16, got {head_dim}")
         if pool.device.type == "cuda":

@@ -71,9 +71,9 @@ void int8_q8_gemm(const T* x, int64_t rows, int64_t k_len, const int8_t* w, cons
                   int64_t n, T* y) {
     const int64_t chunks = k_len / 32;
     std::vector<int8_t> qx(rows * k_len);
-    std::vector<float> dx(rows * chunks), sx(rows * chunks);  // sx: the int4 kernel's, unused here
+    std::vector<float> dx(rows * chunks);
     for (int64_t m = 0; m < rows; ++m)
-        quantize_q8_row(x + m * k_len, k_len, qx.data() + m * k_len, dx.data() + m * chunks, sx.data() + m * chunks);
+        quantize_q8_row(x + m * k_len, k_len, qx.data() + m * k_len, dx.data() + m * chunks, nullptr);
     for_each_int8_quad(rows, k_len, w, scale, groups, n, y, 0, [&](auto wq, auto sq, float* out, float*) {
         for (int64_t m0 = 0; m0 < rows; m0 += kInt8Q8Rows) {
             const int64_t mc = rows - m0 < kInt8Q8Rows ? rows - m0 : kInt8Q8Rows;

@@ -16,8 +16,9 @@ inline __m256 load8_float(const bf16* x) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)x)), 16));
 }
 
-// x [k_len] -> qx (int8, round to nearest, ties to even), dx (the group's scale) and sx (dx * the group's sum of
-// qx). Vectorised: at batch 1 every int4 matmul's input passes through here once.
+// x [k_len] -> qx (int8, round to nearest, ties to even), dx (the group's scale) and, unless sx is null, sx (dx *
+// the group's sum of qx: the int4 kernel's min term). Vectorised: at batch 1 every integer matmul's input passes
+// through here once.
 template <typename T>
 void quantize_q8_row(const T* x, int64_t k_len, int8_t* qx, float* dx, float* sx) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -37,11 +38,12 @@ void quantize_q8_row(const T* x, int64_t k_len, int8_t* qx, float* dx, float* sx
                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         _mm256_storeu_si256((__m256i*)(qx + g * 32), _mm256_permutevar8x32_epi32(bytes, order));
+        dx[g] = d;
+        if (!sx) continue;
         const __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
         u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4e));
         u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0xb1));
-        dx[g] = d;
         sx[g] = d * float(_mm_cvtsi128_si32(u));
     }
 }

@@ -617,6 +617,12 @@ def test_bad_input_is_an_openai_error(server, path, body, status, param, code):
     assert err["message"]
 
 
+def test_unknown_route_and_wrong_method_are_the_clients_errors(server):
+    for r, status in ((httpx.get(f"{server.url}/v1/nothing"), 404), (httpx.delete(f"{server.url}{COMPLETIONS}"), 405)):
+        assert r.status_code == status
+        assert r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_bad_stream_request_errors_before_streaming(server):
     r = server.post(CHAT, {"messages": USER, "stream": True, "max_tokens": 5000})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"

@@ -16,13 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("minisgl.api")
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    408: "timeout_error",
-    503: "server_error",
-}
+_TYPES = {408: "timeout_error"}  # else: 4xx the client's mistake, 5xx the server's
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
 
 
 class APIError(Exception):
@@ -57,7 +55,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {
         "error": {
             "message": safe_text(message),
-            "type": _TYPES.get(status, "server_error"),
+            "type": error_type(status),
             "param": None if param is None else safe_text(param),
             "code": code,
         }

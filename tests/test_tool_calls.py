@@ -62,6 +62,22 @@ def test_stream_assembles_the_same_calls_in_any_chunking(parser, seed):
     assert [(calls[i]["name"], json.loads(calls[i]["args"])) for i in sorted(calls)] == CALLS
 
 
+def test_hermes_call_cut_short_stays_content_in_parse_and_stream():
+    """max_tokens ends the output inside a second call: the first is a call, the cut one's text is content,
+    whether the response streams or not."""
+    fmt = get_format("hermes")
+    cut = '<tool_call>\n{"name": "g", "argu'
+    text = fmt.render_call("f", {"x": 1}) + "\n" + cut
+    content, calls = fmt.parse(text)
+    assert content == cut and [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"x": 1})]
+    stream, streamed, names = fmt.stream(), "", []
+    for k in range(0, len(text), 7):
+        d = stream.feed(text[k : k + 7], final=k + 7 >= len(text))
+        streamed += d.content
+        names += [name for _, cid, name, _ in d.calls if cid is not None]
+    assert (streamed.strip(), names) == (cut, ["f"])
+
+
 def test_inject_tools_for_templates_without_a_tool_section():
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     msgs = [

@@ -88,15 +88,19 @@ class HermesFormat(ToolCallFormat):
         return _calls_tag(tools, parallel, '<tool_call>\n{{"name": {name}, "arguments": ', "}\n</tool_call>", "\n")
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
-        calls = []
+        """Each well-formed block is a call; any other (not JSON, or cut short by max_tokens) stays in the
+        content as written, as the stream leaves it, so both give a request the same calls."""
+        calls, content, last = [], [], 0
         for m in self._BLOCK.finditer(text):
             call = _call_from_json(m.group(1), "arguments")
-            if call is None:  # not a well-formed call: leave the text as content
-                return text, []
+            if call is None:
+                continue
             calls.append(call)
+            content.append(text[last : m.start()])
+            last = m.end()
         if not calls:
             return text, []
-        content = self._BLOCK.sub("", text).strip()
+        content = "".join(content + [text[last:]]).strip()
         return content or None, calls
 
     def stream(self) -> ToolStream:

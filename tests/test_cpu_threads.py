@@ -13,7 +13,8 @@ import torch
 from checkpoints import build_checkpoint
 
 from minisgl import LLM
-from minisgl.core.cpu_threads import SPIN_COUNT, CpuShare, default_threads, use_short_spins
+from minisgl.core import cpu_threads
+from minisgl.core.cpu_threads import SPIN_COUNT, CpuShare, cgroup_cpu_quota, default_threads, use_short_spins
 from minisgl.server.args import parse_args
 
 
@@ -37,10 +38,49 @@ def test_import_minisgl_shortens_spins_before_torch_loads(torch_first):
     assert out.strip() == ("None" if torch_first else str(SPIN_COUNT))
 
 
+def write_files(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    "proc_cgroup,files,cores",
+    [
+        # cgroup v2 inside a container (docker run --cpus=1.5): the namespace's root holds the limit
+        ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+        # v2 on a host: the tightest limit between the process's cgroup and the root
+        ("0::/a.slice/b.scope\n", {"a.slice/cpu.max": "300000 100000", "a.slice/b.scope/cpu.max": "max 100000"}, 3.0),
+        # v1, cpu and cpuacct mounted together
+        (
+            "4:memory:/x\n2:cpu,cpuacct:/x\n",
+            {"cpu,cpuacct/x/cpu.cfs_quota_us": "50000", "cpu,cpuacct/x/cpu.cfs_period_us": "100000"},
+            0.5,
+        ),
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ("0::/\n", {}, None),  # no controller files at all
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path, proc_cgroup, files, cores):
+    write_files(tmp_path / "fs", files)
+    (tmp_path / "self_cgroup").write_text(proc_cgroup)
+    assert cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "self_cgroup")) == cores
+
+
+def test_default_threads_stay_within_the_cpu_quota(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(cpu_threads, "cgroup_cpu_quota", lambda: 0.5)
+    assert default_threads() == 1
+    monkeypatch.setattr(cpu_threads, "cgroup_cpu_quota", lambda: cores + 0.5)
+    assert default_threads() == cores
+
+
 def test_cpu_threads_flag_reaches_the_engine(tmp_path):
     assert parse_args(["--cpu-threads", "1"]).engine_kwargs()["cpu_threads"] == 1
     assert parse_args([]).engine_kwargs()["cpu_threads"] is None
-    assert default_threads() == len(os.sched_getaffinity(0))
+    assert 1 <= default_threads() <= len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     try:
         LLM(build_checkpoint(str(tmp_path), "llama"), device="cpu", dtype="float32", cpu_threads=1)

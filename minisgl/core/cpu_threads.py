@@ -14,6 +14,7 @@ alike), and the engine processes the server spawns inherit the environment. This
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -33,11 +34,58 @@ def use_short_spins() -> bool:
 
 
 def default_threads() -> int:
-    """The cores this process may run on (its affinity mask, as taskset or a container limits it)."""
+    """The cores this process may run on: its affinity mask (taskset, a container's --cpuset-cpus), and no more
+    than its CPU quota (a container's --cpus) rounded up, since threads beyond the quota only get throttled."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """The CPU time this process's cgroup (or an ancestor's) may use, in cores; None without a limit. Reads
+    cgroup v2's cpu.max ("QUOTA PERIOD" or "max PERIOD") or v1's cpu.cfs_quota_us / cpu.cfs_period_us."""
+    try:
+        with open(proc_cgroup) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    limits = []
+    for _, controllers, path in (e for e in entries if len(e) == 3):
+        if controllers == "":  # v2: one hierarchy
+            files = [("", "cpu.max")]
+        elif "cpu" in controllers.split(","):  # v1: mounted as cpu, cpu,cpuacct, ...
+            files = [(d, "cpu.cfs_quota_us") for d in ("cpu", "cpu,cpuacct", controllers)]
+        else:
+            continue
+        for mount, name in files:
+            base = os.path.join(root, mount)
+            parts = [p for p in path.split("/") if p]
+            # from the process's own cgroup up to the mount's root (inside a container, only the root is there)
+            for depth in range(len(parts), -1, -1):
+                limit = _read_quota(os.path.join(base, *parts[:depth]), name)
+                if limit is not None:
+                    limits.append(limit)
+    return min(limits) if limits else None
+
+
+def _read_quota(folder: str, name: str) -> float | None:
+    try:
+        if name == "cpu.max":
+            with open(os.path.join(folder, name)) as f:
+                quota, period = f.read().split()[:2]
+        else:
+            with open(os.path.join(folder, name)) as f:
+                quota = f.read().strip()
+            with open(os.path.join(folder, "cpu.cfs_period_us")) as f:
+                period = f.read().strip()
+        if quota in ("max", "-1") or int(period) <= 0:
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
 
 
 class CpuShare:

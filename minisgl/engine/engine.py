@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from minisgl.attention import create_backend, default_backend
-from minisgl.core.cpu_threads import CpuShare, default_threads
+from minisgl.core.cpu_threads import CpuShare, cgroup_cpu_quota, default_threads
 from minisgl.core.forward_batch import ForwardBatch
 from minisgl.distributed.info import TPInfo
 from minisgl.engine import cpu_runner
@@ -51,7 +51,7 @@ def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
         pass
 
 
-def _log_cpu_choices(requested: str, dtype: torch.dtype, quant: QuantConfig | None) -> None:
+def _log_cpu_choices(requested: str, dtype: torch.dtype, quant: QuantConfig | None, threads_why: str) -> None:
     """Say which native kernel level and activation dtype this CPU engine runs, and why."""
     from minisgl.kernels import native
 
@@ -68,8 +68,8 @@ def _log_cpu_choices(requested: str, dtype: torch.dtype, quant: QuantConfig | No
     if quant is not None and quant.int8_activations:
         dtype_why += "; int4/int8 matmuls round them to int8 per 32 as llama.cpp does (a named --dtype: exact ones)"
     wait = ", ".join(f"{v}={os.environ[v]}" for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if v in os.environ)
-    logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads, waits: %s", loaded, why, dtype,
-                dtype_why, torch.get_num_threads(), wait)  # fmt: skip
+    logger.info("CPU kernels: %s (%s); activations %s (%s); %d threads (%s), waits: %s", loaded, why, dtype,
+                dtype_why, torch.get_num_threads(), threads_why, wait)  # fmt: skip
 
 
 _KV_DTYPES = {**DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}
@@ -119,7 +119,11 @@ class Engine:
             torch.set_num_threads(threads)
             if config.cpu_threads is None:  # a number the user chose stays fixed
                 self.cpu_share = CpuShare(threads)
-            _log_cpu_choices(config.dtype, self.dtype, self.quant)
+                quota = cgroup_cpu_quota()
+                threads_why = "the cores it may use" + ("" if quota is None else f", CPU quota {quota:g} cores")
+            else:
+                threads_why = "--cpu-threads"
+            _log_cpu_choices(config.dtype, self.dtype, self.quant, threads_why)
         cfg = self.model_config
         self.max_model_len = min(config.max_model_len or cfg.max_model_len, cfg.max_model_len)
 

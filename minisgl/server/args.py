@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.cpu_threads,
         metavar="N",
-        help="threads for CPU kernels (llama.cpp's -t); default: the cores this process may use, less those "
-        "other processes keep busy",
+        help="threads for CPU kernels (llama.cpp's -t); default: the cores this process may use (its affinity "
+        "mask, within its CPU quota), less those other processes keep busy",
     )
     e.add_argument(
         "--grammar-backend",

@@ -617,6 +617,24 @@ def test_bad_input_is_an_openai_error(server, path, body, status, param, code):
     assert err["message"]
 
 
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        (COMPLETIONS, {"prompt": "hi " * 20_000}, "prompt"),
+        (CHAT, {"messages": [{"role": "user", "content": "hi " * 20_000}]}, "messages"),
+        ("/tokenize", {"prompt": "hi " * 20_000}, "prompt"),
+    ],
+)
+def test_prompt_far_beyond_the_context_is_refused_before_tokenizing(server, path, body, param):
+    """60,000 characters cannot fit the tiny model's 1,024 tokens with tokens of at most 13 characters: refused
+    from its length ("at least"), where tokenizing megabytes would hold up every other request."""
+    r = server.post(path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "at least" in err["message"], err
+    assert path == "/tokenize" or err["code"] == "context_length_exceeded"
+
+
 def test_unknown_route_and_wrong_method_are_the_clients_errors(server):
     for r, status in ((httpx.get(f"{server.url}/v1/nothing"), 404), (httpx.delete(f"{server.url}{COMPLETIONS}"), 405)):
         assert r.status_code == status

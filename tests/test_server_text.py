@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from minisgl.tokenizer import max_token_chars
 from minisgl.tokenizer.detokenize import IncrementalDetokenizer, StopMatcher
 
 TEXTS = ["the café 東京 😀 the", "héllo wörld, naïve café, 東京, 😀 emoji", "a\n\nb  c", "日本語のテキスト"]
@@ -43,6 +44,43 @@ def byte_fallback_tokenizer():
 
 
 TOKENIZERS = {"byte_level": byte_level_tokenizer, "byte_fallback": byte_fallback_tokenizer}
+
+
+def composing_tokenizer():
+    """SentencePiece-style with an NFC normalizer: three decomposed jamo compose into one syllable, one token."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"?": 0, "각": 1, "▁": 2, "a": 3}  # every entry one character long
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="?"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(" ", "▁")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="?")
+
+
+def default_model_tokenizer():
+    from minisgl.models.default_model import default_model_path
+    from minisgl.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_model_path())
+
+
+@pytest.mark.parametrize("make", [*TOKENIZERS.values(), composing_tokenizer, default_model_tokenizer])
+def test_max_token_chars_bounds_the_tokens_of_any_text(make):
+    """A prompt is refused untokenized when it has more than max_token_chars characters per context token: that
+    must never refuse one that fits, even the densest text (the longest token, repeated) or composing input."""
+    tok = make()
+    vocab = tok.get_vocab()
+    longest = max(vocab, key=lambda t: len(tok.decode([vocab[t]])))
+    rng = random.Random(0)
+    texts = [
+        *TEXTS,
+        tok.decode([vocab[longest]] * 200),
+        "\u1100\u1161\u11a8" * 100,  # three decomposed jamo: one composed syllable, 각
+        "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0x3000)])) for _ in range(2000)),
+    ]
+    bound = max_token_chars(tok)
+    for text in texts:
+        assert len(tok.encode(text, add_special_tokens=False)) >= len(text) // bound, text[:40]
 
 
 def stream(tok, ids: list[int], chunks: list[int], skip_special_tokens: bool = True) -> list[str]:

@@ -31,7 +31,12 @@ _RESERVED = frozenset({"conversation", "messages", "tools", "documents", "chat_t
                        "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})  # fmt: skip
 
 
-def encode_chat(
+def encode_chat(tokenizer: Any, messages: list[dict], **options: Any) -> list[int]:
+    """Token ids of `render_chat(tokenizer, messages, **options)`."""
+    return tokenizer.encode(render_chat(tokenizer, messages, **options), add_special_tokens=False)
+
+
+def render_chat(
     tokenizer: Any,
     messages: list[dict],
     tools: list[dict] | None = None,
@@ -39,8 +44,8 @@ def encode_chat(
     template_kwargs: dict | None = None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
-) -> list[int]:
-    """Token ids of a conversation rendered with the tokenizer's chat template, ready for the assistant's turn
+) -> str:
+    """A conversation rendered with the tokenizer's chat template, ready for the assistant's turn
     (`add_generation_prompt`), or ending inside the last message, an assistant's, for the model to continue
     (`continue_final_message`; then without the generation prompt).
 
@@ -70,7 +75,7 @@ def encode_chat(
 
         messages = inject_tools(messages, tools, get_format(tool_format))
     try:
-        text = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             messages,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
@@ -79,7 +84,17 @@ def encode_chat(
         )
     except Exception as e:  # jinja raises its own types, from inside the template
         raise ValueError(f"cannot apply the chat template: {e}") from e
-    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters of text one token can stand for, times a margin: a text of n characters has at least
+    n / max_token_chars tokens, so a prompt far beyond the context is refused without tokenizing it.
+
+    A vocabulary entry spells one character per character (SentencePiece's "▁" for a space) or byte (byte-level
+    BPE, byte-fallback "<0x0A>") of the text it stands for, so its length bounds that text's. The margin (4) covers
+    normalizers that compose characters (NFC/NFKC: at most 3 into 1). Not a bound for tokenizers that map a run of
+    unknown characters to one token (WordPiece's [UNK], fused <unk>), which no supported model uses."""
+    return 4 * max((len(t) for t in tokenizer.get_vocab()), default=1)
 
 
 def _with_object_arguments(m: dict) -> dict:
@@ -99,4 +114,4 @@ def _with_object_arguments(m: dict) -> dict:
     return {**m, "tool_calls": out}
 
 
-__all__ = ["encode_chat", "load_tokenizer"]
+__all__ = ["encode_chat", "load_tokenizer", "max_token_chars", "render_chat"]

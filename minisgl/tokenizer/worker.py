@@ -39,7 +39,7 @@ from minisgl.message import (
     send,
 )
 from minisgl.scheduler.io import TokenOutput
-from minisgl.tokenizer import encode_chat
+from minisgl.tokenizer import max_token_chars, render_chat
 from minisgl.tokenizer.detokenize import SampleText
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class TokenizerWorker:
         self.info: ModelInfo | None = None
         self.reqs: dict[str, _Request] = {}
         self._piece = lru_cache(maxsize=1 << 16)(lambda tid: tokenizer.decode([tid]))
+        self._max_token_chars: int | None = None  # read from the vocabulary on first use
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, TokenOutputBatch):
@@ -111,13 +112,28 @@ class TokenizerWorker:
     def _render(
         self, text: str | None, messages: list[dict] | None, add_special_tokens: bool = True, **chat: Any
     ) -> list[int]:
-        """Token ids of a text prompt, or of chat `messages` rendered by encode_chat with the options `chat`."""
+        """Token ids of a text prompt, or of chat `messages` rendered by render_chat with the options `chat`.
+        A text that must have more tokens than the context holds is refused before it is tokenized: tokenizing
+        megabytes takes seconds, in which no other request's text is tokenized or detokenized."""
         if messages is not None:
             try:
-                return encode_chat(self.tokenizer, messages, **chat)
+                text, add_special_tokens = render_chat(self.tokenizer, messages, **chat), False
             except ValueError as e:
                 raise BadRequest(str(e), "messages") from e
-        return self.tokenizer.encode(text or "", add_special_tokens=add_special_tokens)
+        text = text or ""
+        if self.info is not None:
+            if self._max_token_chars is None:
+                self._max_token_chars = max_token_chars(self.tokenizer)
+            at_least = len(text) // self._max_token_chars
+            if at_least >= self.info.max_model_len:
+                param = "messages" if messages is not None else "prompt"
+                raise BadRequest(
+                    f"this model's maximum context length is {self.info.max_model_len} tokens, but the {param} "
+                    f"has at least {at_least} tokens ({len(text)} characters)",
+                    param,
+                    "context_length_exceeded",
+                )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         vocab = self.info.vocab_size if self.info else len(self.tokenizer)

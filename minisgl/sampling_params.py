@@ -83,6 +83,8 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for token, bias in self.logit_bias.items():
             if not isinstance(token, int) or token < 0:
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
@@ -119,6 +121,9 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
+# Each stop string is looked for in each sample's text at every token, by the one process that detokenizes every
+# request: thousands of them in one request would slow every other request's stream.
+MAX_STOP_STRINGS = 64
 _GRAMMAR_FIELDS = ("json_schema", "json_object", "regex", "ebnf", "structural_tag")
 
 

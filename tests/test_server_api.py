@@ -574,6 +574,7 @@ BAD = [
     (CHAT, {"messages": USER, "modalities": ["text", "audio"]}, 400, "modalities", None),
     (CHAT, {"messages": USER, "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio", None),
     (COMPLETIONS, {"prompt": "hi", "best_of": 3}, 400, "best_of", None),
+    (COMPLETIONS, {"prompt": "hi", "stop": [f"s{i}" for i in range(65)]}, 400, "stop", None),
     (COMPLETIONS, {"prompt": "hi", "suffix": "the end"}, 400, "suffix", None),
     # Fields this server does not know, other servers' options among them: a 400 naming them, as OpenAI answers
     (CHAT, {"messages": USER, "logits_processors": ["x"]}, 400, "logits_processors", None),

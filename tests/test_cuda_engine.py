@@ -1,5 +1,5 @@
-"""The engine on CUDA: the triton backend against the torch backend and transformers, CUDA-graph decode
-against eager decode, overlap scheduling against none. GPU only.
+"""The engine on CUDA: the Triton backend (and FlashInfer's, where installed) against the torch backend and
+transformers, CUDA-graph decode against eager decode, overlap scheduling against none. GPU only.
 
 On CUDA both backends run the Triton norm / rope / SiLU / KV-store kernels (the layers dispatch on the
 device), so the float32 runs are also checked against transformers on the CPU, an independent reference.
@@ -119,27 +119,42 @@ def step_logits(llm: LLM, prompts: list[list[int]]) -> list[torch.Tensor]:
     return logits
 
 
-def test_qwen3_06b_bf16_logits_match_torch_backend():
+QWEN3_COMMON = dict(
+    skip_tokenizer_init=True,
+    load_format="dummy",
+    device="cuda",
+    dtype="bfloat16",
+    page_size=16,
+    max_total_tokens=8192,
+    chunked_prefill_size=4096,
+    cuda_graph_max_bs=8,
+)
+
+
+def qwen3_06b_step_logits(backend: str) -> list[torch.Tensor]:
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 150000) for _ in range(n)] for n in (3, 9, 130, 700, 1500)]
-    common = dict(
-        skip_tokenizer_init=True,
-        load_format="dummy",
-        device="cuda",
-        dtype="bfloat16",
-        page_size=16,
-        max_total_tokens=8192,
-        chunked_prefill_size=4096,
-        cuda_graph_max_bs=8,
-    )
-    results = {}
-    for backend in ("triton", "torch"):
-        llm = LLM(QWEN3_06B, attention_backend=backend, **common)
-        results[backend] = step_logits(llm, prompts)
+    llm = LLM(QWEN3_06B, attention_backend=backend, **QWEN3_COMMON)
+    try:
+        return step_logits(llm, prompts)
+    finally:
         del llm
         gc.collect()
         torch.cuda.empty_cache()
-    for step, (ours, ref) in enumerate(zip(results["triton"], results["torch"])):
+
+
+@pytest.fixture(scope="module")
+def qwen3_06b_torch_logits():
+    return qwen3_06b_step_logits("torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "flashinfer"])
+def test_qwen3_06b_bf16_logits_match_torch_backend(backend, qwen3_06b_torch_logits):
+    """Prefill, extend over a cached half (page lists that start mid-page) and decode, head_dim 128, GQA 16/8."""
+    if backend == "flashinfer":
+        pytest.importorskip("flashinfer")
+    ours_all = qwen3_06b_step_logits(backend)
+    for step, (ours, ref) in enumerate(zip(ours_all, qwen3_06b_torch_logits)):
         assert ref.std() > 0 and torch.isfinite(ours).all()
         rel = ((ours - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
         cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item()

@@ -32,6 +32,10 @@ class FakeEngine:
     model_config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(eos_token_ids=(), vocab_size=VOCAB))
 
     @property
+    def chunked_prefill_size(self) -> int:
+        return self.config.chunked_prefill_size or 2048
+
+    @property
     def pool(self) -> SimpleNamespace:
         return SimpleNamespace(num_pages=self.num_pages)
 
@@ -72,6 +76,26 @@ def test_chunked_prefill_takes_the_budget_per_step():
     assert out["r0"] == _expected(prompt, 3)
     extends = [b for b in engine.batches if not b.is_decode]
     assert [b.num_tokens for b in extends] == [8, 8, 4]
+
+
+def test_a_long_prompt_alternates_with_decode_steps():
+    """While a prompt is prefilled chunk by chunk, the running request decodes between its chunks."""
+    engine = FakeEngine(200, _config(chunked_prefill_size=8, max_running_requests=4))
+    scheduler = Scheduler(engine)
+    scheduler.add_request("short", [1, 2, 3], SamplingParams(temperature=0, max_tokens=30))
+    out: dict[str, list[int]] = {"short": [], "long": []}
+    for o in scheduler.step():  # the short prompt's prefill: it is running from here on
+        out[o.rid] += o.token_ids
+    long_prompt = list(range(5, 45))
+    scheduler.add_request("long", long_prompt, SamplingParams(temperature=0, max_tokens=2))
+    while scheduler.has_work():
+        for o in scheduler.step():
+            out[o.rid] += o.token_ids
+    assert out == {"short": _expected([1, 2, 3], 30), "long": _expected(long_prompt, 2)}
+    kinds = "".join("d" if b.is_decode else "p" for b in engine.batches)
+    # the short prompt, then the long one's five chunks of 8, each but the last followed by a decode step
+    assert kinds.startswith("p" + "pd" * 4 + "p"), kinds
+    assert [b.num_tokens for b in engine.batches if not b.is_decode] == [3] + [8] * 5
 
 
 def test_retraction_keeps_every_output():

@@ -19,7 +19,7 @@ class EngineConfig:
     page_size: int | None = None  # tokens per KV page; None = 16 on the CPU, 1 on CUDA (Engine.page_size)
     max_total_tokens: int | None = None  # KV pool size in tokens; None = mem_fraction_static of free memory
     mem_fraction_static: float = 0.85
-    chunked_prefill_size: int = 2048
+    chunked_prefill_size: int | None = None  # prompt tokens per prefill step; None = 512 on the CPU, 2048 on CUDA
     max_running_requests: int = 256
     max_model_len: int | None = None  # default: the model's context length
     disable_radix_cache: bool = False

@@ -52,6 +52,8 @@ class Scheduler:
 
     Each step is either a prefill (extend) batch of up to `chunked_prefill_size` new tokens taken from the
     waiting queue in order, or, when nothing can be prefilled, one decode token for every running request.
+    While a prompt is part-way through its chunked prefill, its chunks alternate with decode steps, so running
+    requests keep streaming through a long prompt's prefill instead of waiting for all of it.
     When pages run out, unlocked cache entries are evicted first; then the newest running requests are
     retracted to the front of the queue and later recomputed from their tokens (output is unchanged,
     since sampling depends only on (seed, step)).
@@ -71,8 +73,8 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine):
-        """`engine` is this rank's model runner, loaded; the scheduler reads its config, pool size and device,
-        and calls only its `forward`."""
+        """`engine` is this rank's model runner, loaded; the scheduler reads its config, pool size, device and
+        prefill chunk size, and calls only its `forward`."""
         self.engine = engine
         self.config = config = engine.config
         self.tp = engine.tp
@@ -100,6 +102,7 @@ class Scheduler:
         # would take a core from the forward's kernel threads, so there it runs between forwards.
         self.grammar_overlap = self.overlap and torch.device(self.engine.device).type == "cuda"
         self._inflight: _Launched | None = None
+        self._decode_next = False  # the last step left a prompt part-way through its prefill
         self._ready: list[TokenOutput] = []  # outputs drained outside step(), returned by the next one
         self.grammars: GrammarQueue | None = None
 
@@ -213,7 +216,7 @@ class Scheduler:
         return need > self.kv.available_pages
 
     def _schedule_prefill(self) -> tuple[list[Req], list[int]] | None:
-        budget, rows = self.config.chunked_prefill_size, prompt_logprobs.RowBudget()
+        budget, rows = self.engine.chunked_prefill_size, prompt_logprobs.RowBudget()
         # Keep a page per running request in hand so admitting new work does not force a retraction next step.
         reserve = len(self.running)
         reqs: list[Req] = []
@@ -274,15 +277,21 @@ class Scheduler:
 
     # ---- launch a batch, then account for its tokens ---------------------------------------------
     def _launch(self) -> _Forward | None:
-        scheduled = self._schedule_prefill()
-        if scheduled:
-            mode, (reqs, lens) = ForwardMode.EXTEND, scheduled
-        else:
-            mode, reqs = ForwardMode.DECODE, self._schedule_decode() if self.running else []
+        reqs: list[Req] = []
+        if self._decode_next and self.running:
+            mode, reqs = ForwardMode.DECODE, self._schedule_decode()
+        if not reqs:
+            scheduled = self._schedule_prefill()
+            if scheduled:
+                mode, (reqs, lens) = ForwardMode.EXTEND, scheduled
+            else:
+                mode, reqs = ForwardMode.DECODE, self._schedule_decode() if self.running else []
+        if mode is ForwardMode.DECODE:
             lens = [1] * len(reqs)
         if not reqs:
             return None
         done = [r.num_computed + n >= r.seq_len + r.pending for r, n in zip(reqs, lens)]
+        self._decode_next = mode is ForwardMode.EXTEND and not all(done)
         prompt_rows = prompt_logprobs.wanted(reqs) if mode is ForwardMode.EXTEND else None
         batch = make_forward_batch(
             mode, reqs, lens, done, self.kv.page_table, self.kv.page_size, self.token_buf, prompt_rows

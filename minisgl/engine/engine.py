@@ -242,16 +242,26 @@ class Engine:
             dist.broadcast(result.token_ids, src=0)
         return PendingTokens(result)
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Run the model on one batch; returns float32 logits [len(batch.logits_index), vocab]."""
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            return self.graph_runner.run(batch)
-        if self.cpu_share is not None and (threads := self.cpu_share.poll()) is not None:
-            torch.set_num_threads(threads)
+    def _set_cpu_threads(self, batch: ForwardBatch) -> None:
+        """The kernel threads for this step: the cores other processes leave free (CpuShare), one fewer for a
+        decode step of one request under `cpu_spare_core`."""
+        if (threads := self.cpu_share.poll()) is not None:
             # debug, not info: it changes whenever another process comes and goes (and would cut into the shell's
             # streamed answers)
             logger.debug("CPU kernel threads: %d of %d (other processes keep the rest busy)", threads,
                          self.cpu_share.max_threads)  # fmt: skip
+        threads = self.cpu_share.threads
+        if self.config.cpu_spare_core and batch.is_decode and batch.batch_size == 1 and threads > 1:
+            threads -= 1
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the model on one batch; returns float32 logits [len(batch.logits_index), vocab]."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.run(batch)
+        if self.cpu_share is not None:
+            self._set_cpu_threads(batch)
         batch.attn_backend = self.attn_backend
         self.attn_backend.prepare(batch)
         if self.cpu_runner is not None and self.cpu_runner.can_run(batch):

@@ -54,6 +54,11 @@ class BadRequest(Exception):
         self.code = code
 
 
+def _over_context(ctx: int, param: str, has: str) -> BadRequest:
+    message = f"this model's maximum context length is {ctx} tokens, but the {param} has {has}"
+    return BadRequest(message, param, "context_length_exceeded")
+
+
 @dataclass
 class _Sample:
     text: SampleText
@@ -81,7 +86,7 @@ class TokenizerWorker:
         self.info: ModelInfo | None = None
         self.reqs: dict[str, _Request] = {}
         self._piece = lru_cache(maxsize=1 << 16)(lambda tid: tokenizer.decode([tid]))
-        self._max_token_chars: int | None = None  # read from the vocabulary on first use
+        self._max_token_chars = max_token_chars(tokenizer)
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, TokenOutputBatch):
@@ -121,18 +126,11 @@ class TokenizerWorker:
             except ValueError as e:
                 raise BadRequest(str(e), "messages") from e
         text = text or ""
-        if self.info is not None:
-            if self._max_token_chars is None:
-                self._max_token_chars = max_token_chars(self.tokenizer)
-            at_least = len(text) // self._max_token_chars
-            if at_least >= self.info.max_model_len:
-                param = "messages" if messages is not None else "prompt"
-                raise BadRequest(
-                    f"this model's maximum context length is {self.info.max_model_len} tokens, but the {param} "
-                    f"has at least {at_least} tokens ({len(text)} characters)",
-                    param,
-                    "context_length_exceeded",
-                )
+        at_least = len(text) // self._max_token_chars
+        if self.info is not None and at_least >= self.info.max_model_len:
+            param = "messages" if messages is not None else "prompt"
+            has = f"at least {at_least} tokens ({len(text)} characters)"
+            raise _over_context(self.info.max_model_len, param, has)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def _check_ids(self, ids: list[int], param: str) -> None:
@@ -161,11 +159,7 @@ class TokenizerWorker:
         assert self.info is not None, "requests are accepted only after ModelInfo"
         ctx = self.info.max_model_len
         if len(ids) >= ctx:
-            raise BadRequest(
-                f"this model's maximum context length is {ctx} tokens, but the {param} has {len(ids)} tokens",
-                param,
-                "context_length_exceeded",
-            )
+            raise _over_context(ctx, param, f"{len(ids)} tokens")
         max_tokens = req.max_tokens if req.max_tokens is not None else ctx - len(ids)
         if len(ids) + max_tokens > ctx:
             raise BadRequest(

@@ -57,7 +57,7 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/sel
         if controllers == "":  # v2: one hierarchy
             files = [("", "cpu.max")]
         elif "cpu" in controllers.split(","):  # v1: mounted as cpu, cpu,cpuacct, ...
-            files = [(d, "cpu.cfs_quota_us") for d in ("cpu", "cpu,cpuacct", controllers)]
+            files = [(d, "cpu.cfs_quota_us") for d in dict.fromkeys(("cpu", "cpu,cpuacct", controllers))]
         else:
             continue
         for mount, name in files:

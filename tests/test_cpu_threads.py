@@ -14,7 +14,14 @@ from checkpoints import build_checkpoint
 
 from minisgl import LLM
 from minisgl.core import cpu_threads
-from minisgl.core.cpu_threads import SPIN_COUNT, CpuShare, cgroup_cpu_quota, default_threads, use_short_spins
+from minisgl.core.cpu_threads import (
+    SPIN_COUNT,
+    CpuShare,
+    ThreadProbe,
+    cgroup_cpu_quota,
+    default_threads,
+    use_short_spins,
+)
 from minisgl.server.args import parse_args
 
 
@@ -77,10 +84,56 @@ def test_default_threads_stay_within_the_cpu_quota(monkeypatch):
     assert default_threads() == cores
 
 
+def run_steps(probe: ThreadProbe, most: int, seconds: dict[int, float], steps: int, clock: list[float]) -> list[int]:
+    """`steps` back-to-back steps on a fake clock, each taking seconds[threads]; the thread counts used."""
+    used = []
+    for _ in range(steps):
+        used.append(probe.next(most, clock[0]))
+        clock[0] += seconds[used[-1]]
+    return used
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_thread_probe_settles_on_the_faster_count(faster):
+    probe, clock = ThreadProbe(turn=4, turns=3, hold=50), [0.0]
+    seconds = {faster: 0.006, 3 - faster: 0.008}
+    probing = run_steps(probe, 2, seconds, 25, clock)
+    assert probing[:8] == [2, 2, 2, 2, 1, 1, 1, 1]  # turns of four, all cores first
+    assert probing[-1] == faster and probe.best == {2: faster}
+    assert run_steps(probe, 2, seconds, 49, clock) == [faster] * 49  # holds for 50 steps, then probes again
+    assert run_steps(probe, 2, seconds, 1, clock) == [2] and not probe.best
+    seconds = {faster: 0.009, 3 - faster: 0.008}  # the load changed: the next probe finds it
+    run_steps(probe, 2, seconds, 30, clock)
+    assert probe.best == {2: 3 - faster}
+
+
+def test_thread_probe_counts_only_back_to_back_steps():
+    """A step followed by something else (a prefill, an idle server) says nothing about its own length."""
+    probe, now = ThreadProbe(turn=2, turns=3, hold=100), 0.0
+    for step in range(100):
+        threads = probe.next(2, now)
+        now += 0.006
+        if threads == 2 and step % 2:  # as if every other step on two threads were followed by a long prefill
+            probe.interrupt()
+            now += 1.0
+    assert probe.best == {2: 2}
+
+
+def test_thread_probe_keeps_what_it_learnt_for_each_share():
+    probe, clock = ThreadProbe(turn=2, turns=2, hold=1000), [0.0]
+    run_steps(probe, 3, {3: 0.01, 2: 0.005}, 12, clock)
+    assert probe.best == {3: 2}
+    assert run_steps(probe, 1, {1: 0.01}, 3, clock) == [1, 1, 1]  # one core free: nothing to choose
+    assert run_steps(probe, 2, {2: 0.004, 1: 0.005}, 12, clock)[-1] == 2
+    assert probe.best == {3: 2, 2: 2}
+    assert run_steps(probe, 3, {3: 0.01, 2: 0.005}, 4, clock) == [2] * 4  # back to three: no second probe
+
+
 @pytest.mark.parametrize("spare", [True, False])
-def test_single_row_decode_leaves_a_core_to_the_server(tmp_path, spare):
-    """Under cpu_spare_core (the server's engine), a decode step of one request runs on one thread fewer; prefill
-    and decode of several requests keep them all. The offline engine keeps them all always."""
+def test_single_row_decode_tries_leaving_a_core_to_the_server(tmp_path, spare):
+    """Under cpu_spare_core (the server's engine), a decode step of one request runs on all threads or one fewer,
+    as the engine's ThreadProbe finds faster; prefill and decode of several requests keep them all. The offline
+    engine keeps them all always."""
     from minisgl import SamplingParams
 
     before = torch.get_num_threads()
@@ -88,6 +141,9 @@ def test_single_row_decode_leaves_a_core_to_the_server(tmp_path, spare):
         llm = LLM(build_checkpoint(str(tmp_path), "llama"), device="cpu", dtype="float32", cpu_spare_core=spare)
         engine = llm.scheduler.engine
         engine.cpu_share = CpuShare(2, interval=1e9)  # two threads, whatever else this machine runs
+        assert (engine.thread_probe is not None) == spare
+        if spare:
+            engine.thread_probe = ThreadProbe(turn=2, turns=2)
         seen = []
         prepare = engine.attn_backend.prepare
 
@@ -96,11 +152,14 @@ def test_single_row_decode_leaves_a_core_to_the_server(tmp_path, spare):
             return prepare(batch)
 
         engine.attn_backend.prepare = spy
-        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         llm.generate([[1, 2, 3]], params)
         llm.generate([[4, 5, 6], [7, 8, 9, 10]], params)
-        for kind, rows, threads in seen:
-            assert threads == (1 if spare and kind == "decode" and rows == 1 else 2), seen
+        one_row = [threads for kind, rows, threads in seen if (kind, rows) == ("decode", 1)]
+        assert one_row[:8] == ([2, 2, 1, 1, 2, 2, 1, 1] if spare else [2] * 8), seen
+        if spare:
+            assert engine.thread_probe.best and set(one_row[9:]) == set(engine.thread_probe.best.values()), seen
+        assert all(threads == 2 for kind, rows, threads in seen if (kind, rows) != ("decode", 1)), seen
         assert {(k, r) for k, r, _ in seen} >= {("prefill", 1), ("decode", 1), ("decode", 2)}
     finally:
         torch.set_num_threads(before)

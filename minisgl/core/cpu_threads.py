@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 
 _WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -135,4 +136,49 @@ class CpuShare:
         if threads == self.threads:
             return None
         self.threads = threads
+        return threads
+
+
+class ThreadProbe:
+    """Which of two thread counts, `most` or `most - 1`, runs a recurring step faster, found by timing it.
+
+    A one-request decode step of the server races its HTTP and detokenizer processes, which work at every token:
+    on all cores they preempt a kernel thread that each parallel region then waits for, on one core fewer they
+    run beside it. Which costs less depends on the CPU (a fast core decodes one row nearly as fast alone; a slow
+    one needs every thread), so the engine times both where it runs. For each `most` it is called with, it probes
+    `turns` turns of `turn` steps on each count, alternating, then runs the count of the shorter median period
+    for `hold` steps, then probes again. A period runs from one step's start to the next's, so it holds
+    everything the server does per token; `next` counts it only when nothing else ran between (`interrupt`
+    marks other steps) and `most` stayed.
+    """
+
+    def __init__(self, turn: int = 8, turns: int = 4, hold: int = 1024):
+        self.turn, self.turns, self.hold = turn, turns, hold
+        self.best: dict[int, int] = {}  # most -> the faster count, while it holds
+        self.periods: dict[int, dict[int, list[float]]] = {}  # most -> threads -> periods, while it probes
+        self._steps: dict[int, int] = {}  # most -> steps since its probe or hold began
+        self._last: tuple[float, int, int] | None = None  # (start, most, threads) of the step just before
+
+    def interrupt(self) -> None:
+        self._last = None
+
+    def next(self, most: int, now: float | None = None) -> int:
+        """The thread count for a step starting `now` (monotonic seconds), with `most` threads allowed."""
+        if most == 1:
+            self._last = None
+            return 1
+        now = time.monotonic() if now is None else now
+        periods = self.periods.setdefault(most, {})
+        if self._last is not None and self._last[1] == most and most not in self.best:
+            periods.setdefault(self._last[2], []).append(now - self._last[0])
+        steps = self._steps[most] = self._steps.get(most, 0) + 1
+        if most in self.best and steps > self.hold:  # probe again: the load may have changed
+            del self.best[most]
+            periods.clear()
+            steps = self._steps[most] = 1
+        if most not in self.best and all(len(periods.get(n, ())) >= self.turn * self.turns for n in (most, most - 1)):
+            self.best[most] = min((most - 1, most), key=lambda n: statistics.median(periods[n]))
+            steps = self._steps[most] = 1
+        threads = self.best.get(most, most - (steps - 1) // self.turn % 2)
+        self._last = (now, most, threads)
         return threads

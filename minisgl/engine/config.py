@@ -36,9 +36,9 @@ class EngineConfig:
     disable_overlap_schedule: bool = False
     trust_remote_code: bool = False
     cpu_threads: int | None = None  # CPU kernel threads; None = the cores this process may use
-    # The server's: its HTTP and detokenizer processes work at every token, so a decode step of one request (which
-    # one core's memory bandwidth nearly serves) leaves them a core instead of having them preempt a kernel
-    # thread that every parallel region then waits for. Only with cpu_threads None.
+    # The server's: its HTTP and detokenizer processes work at every token, so a decode step of one request runs
+    # on all cores or leaves them one, whichever the engine measures faster on this CPU (cpu_threads.ThreadProbe).
+    # Only with cpu_threads None.
     cpu_spare_core: bool = False
     grammar_backend: str = "xgrammar"  # xgrammar | llguidance | none: constrained decoding (structured output)
 

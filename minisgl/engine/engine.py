@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from minisgl.attention import create_backend, default_backend
-from minisgl.core.cpu_threads import CpuShare, cgroup_cpu_quota, default_threads
+from minisgl.core.cpu_threads import CpuShare, ThreadProbe, cgroup_cpu_quota, default_threads
 from minisgl.core.forward_batch import ForwardBatch
 from minisgl.distributed.info import TPInfo
 from minisgl.engine import cpu_runner
@@ -117,6 +117,7 @@ class Engine:
         llama_numerics = self.quant is not None and self.quant.int8_activations
         self.kv_dtype, kv_why = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device, llama_numerics)
         self.cpu_share: CpuShare | None = None
+        self.thread_probe: ThreadProbe | None = None
         if self.device.type == "cpu":
             threads = config.cpu_threads or default_threads()
             if threads < 1:
@@ -124,6 +125,7 @@ class Engine:
             torch.set_num_threads(threads)
             if config.cpu_threads is None:  # a number the user chose stays fixed
                 self.cpu_share = CpuShare(threads)
+                self.thread_probe = ThreadProbe() if config.cpu_spare_core else None
                 quota = cgroup_cpu_quota()
                 threads_why = "the cores it may use" + ("" if quota is None else f", CPU quota {quota:g} cores")
             else:
@@ -243,16 +245,19 @@ class Engine:
         return PendingTokens(result)
 
     def _set_cpu_threads(self, batch: ForwardBatch) -> None:
-        """The kernel threads for this step: the cores other processes leave free (CpuShare), one fewer for a
-        decode step of one request under `cpu_spare_core`."""
+        """The kernel threads for this step: the cores other processes leave free (CpuShare); under
+        `cpu_spare_core`, for a decode step of one request, that or one fewer, whichever runs faster here."""
         if (threads := self.cpu_share.poll()) is not None:
             # debug, not info: it changes whenever another process comes and goes (and would cut into the shell's
             # streamed answers)
             logger.debug("CPU kernel threads: %d of %d (other processes keep the rest busy)", threads,
                          self.cpu_share.max_threads)  # fmt: skip
         threads = self.cpu_share.threads
-        if self.config.cpu_spare_core and batch.is_decode and batch.batch_size == 1 and threads > 1:
-            threads -= 1
+        if self.thread_probe is not None:
+            if batch.is_decode and batch.batch_size == 1:
+                threads = self.thread_probe.next(threads)
+            else:
+                self.thread_probe.interrupt()
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 

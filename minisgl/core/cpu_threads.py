@@ -21,7 +21,7 @@ import time
 
 _WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 # Spins before a waiting thread sleeps: the measured balance between an idle machine's decode speed and a busy
-# one's (docs/benchmarks.md, "Sharing the machine").
+# one's (GOMP_SPINCOUNT in `git log -p -- docs/benchmarks.md`).
 SPIN_COUNT = 500
 
 

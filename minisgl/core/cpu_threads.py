@@ -14,10 +14,13 @@ alike), and the engine processes the server spawns inherit the environment. This
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
 import time
+
+logger = logging.getLogger(__name__)
 
 _WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 # Spins before a waiting thread sleeps: the measured balance between an idle machine's decode speed and a busy
@@ -177,7 +180,11 @@ class ThreadProbe:
             periods.clear()
             steps = self._steps[most] = 1
         if most not in self.best and all(len(periods.get(n, ())) >= self.turn * self.turns for n in (most, most - 1)):
-            self.best[most] = min((most - 1, most), key=lambda n: statistics.median(periods[n]))
+            median = {n: statistics.median(periods[n]) for n in (most, most - 1)}
+            self.best[most] = min((most - 1, most), key=median.get)
+            logger.debug("one-request decode: %d threads (%.2f ms a step) rather than %d (%.2f ms)", self.best[most],
+                         1e3 * median[self.best[most]], 2 * most - 1 - self.best[most],
+                         1e3 * median[2 * most - 1 - self.best[most]])  # fmt: skip
             steps = self._steps[most] = 1
         threads = self.best.get(most, most - (steps - 1) // self.turn % 2)
         self._last = (now, most, threads)

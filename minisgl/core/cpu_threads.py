@@ -181,10 +181,10 @@ class ThreadProbe:
             steps = self._steps[most] = 1
         if most not in self.best and all(len(periods.get(n, ())) >= self.turn * self.turns for n in (most, most - 1)):
             median = {n: statistics.median(periods[n]) for n in (most, most - 1)}
-            self.best[most] = min((most - 1, most), key=median.get)
-            logger.debug("one-request decode: %d threads (%.2f ms a step) rather than %d (%.2f ms)", self.best[most],
-                         1e3 * median[self.best[most]], 2 * most - 1 - self.best[most],
-                         1e3 * median[2 * most - 1 - self.best[most]])  # fmt: skip
+            fast, slow = sorted((most - 1, most), key=median.get)  # a tie leaves the core
+            self.best[most] = fast
+            logger.debug("one-request decode: %d threads (%.2f ms a step) rather than %d (%.2f ms)", fast,
+                         1e3 * median[fast], slow, 1e3 * median[slow])  # fmt: skip
             steps = self._steps[most] = 1
         threads = self.best.get(most, most - (steps - 1) // self.turn % 2)
         self._last = (now, most, threads)

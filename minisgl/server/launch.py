@@ -154,7 +154,7 @@ class Launcher:
 
         paths = IpcPaths.create()
         self.paths.append(paths)
-        # the HTTP and detokenizer processes started here work at every token: single-row decode leaves them a core
+        # the HTTP and detokenizer processes started here work at every token: single-row decode may leave them a core
         engine_kwargs = {**args.engine_kwargs(), "model": model_path, "cpu_spare_core": True}
         self._start("scheduler", scheduler_main, engine_kwargs, paths, args.max_queued_requests, replica=replica)
         self._start(
